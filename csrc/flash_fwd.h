@@ -1,0 +1,28 @@
+/* flash_fwd.h: the C twin's exported functions (the only declarations cffi sees).
+ *
+ * FlashAttention-2 forward, Algorithm 1 of Dao (2023), unparallelized. For each of BH
+ * independent (batch, head) problems with contiguous row-major Q [Nq][d], K [Nk][d],
+ * V [Nk][d], it writes O [Nq][d] and the natural-log logsumexp L [Nq] (always float).
+ * A key j is masked for query i when causal and j > i + (Nk - Nq) (bottom-right
+ * aligned); a row whose keys are all masked gets O = 0 and L = -inf.
+ * Extra memory is O((Br + Bc)*d + Br*Bc): never an Nq x Nk matrix.
+ * Returns FLASH_OK, or FLASH_EBADARG / FLASH_ENOMEM without touching O and L.
+ */
+#ifndef FLASH_FWD_H
+#define FLASH_FWD_H
+
+#include <stdint.h>
+
+#define FLASH_OK 0
+#define FLASH_EBADARG -1
+#define FLASH_ENOMEM -2
+
+int flash_fwd_f32(const float *Q, const float *K, const float *V, float *O, float *L,
+                  int64_t BH, int64_t Nq, int64_t Nk, int64_t d, int64_t Br, int64_t Bc,
+                  float scale, int causal);
+
+int flash_fwd_f64(const double *Q, const double *K, const double *V, double *O, float *L,
+                  int64_t BH, int64_t Nq, int64_t Nk, int64_t d, int64_t Br, int64_t Bc,
+                  double scale, int causal);
+
+#endif

@@ -1,0 +1,8 @@
+"""flashattn_cupy: FlashAttention-2 forward as NVRTC-compiled CUDA kernels (through CuPy) and a
+plain C twin (through cffi), behind one function for NumPy and CuPy arrays."""
+from ._device import BackendUnavailableError
+from .api import flash_attention, plan_for
+from .planner import Plan, plan
+
+__version__ = "0.1.0"
+__all__ = ["flash_attention", "plan", "plan_for", "Plan", "BackendUnavailableError", "__version__"]

@@ -1,0 +1,138 @@
+"""Argument checking and normalization. Every user error is raised here, before any kernel
+runs, as a TypeError or ValueError that names the argument and says what was expected."""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import _device
+from .planner import MAX_HEAD_DIM
+
+BACKENDS = ("auto", "c", "cuda", "reference")
+BACKEND_DTYPES = {
+    "c": ("float32", "float64"),
+    "cuda": ("float32", "float16", "bfloat16"),
+    "reference": ("float32", "float64", "float16", "bfloat16"),
+}
+_DTYPE_ADVICE = {
+    "c": "cast with .astype(numpy.float32), or use backend='cuda' for float16/bfloat16",
+    "cuda": "cast with .astype(float32), or use backend='c' for float64",
+    "reference": "cast to a floating dtype",
+}
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+_INT32_MAX = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A validated call: what to compute, where, and what array type to hand back."""
+
+    q: object
+    k: object
+    v: object
+    backend: str        # "c", "cuda" or "reference"
+    on_gpu: bool        # the caller passed CuPy arrays (and gets CuPy arrays back)
+    dtype: str
+    lead: tuple         # leading (batch, heads, ...) dims shared by q, k, v
+    Nq: int
+    Nk: int
+    d: int
+    scale: float
+    causal: bool
+
+    @property
+    def heads(self) -> int:   # the last leading dim; kernels take the others as one batch dim
+        return self.lead[-1] if self.lead else 1
+
+    @property
+    def batch(self) -> int:
+        return math.prod(self.lead[:-1])
+
+
+def _array_kind(name: str, x) -> str:
+    if isinstance(x, np.ndarray):
+        return "numpy"
+    if _device.is_cupy_array(x):
+        return "cupy"
+    raise TypeError(f"{name} must be a NumPy or CuPy array of shape (..., N, d), "
+                    f"got {type(x).__module__}.{type(x).__qualname__}")
+
+
+def _check_flag(name: str, value) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def validate(q, k, v, *, causal, softmax_scale, return_lse, backend) -> Problem:
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+    causal = _check_flag("causal", causal)
+    _check_flag("return_lse", return_lse)
+
+    kinds = {name: _array_kind(name, x) for name, x in (("q", q), ("k", k), ("v", v))}
+    if len(set(kinds.values())) > 1:
+        got = ", ".join(f"{n} is {kind}" for n, kind in kinds.items())
+        raise TypeError(f"q, k and v must all be NumPy arrays or all CuPy arrays ({got}); "
+                        "convert with cupy.asarray(...) or cupy.asnumpy(...)")
+    on_gpu = kinds["q"] == "cupy"
+    if on_gpu:
+        devices = tuple(x.device.id for x in (q, k, v))
+        if len(set(devices)) > 1:
+            raise ValueError(f"q, k and v are on different GPUs (devices {devices}); "
+                             "copy them to one device first")
+
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.ndim < 2:
+            raise ValueError(f"{name} must have shape (..., N, d) with at least 2 dims, "
+                             f"got shape {tuple(x.shape)}")
+        if 0 in x.shape:
+            raise ValueError(f"{name} has an empty dimension (shape {tuple(x.shape)}); "
+                             "every dimension must be >= 1")
+    if q.shape[:-2] != k.shape[:-2] or k.shape[:-2] != v.shape[:-2]:
+        raise ValueError("q, k and v must have the same leading (batch, heads) dims, got shapes "
+                         f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape (..., Nk, d), "
+                         f"got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    d = q.shape[-1]
+    if k.shape[-1] != d:
+        raise ValueError(f"q and k must have the same head dim d, got {d} and {k.shape[-1]}")
+    if d > MAX_HEAD_DIM:
+        raise ValueError(f"head dim d must be at most {MAX_HEAD_DIM}, got {d}")
+    Nq, Nk = q.shape[-2], k.shape[-2]
+    if max(Nq, Nk) > _INT32_MAX:
+        raise ValueError(f"sequence lengths must be below 2**31, got Nq={Nq}, Nk={Nk}")
+
+    dtypes = {name: np.dtype(x.dtype).name for name, x in (("q", q), ("k", k), ("v", v))}
+    if len(set(dtypes.values())) > 1:
+        got = ", ".join(f"{n} {t}" for n, t in dtypes.items())
+        raise TypeError(f"q, k and v must have the same dtype, got {got}")
+    dtype = dtypes["q"]
+
+    if backend == "auto":
+        backend = "cuda" if on_gpu else "c"
+    if dtype not in BACKEND_DTYPES[backend]:
+        allowed = BACKEND_DTYPES[backend]
+        raise TypeError(f"backend {backend!r} takes q, k, v of dtype "
+                        f"{', '.join(allowed[:-1])} or {allowed[-1]}, got {dtype}: "
+                        f"{_DTYPE_ADVICE[backend]}")
+    if backend == "cuda":
+        _device.cupy()   # raises BackendUnavailableError with the install hint
+    elif backend == "c":
+        from . import _c_backend
+        _c_backend.require()
+
+    if softmax_scale is None:
+        scale = 1.0 / math.sqrt(d)
+    elif isinstance(softmax_scale, numbers.Real) and not isinstance(softmax_scale, (bool, np.bool_)):
+        scale = float(softmax_scale)
+        if not (math.isfinite(scale) and abs(scale) <= _FLOAT32_MAX):
+            raise ValueError(f"softmax_scale must be a finite float32 number, got {softmax_scale!r}")
+    else:
+        raise TypeError(f"softmax_scale must be a real number or None, got {softmax_scale!r}")
+
+    return Problem(q, k, v, backend, on_gpu, dtype, tuple(q.shape[:-2]), Nq, Nk, d, scale, causal)

@@ -1,0 +1,73 @@
+"""flash_attention: one entry point for NumPy and CuPy arrays, C and CUDA backends."""
+from __future__ import annotations
+
+import numpy as np
+
+from . import _device, planner, reference
+from ._validate import Problem, validate
+
+
+def flash_attention(q, k, v, *, causal=False, softmax_scale=None, return_lse=False,
+                    backend="auto"):
+    """FlashAttention-2 forward: O = softmax(softmax_scale * q k^T) v, without the N x N matrix.
+
+    q: (..., Nq, d); k, v: (..., Nk, d) with the same leading (batch, heads) dims, 1 <= d <= 256.
+    causal: mask key j for query i when j > i + (Nk - Nq) (bottom-right aligned); a row with
+        every key masked gives O = 0 and L = -inf.
+    softmax_scale: defaults to 1 / sqrt(d).
+    return_lse: also return L, the natural-log logsumexp of the scaled scores, float32 (..., Nq).
+    backend: "auto" (CuPy arrays -> "cuda", NumPy arrays -> "c"), "c" (float32/float64),
+        "cuda" (float32/float16/bfloat16; NumPy inputs are copied to the GPU and back), or
+        "reference" (naive float64 NumPy, the tests' oracle).
+
+    Returns O with q's dtype and array type (and L when return_lse). On CuPy arrays the call
+    runs on the current stream and does not synchronize the host.
+    """
+    problem = validate(q, k, v, causal=causal, softmax_scale=softmax_scale,
+                       return_lse=return_lse, backend=backend)
+    O, L = _run(problem)
+    return (O, L) if return_lse else O
+
+
+def plan_for(q, k, v, *, causal=False, softmax_scale=None, backend="auto"):
+    """The Plan flash_attention would run for these arguments (None for "reference")."""
+    problem = validate(q, k, v, causal=causal, softmax_scale=softmax_scale,
+                       return_lse=False, backend=backend)
+    return _plan(problem)
+
+
+def _device_id(problem: Problem) -> int:
+    return problem.q.device.id if problem.on_gpu else _device.current_device()
+
+
+def _plan(problem: Problem):
+    if problem.backend == "reference":
+        return None
+    smem_limit = _device.smem_limit(_device_id(problem)) if problem.backend == "cuda" else None
+    return planner.plan(problem.Nq, problem.Nk, problem.d, dtype=problem.dtype,
+                        causal=problem.causal, batch=problem.batch, heads=problem.heads,
+                        backend=problem.backend, smem_limit=smem_limit)
+
+
+def _host(x):
+    return x if isinstance(x, np.ndarray) else x.get()
+
+
+def _run(problem: Problem):
+    plan = _plan(problem)
+    if problem.backend == "cuda":
+        from . import _cuda_backend
+        O, L = _cuda_backend.run(problem, plan, _device_id(problem))
+        return (O, L) if problem.on_gpu else (O.get(), L.get())
+    if problem.backend == "c":
+        from . import _c_backend
+        O, L = _c_backend.run(problem, plan, *(_host(x) for x in (problem.q, problem.k, problem.v)))
+    else:
+        O, L = reference.attention(*(_host(x) for x in (problem.q, problem.k, problem.v)),
+                                   causal=problem.causal, softmax_scale=problem.scale)
+        O, L = O.astype(problem.q.dtype), L.astype(np.float32)
+    if problem.on_gpu:
+        cp = _device.cupy()
+        with cp.cuda.Device(problem.q.device.id):
+            return cp.asarray(O), cp.asarray(L)
+    return O, L

@@ -1,0 +1,120 @@
+"""The planner: the one place that chooses tiles and launch shapes.
+
+Kernels never guess. Given the problem's sizes, dtype and causal flag, and for the GPU
+the device's shared-memory limit, `plan()` returns a frozen, printable `Plan` that says
+exactly what will run: tile sizes Br x Bc, the head-dim bound the kernel is compiled for,
+threads per block, grid, and shared-memory bytes (the CUDA kernel's exact layout).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+# dtype name -> the kernels' element type (csrc/fa_dtypes.cuh)
+CUDA_TYPES = {"float32": "float", "float16": "fa_half", "bfloat16": "fa_bfloat16"}
+C_TYPES = {"float32": "f32", "float64": "f64"}
+
+MAX_HEAD_DIM = 256
+HEAD_DIM_STEP = 32         # kernels are compiled for d rounded up to a multiple of this
+TILE_CANDIDATES = (64, 32, 16, 8)   # Br = Bc, largest first
+SEED_SMEM_LIMIT = 48 * 1024         # the seed's T4 budget without the opt-in
+C_WORKSET_BYTES = 48 * 1024         # the C twin's tiles should sit in a core's L1 data cache
+GRID_YZ_MAX = 65535                 # CUDA's limit on gridDim.y and gridDim.z
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one call will run. Prints itself for the demo, `info` and the tests."""
+
+    backend: str                 # "c" or "cuda"
+    kernel: str                  # C function name, or the CUDA name expression
+    dtype: str
+    d: int
+    head_dim_bound: int          # D: the kernel's compile-time bound, d <= D
+    Br: int
+    Bc: int
+    causal: bool
+    threads: int = 1
+    grid: tuple = (1, 1, 1)
+    smem_bytes: int = 0          # CUDA: dynamic shared memory; C: working-set bytes
+    smem_limit: int = 0
+
+    def __str__(self) -> str:
+        if self.backend == "c":
+            return (f"c {self.kernel}: Br={self.Br}, Bc={self.Bc}, d={self.d}, "
+                    f"causal={self.causal}, working set {self.smem_bytes / 1024:.2f} KB")
+        return (f"cuda {self.kernel}: grid {self.grid} x {self.threads} threads, "
+                f"Br={self.Br}, Bc={self.Bc}, d={self.d} (compiled for {self.head_dim_bound}), "
+                f"shared memory {self.smem_bytes / 1024:.2f} KB of {self.smem_limit / 1024:.2f} KB")
+
+
+def seed_budget_floats(Br: int, Bc: int, d: int) -> int:
+    """The seed's on-chip budget M >= 2 Bc d + 2 Br d + 6 Br + 2 Br Bc, in floats."""
+    return 2 * Bc * d + 2 * Br * d + 6 * Br + 2 * Br * Bc
+
+
+def simt_smem_bytes(Br: int, Bc: int, D: int) -> int:
+    """Exact dynamic shared memory of csrc/flash_fwd_simt.cu (fp32 everywhere):
+    Qi[Br][D], Kj[Bc][D+1], Vj[Bc][D], Sij[Br][Bc+1], Oi[Br][D], mi, li, alpha[Br]."""
+    floats = Br * D + Bc * (D + 1) + Bc * D + Br * (Bc + 1) + Br * D + 3 * Br
+    return 4 * floats
+
+
+def head_dim_bound(d: int) -> int:
+    return HEAD_DIM_STEP * math.ceil(d / HEAD_DIM_STEP)
+
+
+def simt_tiles(D: int, smem_limit: int) -> tuple[int, int, int]:
+    """(Br, Bc, threads) of the largest square tile whose layout fits the limit."""
+    for tile in TILE_CANDIDATES:
+        if simt_smem_bytes(tile, tile, D) <= smem_limit:
+            return tile, tile, (256 if tile >= 32 else 128)
+    raise ValueError(f"no tile fits a head-dim bound of {D} in {smem_limit} bytes of shared memory")
+
+
+def plan(Nq: int, Nk: int, d: int, *, dtype: str = "float32", causal: bool = False,
+         batch: int = 1, heads: int = 1, backend: str = "cuda",
+         smem_limit: int | None = None) -> Plan:
+    """Choose the tiles and launch shape for one call.
+
+    backend "cuda" needs the device's shared-memory limit per block (the opt-in maximum);
+    when `smem_limit` is None it is read from the current CuPy device.
+    """
+    if not (1 <= d <= MAX_HEAD_DIM):
+        raise ValueError(f"head dim d must be in 1..{MAX_HEAD_DIM}, got {d}")
+    if min(Nq, Nk, batch, heads) < 1:
+        raise ValueError("Nq, Nk, batch and heads must all be >= 1")
+    if backend == "c":
+        if dtype not in C_TYPES:
+            raise ValueError(f"the C backend takes {sorted(C_TYPES)}, got {dtype}")
+        itemsize = 8 if dtype == "float64" else 4
+        for tile in TILE_CANDIDATES:   # Qi, Kj, Vj, Oi and Sij
+            work = itemsize * (4 * tile * d + tile * tile)
+            if work <= C_WORKSET_BYTES or tile == TILE_CANDIDATES[-1]:
+                break
+        return Plan("c", f"flash_fwd_{C_TYPES[dtype]}", dtype, d, d, tile, tile, causal,
+                    smem_bytes=work, smem_limit=C_WORKSET_BYTES)
+    if backend != "cuda":
+        raise ValueError(f"plan() takes backend 'c' or 'cuda', got {backend!r}")
+    if dtype not in CUDA_TYPES:
+        raise ValueError(f"the CUDA backend takes {sorted(CUDA_TYPES)}, got {dtype}")
+    if smem_limit is None:
+        from . import _device
+        smem_limit = _device.smem_limit()
+    D = head_dim_bound(d)
+    Br, Bc, threads = simt_tiles(D, smem_limit)
+    grid = (math.ceil(Nq / Br), min(heads, GRID_YZ_MAX), min(batch, GRID_YZ_MAX))
+    name = (f"flash_fwd_simt<{CUDA_TYPES[dtype]}, {Br}, {Bc}, {D}, {threads}, "
+            f"{'true' if causal else 'false'}>")
+    return Plan("cuda", name, dtype, d, D, Br, Bc, causal, threads, grid,
+                simt_smem_bytes(Br, Bc, D), smem_limit)
+
+
+def cuda_variants(smem_limit: int) -> list[str]:
+    """Every kernel name expression the planner can emit under this shared-memory limit."""
+    names = set()
+    for D in range(HEAD_DIM_STEP, MAX_HEAD_DIM + 1, HEAD_DIM_STEP):
+        for dtype in CUDA_TYPES:
+            for causal in (False, True):
+                names.add(plan(1, 1, D, dtype=dtype, causal=causal, smem_limit=smem_limit).kernel)
+    return sorted(names)

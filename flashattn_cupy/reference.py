@@ -1,0 +1,37 @@
+"""The float64 oracle: naive softmax(scale * Q K^T) V on NumPy, materializing Nq x Nk.
+
+Every test compares against this. It is deliberately the textbook formula, sharing no code
+with the kernels: scores, the same bottom-right causal mask, max-subtracted exp, row sums.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def causal_mask(Nq: int, Nk: int) -> np.ndarray:
+    """True where key j is masked for query i: j > i + (Nk - Nq) (bottom-right aligned)."""
+    i = np.arange(Nq)[:, None]
+    j = np.arange(Nk)[None, :]
+    return j > i + (Nk - Nq)
+
+
+def attention(q, k, v, *, causal: bool = False, softmax_scale: float | None = None):
+    """(O, L) in float64 for NumPy inputs of shape (..., N, d) of any float dtype.
+
+    L is the natural-log logsumexp of the scaled scores. A row with every key masked gives
+    O = 0 and L = -inf.
+    """
+    q, k, v = (np.asarray(x).astype(np.float64) for x in (q, k, v))
+    d = q.shape[-1]
+    scale = 1.0 / np.sqrt(d) if softmax_scale is None else float(softmax_scale)
+    S = scale * (q @ np.swapaxes(k, -1, -2))
+    if causal:
+        S = np.where(causal_mask(q.shape[-2], k.shape[-2]), -np.inf, S)
+    m = S.max(axis=-1, keepdims=True)
+    m_safe = np.where(np.isneginf(m), 0.0, m)
+    P = np.exp(S - m_safe)
+    l = P.sum(axis=-1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        O = np.where(l > 0, (P @ v) / l, 0.0)
+        L = np.where(l > 0, m_safe + np.log(l), -np.inf)[..., 0]
+    return O, L

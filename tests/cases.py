@@ -1,0 +1,20 @@
+"""Shapes the backends are tested on, shared by the C and CUDA tests: awkward on purpose."""
+import itertools
+
+import numpy as np
+
+SIZES = (1, 17, 31, 32, 33, 113, 203, 256, 1023)   # around every tile size, and odd ones
+HEAD_DIMS = (16, 40, 59, 64, 80, 96, 128, 256)
+
+
+def size_cases():
+    """Every (Nq, Nk) pair of SIZES, each with a head dim from HEAD_DIMS in rotation."""
+    pairs = itertools.product(SIZES, SIZES)
+    return [(Nq, Nk, HEAD_DIMS[n % len(HEAD_DIMS)]) for n, (Nq, Nk) in enumerate(pairs)]
+
+
+def inputs(rng, lead, Nq, Nk, d, dtype=np.float32, magnitude=1.0):
+    """Standard-normal q, k, v of shapes lead + (Nq, d) and lead + (Nk, d), times magnitude."""
+    shape = lambda N: tuple(lead) + (N, d)  # noqa: E731
+    return tuple((magnitude * rng.standard_normal(shape(N))).astype(dtype)
+                 for N in (Nq, Nk, Nk))

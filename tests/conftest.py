@@ -1,0 +1,26 @@
+import zlib
+
+import numpy as np
+import pytest
+
+from flashattn_cupy import _device
+
+
+def pytest_collection_modifyitems(config, items):
+    why = _device.gpu_unavailable_reason()
+    if why:
+        skip = pytest.mark.skip(reason=f"no usable GPU: {why}")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture
+def rng(request):
+    """A generator seeded from the test's id: fresh inputs per test, and any failure replays."""
+    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture
+def cp():
+    return _device.cupy()

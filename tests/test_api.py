@@ -1,0 +1,125 @@
+"""The public API: types, shapes, backend choice, and every validation error."""
+import numpy as np
+import pytest
+
+import flashattn_cupy
+from cases import inputs
+from flashattn_cupy import _device, flash_attention, plan_for
+from tolerances import assert_attention_close
+
+
+def test_returns_o_or_o_and_l(rng):
+    q, k, v = inputs(rng, (2, 3), 5, 7, 8)
+    O = flash_attention(q, k, v)
+    assert isinstance(O, np.ndarray) and O.shape == q.shape and O.dtype == np.float32
+    O2, L = flash_attention(q, k, v, return_lse=True)
+    np.testing.assert_array_equal(O, O2)
+    assert L.shape == (2, 3, 5) and L.dtype == np.float32
+
+
+def test_default_scale_is_one_over_sqrt_d(rng):
+    q, k, v = inputs(rng, (), 9, 11, 16)
+    np.testing.assert_array_equal(flash_attention(q, k, v), flash_attention(q, k, v, softmax_scale=0.25))
+
+
+def test_reference_backend(rng):
+    q, k, v = inputs(rng, (2,), 9, 11, 16)
+    O, L = flash_attention(q, k, v, return_lse=True, backend="reference", causal=True)
+    assert O.dtype == np.float32 and L.dtype == np.float32
+    assert_attention_close(O, L, q, k, v, causal=True)
+
+
+def test_reference_backend_takes_bfloat16(rng):
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    q, k, v = inputs(rng, (2,), 9, 11, 16, dtype=ml_dtypes.bfloat16)
+    O = flash_attention(q, k, v, backend="reference")
+    assert O.dtype == ml_dtypes.bfloat16
+
+
+def test_non_contiguous_and_read_only_inputs(rng):
+    q, k, v = inputs(rng, (3, 2), 40, 50, 24)
+    qt, kt, vt = (np.swapaxes(x, 0, 1) for x in (q, k, v))     # (2, 3, N, d) views
+    kr = kt[:, :, ::-1]                                         # negative stride
+    vr = vt[:, :, ::-1].copy()
+    vr.flags.writeable = False
+    O, L = flash_attention(qt, kr, vr, return_lse=True)
+    assert_attention_close(O, L, qt, kr, vr)
+
+
+def test_inputs_are_not_modified(rng):
+    q, k, v = inputs(rng, (2,), 33, 17, 20)
+    before = [x.copy() for x in (q, k, v)]
+    flash_attention(q, k, v, causal=True)
+    for x, y in zip((q, k, v), before):
+        assert x.tobytes() == y.tobytes()
+
+
+def test_plan_for(rng):
+    q, k, v = inputs(rng, (2,), 256, 256, 64)
+    plan = plan_for(q, k, v)
+    assert (plan.backend, plan.Br, plan.Bc) == ("c", 32, 32)
+    assert "Br=32" in str(plan)
+    assert plan_for(q, k, v, backend="reference") is None
+
+
+def _bad(rng):
+    return inputs(rng, (2,), 8, 8, 16)
+
+
+@pytest.mark.parametrize("make, exc, words", [
+    (lambda q, k, v: dict(q=q.tolist()), TypeError, "q must be a NumPy or CuPy array"),
+    (lambda q, k, v: dict(k=q[0, 0]), ValueError, "k must have shape (..., N, d) with at least 2 dims"),
+    (lambda q, k, v: dict(k=k[:1]), ValueError, "same leading (batch, heads) dims"),
+    (lambda q, k, v: dict(v=v[:, :5]), ValueError, "k and v must have the same shape"),
+    (lambda q, k, v: dict(q=q[..., :8]), ValueError, "same head dim"),
+    (lambda q, k, v: dict(q=q[:, :0]), ValueError, "q has an empty dimension"),
+    (lambda q, k, v: dict(q=q[..., :0], k=k[..., :0], v=v[..., :0]), ValueError, "empty dimension"),
+    (lambda q, k, v: dict(q=np.zeros((2, 8, 300), np.float32), k=np.zeros((2, 8, 300), np.float32),
+                          v=np.zeros((2, 8, 300), np.float32)), ValueError, "at most 256"),
+    (lambda q, k, v: dict(v=v.astype(np.float64)), TypeError, "same dtype"),
+    (lambda q, k, v: dict(q=q.astype(np.int32), k=k.astype(np.int32), v=v.astype(np.int32)),
+     TypeError, "float32 or float64, got int32"),
+    (lambda q, k, v: dict(q=q.astype(np.complex64), k=k.astype(np.complex64), v=v.astype(np.complex64)),
+     TypeError, "got complex64"),
+    (lambda q, k, v: dict(q=q.astype(np.float16), k=k.astype(np.float16), v=v.astype(np.float16)),
+     TypeError, "backend='cuda' for float16"),
+    (lambda q, k, v: dict(backend="gpu"), ValueError, "backend must be one of"),
+    (lambda q, k, v: dict(causal="yes"), TypeError, "causal must be True or False"),
+    (lambda q, k, v: dict(return_lse=1), TypeError, "return_lse must be True or False"),
+    (lambda q, k, v: dict(softmax_scale=float("nan")), ValueError, "softmax_scale must be a finite"),
+    (lambda q, k, v: dict(softmax_scale=float("inf")), ValueError, "softmax_scale must be a finite"),
+    (lambda q, k, v: dict(softmax_scale=1e300), ValueError, "softmax_scale must be a finite"),
+    (lambda q, k, v: dict(softmax_scale="0.1"), TypeError, "softmax_scale must be a real number"),
+    (lambda q, k, v: dict(softmax_scale=True), TypeError, "softmax_scale must be a real number"),
+])
+def test_validation_errors(rng, make, exc, words):
+    q, k, v = _bad(rng)
+    args = dict(q=q, k=k, v=v)
+    args.update(make(q, k, v))
+    before = [np.asarray(x).tobytes() if isinstance(x, np.ndarray) else None for x in args.values()]
+    extra = {key: args.pop(key) for key in list(args) if key not in ("q", "k", "v")}
+    with pytest.raises(exc) as info:
+        flash_attention(args["q"], args["k"], args["v"], **extra)
+    assert words in str(info.value)
+    after = [np.asarray(x).tobytes() if isinstance(x, np.ndarray) else None for x in (args["q"], args["k"], args["v"])]
+    assert before[:3] == after
+
+
+def test_unknown_keyword_is_a_type_error(rng):
+    with pytest.raises(TypeError):
+        flash_attention(*_bad(rng), dropout_p=0.1)
+
+
+def test_cuda_without_gpu_says_how_to_install(rng, monkeypatch):
+    monkeypatch.setattr(_device, "_probe", lambda: (None, "CuPy is not importable; " + _device.INSTALL_HINT))
+    with pytest.raises(flashattn_cupy.BackendUnavailableError) as info:
+        flash_attention(*_bad(rng), backend="cuda")
+    assert isinstance(info.value, ValueError)
+    assert "flashattn_cupy[cuda12]" in str(info.value) and "flashattn_cupy[cuda13]" in str(info.value)
+
+
+@pytest.mark.gpu
+def test_numpy_mixed_with_cupy_is_refused(rng, cp):
+    q, k, v = _bad(rng)
+    with pytest.raises(TypeError, match="all NumPy arrays or all CuPy arrays"):
+        flash_attention(cp.asarray(q), k, v)

@@ -1,0 +1,83 @@
+"""The C twin against the float64 reference (tolerances.py argues the bounds)."""
+import numpy as np
+import pytest
+
+from cases import HEAD_DIMS, inputs, size_cases
+from flashattn_cupy import flash_attention, planner
+from tolerances import assert_attention_close
+
+
+def _check(q, k, v, compute="float32", **kw):
+    O, L = flash_attention(q, k, v, return_lse=True, backend="c", **kw)
+    assert type(O) is np.ndarray and O.dtype == q.dtype
+    return assert_attention_close(O, L, q, k, v, compute=compute, **kw)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("Nq,Nk,d", size_cases())
+def test_sizes(rng, Nq, Nk, d, causal):
+    _check(*inputs(rng, (), Nq, Nk, d), causal=causal)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("d", HEAD_DIMS + (1, 255))
+def test_head_dims(rng, d, causal):
+    _check(*inputs(rng, (2,), 113, 203, d), causal=causal)
+
+
+def test_batch_and_heads_dims(rng):
+    _check(*inputs(rng, (2, 3), 33, 65, 40), causal=True)
+    _check(*inputs(rng, (2, 1, 3), 17, 31, 16))
+
+
+def test_custom_scale(rng):
+    _check(*inputs(rng, (2,), 31, 33, 64), softmax_scale=0.37)
+    _check(*inputs(rng, (2,), 31, 33, 64), softmax_scale=-1.5, causal=True)
+
+
+def test_fully_masked_rows_give_zero_and_minus_inf(rng):
+    q, k, v = inputs(rng, (2,), 50, 20, 32)   # causal with Nq > Nk: the first 30 rows see no key
+    O, L = flash_attention(q, k, v, causal=True, return_lse=True, backend="c")
+    assert (O[:, :30] == 0).all() and np.isneginf(L[:, :30]).all()
+    assert np.isfinite(L[:, 30:]).all()
+    _check(q, k, v, causal=True)
+
+
+def test_large_scores_do_not_overflow(rng):
+    # scores ~ 1e3 (exp would overflow float32 without the running max)
+    q, k, v = inputs(rng, (2,), 64, 100, 64, magnitude=12.0)
+    O, L = flash_attention(q, k, v, return_lse=True, backend="c")
+    assert np.abs(L).max() > 200
+    _check(q, k, v)
+    _check(q, k, v, causal=True)
+
+
+def test_float64(rng):
+    q, k, v = inputs(rng, (3,), 113, 77, 59, dtype=np.float64)
+    _check(q, k, v, compute="float64")
+    _check(q, k, v, compute="float64", causal=True)
+
+
+@pytest.mark.parametrize("tile", planner.TILE_CANDIDATES)
+def test_every_tile_size(rng, tile):
+    """The planner picks Br = Bc from TILE_CANDIDATES; each must be right, not just the usual one."""
+    from flashattn_cupy import _c_backend
+    from flashattn_cupy._validate import validate
+
+    q, k, v = inputs(rng, (2,), 100, 70, 24)
+    problem = validate(q, k, v, causal=True, softmax_scale=None, return_lse=True, backend="c")
+    plan = planner.Plan("c", "flash_fwd_f32", "float32", 24, 24, tile, tile, True)
+    O, L = _c_backend.run(problem, plan, q, k, v)
+    assert_attention_close(O, L, q, k, v, causal=True)
+
+
+def test_threads_give_the_same_result(rng):
+    """The C call releases the GIL: calls from several threads must not interfere."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    problems = [inputs(rng, (2,), 130, 150, 64) for _ in range(4)]
+    expected = [flash_attention(*p) for p in problems]
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda p: flash_attention(*p), problems * 2))
+    for got, want in zip(results, expected * 2):
+        np.testing.assert_array_equal(got, want)

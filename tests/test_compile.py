@@ -1,0 +1,32 @@
+"""Every kernel variant the planner can emit compiles with NVRTC for sm_75, sm_80 and sm_90.
+
+No GPU needed: NVRTC and the CUDA headers come from pip wheels (the `test` extra: cuda-core,
+nvidia-cuda-nvrtc-cu12, nvidia-cuda-runtime-cu12), and compiling to a cubin for an explicit
+arch never touches a driver. The source and options are the ones kernels.py hands to CuPy."""
+import pytest
+
+from flashattn_cupy import kernels, planner
+
+KB = 1024
+# (arch, shared-memory limits of real devices of that arch the planner must serve)
+ARCHES = {
+    "sm_75": (48 * KB, 64 * KB),               # T4 without / with the opt-in
+    "sm_80": (48 * KB, 99 * KB, 163 * KB),     # sm_86/89 consumer parts run sm_80 code; A100
+    "sm_90": (227 * KB,),                      # H100, H200
+}
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHES))
+def test_every_variant_compiles(arch):
+    try:
+        from cuda.core import Program, ProgramOptions
+    except ImportError as exc:
+        pytest.fail(f"cuda.core is missing ({exc}): install the test extra, pip install -e '.[test]'")
+    names = sorted({n for limit in ARCHES[arch] for n in planner.cuda_variants(limit)})
+    for family in sorted({kernels.family(n) for n in names}):
+        wanted = [n for n in names if kernels.family(n) == family]
+        options = ProgramOptions(arch=arch, std=kernels.NVRTC_OPTIONS[0].split("=")[1])
+        program = Program(kernels.source(kernels.SOURCES[family]), "c++", options)
+        cubin = program.compile("cubin", name_expressions=wanted)
+        assert sorted(cubin.symbol_mapping) == wanted
+        assert len(cubin.code) > 0

@@ -1,0 +1,133 @@
+"""The CUDA kernels on a real GPU, against the float64 reference and against the C twin."""
+import numpy as np
+import pytest
+
+from cases import HEAD_DIMS, inputs, size_cases
+from flashattn_cupy import _cuda_backend, flash_attention, planner
+from flashattn_cupy._validate import validate
+from tolerances import assert_attention_close, bounds
+
+pytestmark = pytest.mark.gpu
+KB = 1024
+
+
+def _dtype(name):
+    if name == "bfloat16":
+        return pytest.importorskip("ml_dtypes").bfloat16
+    return np.dtype(name)
+
+
+def _check(cp, q, k, v, **kw):
+    """Run on CuPy copies of NumPy q, k, v; the result must be CuPy, of q's dtype, and close."""
+    O, L = flash_attention(cp.asarray(q), cp.asarray(k), cp.asarray(v), return_lse=True, **kw)
+    assert isinstance(O, cp.ndarray) and isinstance(L, cp.ndarray)
+    assert O.dtype == q.dtype and L.dtype == np.float32
+    return assert_attention_close(cp.asnumpy(O), cp.asnumpy(L), q, k, v, **kw)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("Nq,Nk,d", size_cases())
+def test_sizes(cp, rng, Nq, Nk, d, causal):
+    _check(cp, *inputs(rng, (), Nq, Nk, d), causal=causal)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("d", HEAD_DIMS + (1, 255))
+def test_head_dims_and_dtypes(cp, rng, d, causal, dtype):
+    _check(cp, *inputs(rng, (2,), 113, 203, d, dtype=_dtype(dtype)), causal=causal)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("Nq,Nk", [(1, 1), (1, 1023), (33, 31), (1023, 256), (256, 1023)])
+def test_half_precision_sizes(cp, rng, Nq, Nk, dtype):
+    _check(cp, *inputs(rng, (2,), Nq, Nk, 64, dtype=_dtype(dtype)), causal=True)
+
+
+def test_batch_heads_scale_and_masked_rows(cp, rng):
+    _check(cp, *inputs(rng, (2, 3), 33, 65, 40), causal=True)
+    _check(cp, *inputs(rng, (2, 1, 3), 17, 31, 16), softmax_scale=-0.37)
+    q, k, v = inputs(rng, (2,), 50, 20, 32)
+    O, L = flash_attention(cp.asarray(q), cp.asarray(k), cp.asarray(v), causal=True, return_lse=True)
+    assert (O[:, :30] == 0).all() and cp.isneginf(L[:, :30]).all() and cp.isfinite(L[:, 30:]).all()
+
+
+def test_large_scores_do_not_overflow(cp, rng):
+    for dtype in ("float32", "float16", "bfloat16"):
+        q, k, v = inputs(rng, (2,), 64, 100, 64, dtype=_dtype(dtype), magnitude=12.0)
+        _check(cp, q, k, v, causal=True)
+
+
+def test_numpy_in_numpy_out(rng):
+    q, k, v = inputs(rng, (2,), 70, 90, 48)
+    O, L = flash_attention(q, k, v, backend="cuda", return_lse=True)
+    assert type(O) is np.ndarray and type(L) is np.ndarray
+    assert_attention_close(O, L, q, k, v)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_c_and_cuda_agree(cp, rng, dtype):
+    """The two implementations, each within its own bound of float64, agree within the sum."""
+    for causal in (False, True):
+        q, k, v = inputs(rng, (2, 2), 203, 113, 80, dtype=np.dtype(dtype))
+        O_c, L_c = flash_attention(q, k, v, causal=causal, return_lse=True, backend="c")
+        qf, kf, vf = (x.astype(np.float32) for x in (q, k, v))
+        O_g, L_g = flash_attention(qf, kf, vf, causal=causal, return_lse=True, backend="cuda")
+        tol_O, tol_L = bounds(qf, kf, vf)
+        assert np.abs(O_c - O_g).max() <= 2 * tol_O
+        np.testing.assert_array_equal(np.isneginf(L_c), np.isneginf(L_g))
+        finite = np.isfinite(L_c)
+        assert np.abs(L_c[finite] - L_g[finite]).max() <= 2 * tol_L
+
+
+@pytest.mark.parametrize("limit", [48 * KB, 64 * KB, 100 * KB, 163 * KB, 227 * KB])
+@pytest.mark.parametrize("d", [16, 64, 100, 256])
+def test_every_tile_variant_runs(cp, rng, limit, d):
+    """Plans made for smaller devices (other tiles) run right on this one too."""
+    q, k, v = (cp.asarray(x) for x in inputs(rng, (2,), 130, 75, d))
+    for causal in (False, True):
+        problem = validate(q, k, v, causal=causal, softmax_scale=None, return_lse=True, backend="cuda")
+        plan = planner.plan(130, 75, d, causal=causal, batch=1, heads=2, smem_limit=limit)
+        O, L = _cuda_backend.run(problem, plan, q.device.id)
+        assert_attention_close(cp.asnumpy(O), cp.asnumpy(L), *(cp.asnumpy(x) for x in (q, k, v)),
+                               causal=causal)
+
+
+def test_strided_views_without_copies(cp, rng):
+    q, k, v = (cp.asarray(x) for x in inputs(rng, (2, 40), 3, 5, 24))   # (B, N, H, d) memory
+    qt, kt, vt = (x.swapaxes(1, 2) for x in (q, k, v))                   # (B, H, N, d) views
+    kr = kt[:, :, ::-1]                                                   # negative row stride
+    vb = cp.broadcast_to(vt[:, :1], vt.shape)                             # zero head stride
+    O, L = flash_attention(qt, kr, vb, causal=True, return_lse=True)
+    assert_attention_close(cp.asnumpy(O), cp.asnumpy(L), *(cp.asnumpy(x) for x in (qt, kr, vb)), causal=True)
+    assert _cuda_backend._strides(qt, cp)[0] is qt and _cuda_backend._strides(kr, cp)[0] is kr
+
+
+def test_odd_layouts_are_copied_not_misread(cp, rng):
+    q, k, v = (cp.asarray(x) for x in inputs(rng, (3, 2, 2), 9, 11, 8))
+    qn = q.transpose(1, 0, 2, 3, 4)                    # batch dims that do not collapse
+    kc = cp.asfortranarray(k)                          # last dim not contiguous
+    O = flash_attention(qn, kc, v.transpose(1, 0, 2, 3, 4))
+    O_ref = flash_attention(*(cp.asnumpy(x) for x in (qn, kc, v.transpose(1, 0, 2, 3, 4))), backend="reference")
+    assert np.abs(cp.asnumpy(O) - O_ref).max() < 1e-5
+
+
+def test_more_heads_than_a_grid_dimension(cp, rng):
+    q, k, v = (cp.asarray(x) for x in inputs(rng, (70000,), 2, 3, 8))
+    O, L = flash_attention(q, k, v, return_lse=True)
+    assert_attention_close(cp.asnumpy(O), cp.asnumpy(L), *(cp.asnumpy(x) for x in (q, k, v)))
+
+
+def test_user_stream_and_repeatability(cp, rng):
+    q, k, v = (cp.asarray(x) for x in inputs(rng, (4, 4), 500, 600, 64))
+    first = flash_attention(q, k, v, causal=True)
+    with cp.cuda.Stream(non_blocking=True) as stream:
+        again = flash_attention(q, k, v, causal=True)
+        stream.synchronize()
+    assert (first == again).all()   # bitwise: no atomics, fixed order
+
+
+def test_float64_on_the_gpu_is_refused(cp, rng):
+    q, k, v = (cp.asarray(x) for x in inputs(rng, (), 8, 8, 8, dtype=np.float64))
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        flash_attention(q, k, v)

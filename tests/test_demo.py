@@ -1,0 +1,45 @@
+"""`python -m flashattn_cupy` runs, prints the seed-style samples, and exits 0."""
+import re
+import subprocess
+import sys
+
+
+
+from flashattn_cupy import _device
+
+NUMBERS = r"\[(-?\d+\.\d{4}, ){4}-?\d+\.\d{4}\]"
+
+
+def _demo(*args):
+    result = subprocess.run([sys.executable, "-m", "flashattn_cupy", *args],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_demo_c_part():
+    out = _demo("--backend", "c")
+    assert "N=256, d=64, Br=32, Bc=32" in out
+    assert re.search(r"O\[0\]\[0:5\] = " + NUMBERS, out)
+    assert re.search(r"L\[0:5\] = " + NUMBERS, out)
+    error = float(re.search(r"Max error vs float64 reference: O (\S+),", out).group(1))
+    assert error < 1e-5
+
+
+def test_demo_options():
+    out = _demo("--backend", "c", "--n", "100", "--d", "40", "--causal", "--dtype", "float64", "--seed", "3")
+    assert "N=100, d=40" in out and "causal=True, float64" in out
+    assert "--causal" in _demo("--help")
+
+
+def test_demo_whole():
+    out = _demo()
+    if _device.gpu_unavailable_reason():
+        assert "skipped: no usable GPU" in out
+    else:
+        assert "Device:" in out and "Shared mem:" in out and out.count("O[0][0:5]") == 2
+
+
+def test_demo_rejects_bad_options():
+    result = subprocess.run([sys.executable, "-m", "flashattn_cupy", "--d", "300"], capture_output=True, text=True)
+    assert result.returncode == 2 and "--d must be in 1..256" in result.stderr

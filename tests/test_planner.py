@@ -1,0 +1,71 @@
+"""The planner: the seed's configuration, and plans that always fit the device."""
+import math
+
+import pytest
+
+from flashattn_cupy import planner
+from flashattn_cupy.planner import plan
+
+KB = 1024
+LIMITS = (48 * KB, 64 * KB, 99 * KB, 100 * KB, 163 * KB, 227 * KB)   # T4 .. H100
+
+
+def test_seed_configuration_on_a_48_kb_device():
+    p = plan(512, 512, 64, smem_limit=48 * KB)
+    assert (p.Br, p.Bc, p.threads, p.grid) == (32, 32, 256, (16, 1, 1))
+    # the seed's layout (Qi, Kj, Vj, Sij, Pij, Oi, four row vectors) was 40.5 KB; ours keeps
+    # Pij in Sij's place and pads two tiles against bank conflicts, and is smaller
+    assert p.smem_bytes <= 40.5 * KB
+    assert planner.seed_budget_floats(32, 32, 64) * 4 <= 48 * KB
+    assert "shared memory 36.62 KB of 48.00 KB" in str(p)
+
+
+@pytest.mark.parametrize("limit", LIMITS)
+@pytest.mark.parametrize("dtype", sorted(planner.CUDA_TYPES))
+def test_every_plan_fits(limit, dtype):
+    for d in range(1, 257):
+        for causal in (False, True):
+            p = plan(1000, 3000, d, dtype=dtype, causal=causal, batch=3, heads=5, smem_limit=limit)
+            assert p.smem_bytes <= limit
+            assert p.smem_bytes == planner.simt_smem_bytes(p.Br, p.Bc, p.head_dim_bound)
+            assert d <= p.head_dim_bound <= 256 and p.head_dim_bound % 32 == 0
+            assert p.threads % 32 == 0 and p.threads <= 1024
+            assert p.grid == (math.ceil(1000 / p.Br), 5, 3)
+            assert f"{'true' if causal else 'false'}>" in p.kernel
+
+
+def test_grid_never_empty_and_capped():
+    assert plan(1, 1, 1, smem_limit=48 * KB).grid == (1, 1, 1)
+    p = plan(10, 10, 64, batch=70000, heads=100000, smem_limit=48 * KB)
+    assert p.grid[1:] == (65535, 65535)   # the kernel strides over the rest
+
+
+def test_larger_devices_get_larger_tiles():
+    assert plan(4096, 4096, 64, smem_limit=227 * KB).Br == 64
+    assert plan(4096, 4096, 256, smem_limit=48 * KB).Br == 8
+
+
+def test_c_plan():
+    p = plan(256, 256, 64, backend="c")
+    assert (p.Br, p.Bc, p.kernel) == (32, 32, "flash_fwd_f32")
+    assert plan(256, 256, 64, dtype="float64", backend="c").kernel == "flash_fwd_f64"
+    for d in range(1, 257):
+        p = plan(9, 9, d, backend="c")
+        assert p.smem_bytes <= planner.C_WORKSET_BYTES or p.Br == planner.TILE_CANDIDATES[-1]
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(d=0), "head dim"), (dict(d=257), "head dim"), (dict(Nq=0), ">= 1"),
+    (dict(dtype="float64"), "CUDA backend takes"), (dict(backend="c", dtype="float16"), "C backend takes"),
+    (dict(backend="tpu"), "backend"),
+])
+def test_plan_errors(kwargs, words):
+    args = dict(Nq=8, Nk=8, d=64, smem_limit=48 * KB) | kwargs
+    with pytest.raises(ValueError, match=words):
+        plan(args.pop("Nq"), args.pop("Nk"), args.pop("d"), **args)
+
+
+def test_variants_cover_every_head_dim_bound():
+    names = planner.cuda_variants(48 * KB)
+    assert len(names) == 8 * 3 * 2   # head-dim bounds x dtypes x causal
+    assert "flash_fwd_simt<float, 32, 32, 64, 256, false>" in names

@@ -1,0 +1,66 @@
+"""How close an attention result must be to the float64 reference, argued once, here.
+
+The kernels and the reference get the same input values (fp16/bf16 inputs are exactly
+representable in fp32 and float64), so all the difference is rounding inside the kernel
+plus the rounding of the stored outputs. With u the unit roundoff of the compute type
+(2^-24 for float32, 2^-53 for float64) and A = |scale| * max_ij sum_k |q_ik| |k_jk| the
+largest absolute-value score the data can make:
+
+* scores: each s_ij is a d-term dot product plus a few scalings (scale, log2(e) for the
+  exp2 kernels, the subtraction of the row max), so |ds| <= (d + 4) u A (Higham's
+  gamma_n bound for a dot product, n = d + 4); doubled for the change of log base.
+* weights: exp turns an absolute score error into the same relative error of p_ij, and
+  the running sums add, rescale and divide up to Nk terms: relative error <= (Nk + 4) u.
+* O = sum_j w_j v_j with weights perturbed relatively by at most eps moves by at most
+  2 eps max|v| (numerator and normalizer both move); then O is rounded to its dtype
+  (u_out |O| <= u_out max|v|).
+* L = m + log(l) moves by at most eps (eps bounds the relative error of l too), then is
+  rounded to float32: 2^-24 |L|, and |L| <= A + log(Nk).
+
+These are worst-case bounds, not fitted to observed errors: typical errors are ~sqrt of
+them. They still catch real bugs: one wrongly masked or dropped key among Nk moves O by
+about max|v| / Nk, far above 2 (Nk + 4) u max|v| for any Nk this suite uses, and a wrong
+scale, tile or row moves it by O(1). A fully masked row must be exact: O = 0, L = -inf.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from flashattn_cupy import reference
+
+UNIT_ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
+
+
+def bounds(q, k, v, *, softmax_scale=None, compute="float32", out="float32"):
+    """(tol_O, tol_L) for inputs q, k, v (NumPy, any float dtype)."""
+    q, k, v = (np.asarray(x).astype(np.float64) for x in (q, k, v))
+    d, Nk = q.shape[-1], k.shape[-2]
+    scale = 1.0 / np.sqrt(d) if softmax_scale is None else float(softmax_scale)
+    A = abs(scale) * float((np.abs(q) @ np.swapaxes(np.abs(k), -1, -2)).max())
+    u = UNIT_ROUNDOFF[compute]
+    eps = 2 * (d + 4) * u * A + (Nk + 4) * u
+    vmax = float(np.abs(v).max())
+    tol_O = 2 * eps * vmax + UNIT_ROUNDOFF[out] * vmax
+    tol_L = eps + UNIT_ROUNDOFF["float32"] * (A + np.log(Nk))
+    return tol_O, tol_L
+
+
+def assert_attention_close(O, L, q, k, v, *, causal=False, softmax_scale=None,
+                           compute="float32", out=None):
+    """Check (O, L) against the float64 reference with the bounds above."""
+    O = np.asarray(O).astype(np.float64)
+    L = np.asarray(L)
+    assert L.dtype == np.float32, f"L must be float32, got {L.dtype}"
+    assert O.shape == q.shape and L.shape == q.shape[:-1]
+    O_ref, L_ref = reference.attention(q, k, v, causal=causal, softmax_scale=softmax_scale)
+    out = out or np.dtype(q.dtype).name
+    tol_O, tol_L = bounds(q, k, v, softmax_scale=softmax_scale, compute=compute, out=out)
+    assert not np.isnan(O).any() and not np.isnan(L).any(), "NaN in the output"
+    masked = np.isneginf(L_ref)
+    assert np.array_equal(np.isneginf(L), masked), "L = -inf exactly on the fully masked rows"
+    assert (O[masked] == 0).all(), "fully masked rows must give O = 0"
+    err_O = float(np.abs(O - O_ref).max())
+    err_L = float(np.abs(L[~masked] - L_ref[~masked]).max()) if (~masked).any() else 0.0
+    assert err_O <= tol_O, f"max |O - O_ref| = {err_O:.3e} > bound {tol_O:.3e}"
+    assert err_L <= tol_L, f"max |L - L_ref| = {err_L:.3e} > bound {tol_L:.3e}"
+    return err_O, err_L
