@@ -121,5 +121,5 @@ def test_cuda_without_gpu_says_how_to_install(rng, monkeypatch):
 @pytest.mark.gpu
 def test_numpy_mixed_with_cupy_is_refused(rng, cp):
     q, k, v = _bad(rng)
-    with pytest.raises(TypeError, match="all NumPy arrays or all CuPy arrays"):
+    with pytest.raises(TypeError, match="must all be NumPy arrays or all CuPy arrays"):
         flash_attention(cp.asarray(q), k, v)
