@@ -2,6 +2,9 @@
 import re
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 
 
@@ -43,3 +46,22 @@ def test_demo_whole():
 def test_demo_rejects_bad_options():
     result = subprocess.run([sys.executable, "-m", "flashattn_cupy", "--d", "300"], capture_output=True, text=True)
     assert result.returncode == 2 and "--d must be in 1..256" in result.stderr
+
+
+def _example(name):
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run([sys.executable, str(root / "examples" / name)], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_numpy_example():
+    out = _example("numpy_attention.py")
+    assert float(re.search(r"max \|O - reference\| = (\S+),", out).group(1)) < 1e-5
+
+
+@pytest.mark.gpu
+def test_cupy_example():
+    out = _example("cupy_attention.py")
+    assert float(re.search(r"on head 0 = (\S+)", out).group(1)) < 1e-2   # fp16 output rounding
