@@ -6,8 +6,6 @@ from pathlib import Path
 
 import pytest
 
-
-
 from flashattn_cupy import _device
 
 NUMBERS = r"\[(-?\d+\.\d{4}, ){4}-?\d+\.\d{4}\]"
