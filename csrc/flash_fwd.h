@@ -21,6 +21,9 @@ int flash_fwd_f32(const float *Q, const float *K, const float *V, float *O, floa
                   int64_t BH, int64_t Nq, int64_t Nk, int64_t d, int64_t Br, int64_t Bc,
                   float scale, int causal);
 
+/* y = exp(x - base), vectorized, as the float kernel computes Pij; exported for its tests. */
+int flash_exp_f32(const float *x, float *y, int64_t n, float base);
+
 int flash_fwd_f64(const double *Q, const double *K, const double *V, double *O, float *L,
                   int64_t BH, int64_t Nq, int64_t Nk, int64_t d, int64_t Br, int64_t Bc,
                   double scale, int causal);

@@ -49,9 +49,9 @@ def test_c_plan():
     p = plan(256, 256, 64, backend="c")
     assert (p.Br, p.Bc, p.kernel) == (32, 32, "flash_fwd_f32")
     assert plan(256, 256, 64, dtype="float64", backend="c").kernel == "flash_fwd_f64"
-    for d in range(1, 257):
-        p = plan(9, 9, d, backend="c")
-        assert p.smem_bytes <= planner.C_WORKSET_BYTES or p.Br == planner.TILE_CANDIDATES[-1]
+    assert plan(9, 9, 128, backend="c").Br == 32 and plan(9, 9, 129, backend="c").Br == 16
+    for d in range(1, 257):   # the working set stays L2-sized
+        assert plan(9, 9, d, dtype="float64", backend="c").smem_bytes <= 300 * 1024
 
 
 @pytest.mark.parametrize("kwargs, words", [
