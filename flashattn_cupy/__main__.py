@@ -88,11 +88,16 @@ def run_cuda(N: int, d: int, causal: bool, seed: int, dtype: str) -> None:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        from . import bench
+        return bench.main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="python -m flashattn_cupy",
         description="FlashAttention-2 forward demo: the C twin on the CPU, then the CUDA kernel "
                     "when a GPU is usable (skipped with a message otherwise). Inputs are seeded "
-                    "standard-normal (N, d) matrices; errors are against the float64 reference.")
+                    "standard-normal (N, d) matrices; errors are against the float64 reference. "
+                    "`python -m flashattn_cupy bench --device cpu|gpu` runs the benchmarks instead.")
     parser.add_argument("--n", type=int, default=None,
                         help="sequence length N (default: 256 for C and 512 for CUDA, as in the seed)")
     parser.add_argument("--d", type=int, default=64, help="head dimension, 1..256 (default 64)")

@@ -63,3 +63,9 @@ def test_numpy_example():
 def test_cupy_example():
     out = _example("cupy_attention.py")
     assert float(re.search(r"on head 0 = (\S+)", out).group(1)) < 1e-2   # fp16 output rounding
+
+
+def test_cpu_benchmark_command_runs():
+    out = _demo("bench", "--device", "cpu", "--quick", "--no-memory")
+    rows = [line for line in out.splitlines() if line.startswith("| 64 |") or line.startswith("| 128 |")]
+    assert len(rows) == 4 and all(float(row.split("|")[4]) > 0 for row in rows)

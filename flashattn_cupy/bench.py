@@ -1,0 +1,199 @@
+"""Benchmarks: `python -m flashattn_cupy bench --device cpu|gpu`.
+
+Every rival is measured in the same process on the same inputs, interleaved, and each time
+is the best of several runs (robust to a noisy, shared machine). GFLOP/s count the work each
+implementation really does: 4·N²·d per head, halved for our causal runs (masked tiles are
+skipped) and for SDPA's causal; naive NumPy/CuPy always do all of it. torch is an optional
+rival, imported here only, never by the library.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from . import flash_attention, plan_for
+
+_ONE_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def _best_of(fns: dict, repeats: int) -> dict:
+    """Best wall time of each function, the runs interleaved so drift hits all alike."""
+    best = {name: float("inf") for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+def naive_numpy(q, k, v, causal):
+    """softmax(q kᵀ / √d) v with the N×N matrix, as a user would write it."""
+    S = q @ k.swapaxes(-1, -2) / np.sqrt(q.shape[-1])
+    if causal:
+        S = np.where(np.triu(np.ones(S.shape[-2:], dtype=bool), 1), -np.inf, S)
+    S = np.exp(S - S.max(-1, keepdims=True))
+    return (S / S.sum(-1, keepdims=True)) @ v
+
+
+def _torch_cpu():
+    try:
+        import torch
+    except ImportError:
+        return None
+    torch.set_num_threads(1)
+    return torch
+
+
+def _peak_memory(N: int, d: int, call: str) -> float:
+    """MB of peak-RSS growth of one causal `call` at (N, d) beyond its inputs and outputs, in a
+    fresh process so the peak belongs to this call alone."""
+    code = (
+        "import resource, numpy as np\n"
+        "from flashattn_cupy import flash_attention\n"
+        "from flashattn_cupy.bench import naive_numpy\n"
+        f"q, k, v = (np.random.default_rng(i).standard_normal(({N}, {d}), dtype=np.float32) for i in range(3))\n"
+        "O = np.empty_like(q); O[:] = 1; L = np.ones(q.shape[0], np.float32)   # outputs' pages\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "del O, L\n"
+        f"{call}\n"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=dict(os.environ, **_ONE_THREAD))
+    return float(out.stdout.strip())
+
+
+def bench_cpu(quick: bool, memory: bool) -> list[str]:
+    if any(os.environ.get(key) != value for key, value in _ONE_THREAD.items()):
+        # BLAS reads its thread count when NumPy is imported: start again with one thread.
+        os.execve(sys.executable, [sys.executable, "-m", "flashattn_cupy", "bench", *sys.argv[2:]],
+                  dict(os.environ, **_ONE_THREAD))
+    torch = _torch_cpu()
+    rng = np.random.default_rng(0)
+    repeats = 2 if quick else 5
+    lines = ["C twin vs naive NumPy (OpenBLAS, 1 thread) vs PyTorch CPU SDPA (1 thread), float32, "
+             f"one head, GFLOP/s on the work each does; best of {repeats} interleaved runs", "",
+             "| d | N | causal | C twin | NumPy | torch SDPA | C / NumPy | C / torch |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for d in (64, 128):
+        for N in ((1024,) if quick else (1024, 4096)):
+            for causal in (False, True):
+                q, k, v = (rng.standard_normal((N, d), dtype=np.float32) for _ in range(3))
+                fns = {"c": lambda: flash_attention(q, k, v, causal=causal),
+                       "numpy": lambda: naive_numpy(q, k, v, causal)}
+                if torch is not None:
+                    tq, tk, tv = (torch.from_numpy(x)[None] for x in (q, k, v))
+                    sdpa = torch.nn.functional.scaled_dot_product_attention
+                    fns["torch"] = lambda: sdpa(tq, tk, tv, is_causal=causal)
+                t = _best_of(fns, repeats)
+                full = 4 * N * N * d
+                ours = (full / 2 if causal else full) / t["c"] / 1e9
+                numpy_rate = full / t["numpy"] / 1e9
+                torch_rate = (full / 2 if causal else full) / t["torch"] / 1e9 if "torch" in t else None
+                cells = [f"{ours:.1f}", f"{numpy_rate:.1f}", f"{torch_rate:.1f}" if torch_rate else "-",
+                         f"{ours / numpy_rate:.2f}", f"{ours / torch_rate:.2f}" if torch_rate else "-"]
+                lines.append(f"| {d} | {N} | {causal} | " + " | ".join(cells) + " |")
+                print(lines[-1], file=sys.stderr, flush=True)
+    if memory:   # the NumPy row shows that the measurement sees an N x N matrix when there is one
+        ours = _peak_memory(65536, 64, "flash_attention(q, k, v, causal=True, return_lse=True)")
+        control = _peak_memory(8192, 64, "naive_numpy(q, k, v, True)")
+        lines += ["", "Peak RSS growth of one causal call beyond its inputs and outputs (fresh process):",
+                  f"C twin, N = 65536, d = 64: {ours:.1f} MB (an N x N float32 matrix would be 16 GiB); "
+                  f"naive NumPy, N = 8192, d = 64: {control:.0f} MB"]
+    return lines
+
+
+def _gpu_time(fn, repeats: int) -> float:
+    import cupy as cp
+    fn()
+    cp.cuda.Device().synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = cp.cuda.Event(), cp.cuda.Event()
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(cp.cuda.get_elapsed_time(start, end))
+    return float(np.median(times)) * 1e-3
+
+
+def _naive_cupy(q, k, v, causal):
+    import cupy as cp
+    S = (q @ k.swapaxes(-1, -2)).astype(cp.float32) / np.sqrt(q.shape[-1])
+    if causal:
+        N = q.shape[-2]
+        S = cp.where(cp.triu(cp.ones((N, N), dtype=bool), 1), -cp.inf, S)
+    S = cp.exp(S - S.max(-1, keepdims=True))
+    return (S / S.sum(-1, keepdims=True)).astype(q.dtype) @ v
+
+
+def _sdpa_gpu(q, k, v, causal):
+    try:
+        import torch
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        from torch.nn.functional import scaled_dot_product_attention as sdpa
+    except ImportError:
+        return {}
+    tq, tk, tv = (torch.from_dlpack(x) for x in (q, k, v))
+    rivals = {}
+    for name, backend in [("sdpa-flash", SDPBackend.FLASH_ATTENTION),
+                          ("sdpa-efficient", SDPBackend.EFFICIENT_ATTENTION),
+                          ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION)]:
+        def run(backend=backend):
+            with sdpa_kernel(backend):
+                return sdpa(tq, tk, tv, is_causal=causal)
+        try:
+            run()
+        except RuntimeError:
+            continue   # that backend does not take this dtype or shape
+        rivals[name] = run
+    return rivals
+
+
+def bench_gpu(quick: bool) -> list[str]:
+    import cupy as cp
+    shapes = [(16, 16, 1024)] if quick else [(16, 16, 1024), (4, 16, 4096)]   # fill an H100
+    names = ["ours", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "naive-cupy"]
+    name = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["name"]
+    lines = [f"{name.decode() if isinstance(name, bytes) else name}: TFLOP/s (4·N²·d·B·H / t, halved for "
+             "causal; median of CUDA-event timings)", "",
+             "| dtype | d | B×H×N | causal | " + " | ".join(names) + " | ours / best SDPA | kernel |",
+             "|" + " --- |" * (len(names) + 6)]
+    rng = np.random.default_rng(0)
+    for dtype in ("float32", "float16"):
+        for d in (64, 128):
+            for B, H, N in shapes:
+                for causal in (False, True):
+                    q, k, v = (cp.asarray(rng.standard_normal((B, H, N, d), dtype=np.float32)).astype(dtype)
+                               for _ in range(3))
+                    fns = {"ours": lambda: flash_attention(q, k, v, causal=causal)}
+                    fns.update(_sdpa_gpu(q, k, v, causal))
+                    fns["naive-cupy"] = lambda: _naive_cupy(q, k, v, causal)
+                    flops = 4 * N * N * d * B * H / (2 if causal else 1)
+                    rate = {n: flops / _gpu_time(fn, 3 if quick else 10) / 1e12 for n, fn in fns.items()}
+                    best_sdpa = max((rate[n] for n in names[1:4] if n in rate), default=None)
+                    cells = [f"{rate[n]:.2f}" if n in rate else "" for n in names]
+                    ratio = f"{rate['ours'] / best_sdpa:.3f}" if best_sdpa else ""
+                    kernel = plan_for(q, k, v, causal=causal).kernel
+                    lines.append(f"| {dtype} | {d} | {B}×{H}×{N} | {causal} | " + " | ".join(cells)
+                                 + f" | {ratio} | `{kernel}` |")
+                    print(lines[-1], file=sys.stderr, flush=True)
+    return lines
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flashattn_cupy bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="which backend to measure")
+    parser.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
+    parser.add_argument("--no-memory", action="store_true", help="cpu: skip the N = 65536 peak-memory run")
+    args = parser.parse_args(argv)
+    lines = bench_cpu(args.quick, not args.no_memory) if args.device == "cpu" else bench_gpu(args.quick)
+    print("\n".join(lines))
+    return 0
