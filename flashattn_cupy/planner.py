@@ -17,7 +17,6 @@ C_TYPES = {"float32": "f32", "float64": "f64"}
 MAX_HEAD_DIM = 256
 HEAD_DIM_STEP = 32         # kernels are compiled for d rounded up to a multiple of this
 TILE_CANDIDATES = (64, 32, 16, 8)   # Br = Bc, largest first
-SEED_SMEM_LIMIT = 48 * 1024         # the seed's T4 budget without the opt-in
 # The C twin's tiles, by head dim. Measured with one thread on a 2-core AVX-512 machine
 # (N = 2048, float32): square 32 x 32 tiles came within 10-15% of the best of nine shapes
 # tried up to 128 x 128 at d = 64 and 128 (larger tiles outgrow L1 without paying back), and
