@@ -72,18 +72,6 @@ static void exp_row_f64(double *row, int64_t n, double base)
 #define VSTORE vstore_f32
 #define LOG logf
 #include "flash_fwd_body.h"
-#undef real
-#undef FLASH_FWD
-#undef EXP
-#undef EXP_ROW
-#undef ROW_MAX
-#undef ROW_SUM
-#undef TILE_QKT
-#undef TILE_PV
-#undef VEC
-#undef VLOAD
-#undef VSTORE
-#undef LOG
 
 #define real double
 #define FLASH_FWD flash_fwd_f64
@@ -98,15 +86,3 @@ static void exp_row_f64(double *row, int64_t n, double base)
 #define VSTORE vstore_f64
 #define LOG log
 #include "flash_fwd_body.h"
-#undef real
-#undef FLASH_FWD
-#undef EXP
-#undef EXP_ROW
-#undef ROW_MAX
-#undef ROW_SUM
-#undef TILE_QKT
-#undef TILE_PV
-#undef VEC
-#undef VLOAD
-#undef VSTORE
-#undef LOG

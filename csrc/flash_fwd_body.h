@@ -1,5 +1,6 @@
 /* flash_fwd_body.h: FlashAttention-2 forward, Algorithm 1 (Dao 2023), one thread.
- * Included by flash_fwd.c with `real`, FLASH_FWD, EXP_ROW and LOG defined; see flash_fwd.h.
+ * Included by flash_fwd.c once per type with `real` and the function names defined (it
+ * undefines them at its end); see flash_fwd.h.
  * Comments cite the lines of Algorithm 1 in the FlashAttention-2 paper. (The seed write-up
  * numbers the online-softmax step 10-12, after FlashAttention-1; here it is lines 9-10.)
  * Names follow the paper: Qi, Kj, Vj the tiles, Sij the scores, Pij the unnormalized
@@ -215,3 +216,16 @@ done:
     fa_free(alpha);
     return status;
 }
+
+#undef real
+#undef FLASH_FWD
+#undef EXP
+#undef EXP_ROW
+#undef LOG
+#undef ROW_MAX
+#undef ROW_SUM
+#undef TILE_QKT
+#undef TILE_PV
+#undef VEC
+#undef VLOAD
+#undef VSTORE
