@@ -18,9 +18,10 @@ MAX_HEAD_DIM = 256
 HEAD_DIM_STEP = 32         # kernels are compiled for d rounded up to a multiple of this
 TILE_CANDIDATES = (64, 32, 16, 8)   # Br = Bc, largest first
 # The C twin's tiles, by head dim. Measured with one thread on a 2-core AVX-512 machine
-# (N = 2048, float32): square 32 x 32 tiles came within 10-15% of the best of nine shapes
-# tried up to 128 x 128 at d = 64 and 128 (larger tiles outgrow L1 without paying back), and
-# 16 x 16 was 25% slower at d = 128. Above d = 128 the tiles halve to keep the working set.
+# (N = 2048, float32): 32 x 32 came within 10-15% of the best of nine shapes tried up to
+# 128 x 128 (64 x 64 and 128 x 64 were that much faster), and 16 x 16 was 25% slower at
+# d = 128. 32 is kept so that d = 64 runs the seed's configuration; revisit with the C
+# speed work. Above d = 128 the tiles halve to keep the working set L2-sized.
 C_TILE_FOR_HEAD_DIM = ((128, 32), (256, 16))   # (largest d, Br = Bc)
 GRID_YZ_MAX = 65535                 # CUDA's limit on gridDim.y and gridDim.z
 
