@@ -60,6 +60,12 @@ def smem_limit(device_id: int | None = None) -> int:
     return _attributes(device_id)["MaxSharedMemoryPerBlockOptin"]
 
 
+def compute_capability(device_id: int | None = None) -> int:
+    """The device's compute capability as an int: 75 for sm_75, 90 for sm_90."""
+    device_id = current_device() if device_id is None else device_id
+    return int(cupy().cuda.Device(device_id).compute_capability)   # CuPy gives "90"
+
+
 @functools.cache
 def describe(device_id: int) -> str:
     cp = cupy()

@@ -43,10 +43,13 @@ def _device_id(problem: Problem) -> int:
 def _plan(problem: Problem):
     if problem.backend == "reference":
         return None
-    smem_limit = _device.smem_limit(_device_id(problem)) if problem.backend == "cuda" else None
+    smem_limit = arch = None
+    if problem.backend == "cuda":
+        device_id = _device_id(problem)
+        smem_limit, arch = _device.smem_limit(device_id), _device.compute_capability(device_id)
     return planner.plan(problem.Nq, problem.Nk, problem.d, dtype=problem.dtype,
                         causal=problem.causal, batch=problem.batch, heads=problem.heads,
-                        backend=problem.backend, smem_limit=smem_limit)
+                        backend=problem.backend, smem_limit=smem_limit, arch=arch)
 
 
 def _host(x):

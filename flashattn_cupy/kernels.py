@@ -13,7 +13,8 @@ import re
 from importlib import resources
 
 NVRTC_OPTIONS = ("-std=c++17",)   # no fast math: exact -inf masking and full-precision exp2f
-SOURCES = {"flash_fwd_simt": "flash_fwd_simt.cu"}   # kernel family -> file in csrc/
+SOURCES = {"flash_fwd_simt": "flash_fwd_simt.cu",   # kernel family -> file in csrc/
+           "flash_fwd_mma": "flash_fwd_mma.cu"}
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.MULTILINE)
 
 

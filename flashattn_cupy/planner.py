@@ -25,6 +25,15 @@ TILE_CANDIDATES = (64, 32, 16, 8)   # Br = Bc, largest first
 C_TILE_FOR_HEAD_DIM = ((128, 32), (256, 16))   # (largest d, Br = Bc)
 GRID_YZ_MAX = 65535                 # CUDA's limit on gridDim.y and gridDim.z
 
+# The tensor-core kernel (csrc/flash_fwd_mma.cu): fp16 from sm_75 (m16n8k8), fp16 and bf16
+# from sm_80 (m16n8k16 + cp.async). Its ARCH template argument is the instruction set, so a
+# Turing plan (arch=75) also runs, and is tested, on later GPUs.
+MMA_DTYPES = {75: ("float16",), 80: ("float16", "bfloat16")}
+# (largest D, (warps, Bc) candidates, best first): Br = 16 * warps, each warp owns 16 rows.
+MMA_TILES = ((64, ((4, 128), (4, 64), (4, 32), (2, 32))),
+             (128, ((4, 64), (4, 32), (2, 32), (2, 16))),
+             (256, ((4, 32), (4, 16), (2, 16), (1, 16))))
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -64,6 +73,29 @@ def simt_smem_bytes(Br: int, Bc: int, D: int) -> int:
     return 4 * floats
 
 
+def mma_smem_bytes(Br: int, Bc: int, D: int) -> int:
+    """Exact dynamic shared memory of csrc/flash_fwd_mma.cu: Qi[Br], Kj[Bc], Vj[Bc] rows of
+    D + 8 16-bit elements (the 16-byte pad keeps ldmatrix free of bank conflicts)."""
+    return 2 * (Br + 2 * Bc) * (D + 8)
+
+
+def mma_arch(arch: int, dtype: str) -> int | None:
+    """The tensor-core instruction set (80 or 75) for this device and dtype, None if none."""
+    for isa in (80, 75):
+        if arch >= isa and dtype in MMA_DTYPES[isa]:
+            return isa
+    return None
+
+
+def mma_tiles(D: int, smem_limit: int) -> tuple[int, int, int]:
+    """(Br, Bc, threads) of the first candidate for D whose layout fits the limit."""
+    candidates = next(c for d_max, c in MMA_TILES if D <= d_max)
+    for warps, Bc in candidates:
+        if mma_smem_bytes(16 * warps, Bc, D) <= smem_limit:
+            return 16 * warps, Bc, 32 * warps
+    raise ValueError(f"no tensor-core tile fits a head-dim bound of {D} in {smem_limit} bytes")
+
+
 def head_dim_bound(d: int) -> int:
     return HEAD_DIM_STEP * math.ceil(d / HEAD_DIM_STEP)
 
@@ -78,11 +110,12 @@ def simt_tiles(D: int, smem_limit: int) -> tuple[int, int, int]:
 
 def plan(Nq: int, Nk: int, d: int, *, dtype: str = "float32", causal: bool = False,
          batch: int = 1, heads: int = 1, backend: str = "cuda",
-         smem_limit: int | None = None) -> Plan:
+         smem_limit: int | None = None, arch: int | None = None) -> Plan:
     """Choose the tiles and launch shape for one call.
 
-    backend "cuda" needs the device's shared-memory limit per block (the opt-in maximum);
-    when `smem_limit` is None it is read from the current CuPy device.
+    backend "cuda" needs the device's shared-memory limit per block (the opt-in maximum) and
+    its compute capability as an int (75 for sm_75); when None they are read from the current
+    CuPy device. Passing a smaller arch plans for an older GPU: such a plan runs on newer ones.
     """
     if not (1 <= d <= MAX_HEAD_DIM):
         raise ValueError(f"head dim d must be in 1..{MAX_HEAD_DIM}, got {d}")
@@ -100,23 +133,31 @@ def plan(Nq: int, Nk: int, d: int, *, dtype: str = "float32", causal: bool = Fal
         raise ValueError(f"plan() takes backend 'c' or 'cuda', got {backend!r}")
     if dtype not in CUDA_TYPES:
         raise ValueError(f"the CUDA backend takes {sorted(CUDA_TYPES)}, got {dtype}")
-    if smem_limit is None:
+    if smem_limit is None or arch is None:
         from . import _device
-        smem_limit = _device.smem_limit()
+        smem_limit = _device.smem_limit() if smem_limit is None else smem_limit
+        arch = _device.compute_capability() if arch is None else arch
     D = head_dim_bound(d)
-    Br, Bc, threads = simt_tiles(D, smem_limit)
+    flag = "true" if causal else "false"
+    isa = mma_arch(arch, dtype)
+    if isa is not None:
+        Br, Bc, threads = mma_tiles(D, smem_limit)
+        name = f"flash_fwd_mma<{CUDA_TYPES[dtype]}, {D}, {threads // 32}, {Bc}, {flag}, {isa}>"
+        smem = mma_smem_bytes(Br, Bc, D)
+    else:
+        Br, Bc, threads = simt_tiles(D, smem_limit)
+        name = f"flash_fwd_simt<{CUDA_TYPES[dtype]}, {Br}, {Bc}, {D}, {threads}, {flag}>"
+        smem = simt_smem_bytes(Br, Bc, D)
     grid = (math.ceil(Nq / Br), min(heads, GRID_YZ_MAX), min(batch, GRID_YZ_MAX))
-    name = (f"flash_fwd_simt<{CUDA_TYPES[dtype]}, {Br}, {Bc}, {D}, {threads}, "
-            f"{'true' if causal else 'false'}>")
-    return Plan("cuda", name, dtype, d, D, Br, Bc, causal, threads, grid,
-                simt_smem_bytes(Br, Bc, D), smem_limit)
+    return Plan("cuda", name, dtype, d, D, Br, Bc, causal, threads, grid, smem, smem_limit)
 
 
-def cuda_variants(smem_limit: int) -> list[str]:
-    """Every kernel name expression the planner can emit under this shared-memory limit."""
+def cuda_variants(smem_limit: int, arch: int) -> list[str]:
+    """Every kernel name expression the planner can emit for this shared-memory limit and arch."""
     names = set()
     for D in range(HEAD_DIM_STEP, MAX_HEAD_DIM + 1, HEAD_DIM_STEP):
         for dtype in CUDA_TYPES:
             for causal in (False, True):
-                names.add(plan(1, 1, D, dtype=dtype, causal=causal, smem_limit=smem_limit).kernel)
+                names.add(plan(1, 1, D, dtype=dtype, causal=causal, smem_limit=smem_limit,
+                               arch=arch).kernel)
     return sorted(names)

@@ -22,7 +22,8 @@ def test_every_variant_compiles(arch):
         from cuda.core import Program, ProgramOptions
     except ImportError as exc:
         pytest.fail(f"cuda.core is missing ({exc}): install the test extra, pip install -e '.[test]'")
-    names = sorted({n for limit in ARCHES[arch] for n in planner.cuda_variants(limit)})
+    cc = int(arch.removeprefix("sm_"))
+    names = sorted({n for limit in ARCHES[arch] for n in planner.cuda_variants(limit, cc)})
     for family in sorted({kernels.family(n) for n in names}):
         wanted = [n for n in names if kernels.family(n) == family]
         options = ProgramOptions(arch=arch, std=kernels.NVRTC_OPTIONS[0].split("=")[1])

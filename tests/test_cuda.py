@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 
 from cases import HEAD_DIMS, inputs, size_cases
-from flashattn_cupy import _cuda_backend, flash_attention, planner
+from flashattn_cupy import _cuda_backend, flash_attention, plan_for, planner
 from flashattn_cupy._validate import validate
-from tolerances import assert_attention_close, bounds
+from tolerances import assert_attention_close, bounds, kernel_rounding
 
 pytestmark = pytest.mark.gpu
 KB = 1024
@@ -19,10 +19,24 @@ def _dtype(name):
 
 def _check(cp, q, k, v, **kw):
     """Run on CuPy copies of NumPy q, k, v; the result must be CuPy, of q's dtype, and close."""
-    O, L = flash_attention(cp.asarray(q), cp.asarray(k), cp.asarray(v), return_lse=True, **kw)
+    args = [cp.asarray(x) for x in (q, k, v)]
+    O, L = flash_attention(*args, return_lse=True, **kw)
     assert isinstance(O, cp.ndarray) and isinstance(L, cp.ndarray)
     assert O.dtype == q.dtype and L.dtype == np.float32
-    return assert_attention_close(cp.asnumpy(O), cp.asnumpy(L), q, k, v, **kw)
+    return assert_attention_close(cp.asnumpy(O), cp.asnumpy(L), q, k, v, **kw,
+                                  **kernel_rounding(plan_for(*args, **kw)))
+
+
+def _check_plan(cp, q, k, v, causal=False, **plan_kwargs):
+    """Run NumPy q, k, v through the plan made with plan_kwargs (another device's limits or arch)."""
+    q, k, v = (cp.asarray(x) for x in (q, k, v))
+    problem = validate(q, k, v, causal=causal, softmax_scale=None, return_lse=True, backend="cuda")
+    plan = planner.plan(problem.Nq, problem.Nk, problem.d, dtype=problem.dtype, causal=causal,
+                        batch=problem.batch, heads=problem.heads, **plan_kwargs)
+    O, L = _cuda_backend.run(problem, plan, q.device.id)
+    assert_attention_close(cp.asnumpy(O), cp.asnumpy(L), *(cp.asnumpy(x) for x in (q, k, v)),
+                           causal=causal, **kernel_rounding(plan))
+    return plan
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -83,14 +97,27 @@ def test_c_and_cuda_agree(cp, rng, dtype):
 @pytest.mark.parametrize("limit", [48 * KB, 64 * KB, 100 * KB, 163 * KB, 227 * KB])
 @pytest.mark.parametrize("d", [16, 64, 100, 256])
 def test_every_tile_variant_runs(cp, rng, limit, d):
-    """Plans made for smaller devices (other tiles) run right on this one too."""
-    q, k, v = (cp.asarray(x) for x in inputs(rng, (2,), 130, 75, d))
-    for causal in (False, True):
-        problem = validate(q, k, v, causal=causal, softmax_scale=None, return_lse=True, backend="cuda")
-        plan = planner.plan(130, 75, d, causal=causal, batch=1, heads=2, smem_limit=limit)
-        O, L = _cuda_backend.run(problem, plan, q.device.id)
-        assert_attention_close(cp.asnumpy(O), cp.asnumpy(L), *(cp.asnumpy(x) for x in (q, k, v)),
-                               causal=causal)
+    """Plans made for smaller devices (other tiles, Turing's instructions) run right here too."""
+    kernels = set()
+    for dtype in ("float32", "float16", "bfloat16"):
+        for arch in (75, 80):
+            q, k, v = inputs(rng, (2,), 130, 75, d, dtype=_dtype(dtype))
+            for causal in (False, True):
+                kernels.add(_check_plan(cp, q, k, v, causal, smem_limit=limit, arch=arch).kernel)
+    assert any(", 75>" in n for n in kernels) and any(", 80>" in n for n in kernels)
+
+
+@pytest.mark.parametrize("arch", [75, 90])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("Nq,Nk,d", size_cases())
+def test_tensor_core_sizes(cp, rng, Nq, Nk, d, causal, dtype, arch):
+    """Every size pair on the tensor-core kernel, with sm_80+ instructions and forced to Turing's
+    (bf16 on Turing falls back to the SIMT kernel: checked too)."""
+    plan = _check_plan(cp, *inputs(rng, (), Nq, Nk, d, dtype=_dtype(dtype)), causal,
+                       smem_limit=64 * KB if arch == 75 else None, arch=arch)
+    tensor_cores = arch >= 80 or dtype == "float16"
+    assert plan.kernel.startswith("flash_fwd_mma" if tensor_cores else "flash_fwd_simt")
 
 
 def test_strided_views_without_copies(cp, rng):

@@ -8,10 +8,11 @@ from flashattn_cupy.planner import plan
 
 KB = 1024
 LIMITS = (48 * KB, 64 * KB, 99 * KB, 100 * KB, 163 * KB, 227 * KB)   # T4 .. H100
+ARCHES = (75, 80, 86, 89, 90)
 
 
 def test_seed_configuration_on_a_48_kb_device():
-    p = plan(512, 512, 64, smem_limit=48 * KB)
+    p = plan(512, 512, 64, smem_limit=48 * KB, arch=75)
     assert (p.Br, p.Bc, p.threads, p.grid) == (32, 32, 256, (16, 1, 1))
     # the seed's layout (Qi, Kj, Vj, Sij, Pij, Oi, four row vectors) was 40.5 KB; ours keeps
     # Pij in Sij's place and pads two tiles against bank conflicts, and is smaller
@@ -20,29 +21,47 @@ def test_seed_configuration_on_a_48_kb_device():
     assert "shared memory 36.62 KB of 48.00 KB" in str(p)
 
 
+@pytest.mark.parametrize("arch", ARCHES)
 @pytest.mark.parametrize("limit", LIMITS)
 @pytest.mark.parametrize("dtype", sorted(planner.CUDA_TYPES))
-def test_every_plan_fits(limit, dtype):
+def test_every_plan_fits(limit, dtype, arch):
     for d in range(1, 257):
         for causal in (False, True):
-            p = plan(1000, 3000, d, dtype=dtype, causal=causal, batch=3, heads=5, smem_limit=limit)
+            p = plan(1000, 3000, d, dtype=dtype, causal=causal, batch=3, heads=5, smem_limit=limit,
+                     arch=arch)
             assert p.smem_bytes <= limit
-            assert p.smem_bytes == planner.simt_smem_bytes(p.Br, p.Bc, p.head_dim_bound)
+            smem = planner.mma_smem_bytes if "mma" in p.kernel else planner.simt_smem_bytes
+            assert p.smem_bytes == smem(p.Br, p.Bc, p.head_dim_bound)
             assert d <= p.head_dim_bound <= 256 and p.head_dim_bound % 32 == 0
             assert p.threads % 32 == 0 and p.threads <= 1024
             assert p.grid == (math.ceil(1000 / p.Br), 5, 3)
-            assert f"{'true' if causal else 'false'}>" in p.kernel
+            assert f"{'true' if causal else 'false'}" in p.kernel
+
+
+@pytest.mark.parametrize("arch, dtype, family", [
+    (75, "float32", "simt"), (75, "float16", "mma"), (75, "bfloat16", "simt"),
+    (80, "float32", "simt"), (80, "float16", "mma"), (86, "bfloat16", "mma"), (90, "bfloat16", "mma"),
+])
+def test_tensor_cores_where_the_device_has_them(arch, dtype, family):
+    p = plan(4096, 4096, 128, dtype=dtype, smem_limit=99 * KB, arch=arch)
+    assert p.kernel.startswith(f"flash_fwd_{family}<")
+    if family == "mma":   # the instruction set: Turing's m16n8k8, or m16n8k16 + cp.async
+        assert p.kernel.endswith(f", {75 if arch < 80 else 80}>")
+        assert p.threads == 32 * p.Br // 16   # a warp per 16 rows
 
 
 def test_grid_never_empty_and_capped():
-    assert plan(1, 1, 1, smem_limit=48 * KB).grid == (1, 1, 1)
-    p = plan(10, 10, 64, batch=70000, heads=100000, smem_limit=48 * KB)
+    assert plan(1, 1, 1, smem_limit=48 * KB, arch=90).grid == (1, 1, 1)
+    p = plan(10, 10, 64, batch=70000, heads=100000, smem_limit=48 * KB, arch=90)
     assert p.grid[1:] == (65535, 65535)   # the kernel strides over the rest
 
 
 def test_larger_devices_get_larger_tiles():
-    assert plan(4096, 4096, 64, smem_limit=227 * KB).Br == 64
-    assert plan(4096, 4096, 256, smem_limit=48 * KB).Br == 8
+    assert plan(4096, 4096, 64, smem_limit=227 * KB, arch=90).Br == 64
+    assert plan(4096, 4096, 256, smem_limit=48 * KB, arch=90).Br == 8
+    half = dict(dtype="float16", arch=90)
+    assert plan(4096, 4096, 64, smem_limit=227 * KB, **half).Bc == 128
+    assert plan(4096, 4096, 256, smem_limit=48 * KB, **half).Bc == 16
 
 
 def test_c_plan():
@@ -60,12 +79,13 @@ def test_c_plan():
     (dict(backend="tpu"), "backend"),
 ])
 def test_plan_errors(kwargs, words):
-    args = dict(Nq=8, Nk=8, d=64, smem_limit=48 * KB) | kwargs
+    args = dict(Nq=8, Nk=8, d=64, smem_limit=48 * KB, arch=90) | kwargs
     with pytest.raises(ValueError, match=words):
         plan(args.pop("Nq"), args.pop("Nk"), args.pop("d"), **args)
 
 
 def test_variants_cover_every_head_dim_bound():
-    names = planner.cuda_variants(48 * KB)
+    names = planner.cuda_variants(48 * KB, 90)
     assert len(names) == 8 * 3 * 2   # head-dim bounds x dtypes x causal
     assert "flash_fwd_simt<float, 32, 32, 64, 256, false>" in names
+    assert "flash_fwd_mma<fa_bfloat16, 128, 4, 64, true, 80>" in planner.cuda_variants(227 * KB, 90)

@@ -1,0 +1,236 @@
+// flash_fwd_mma.cu: FlashAttention-2 forward, Algorithm 1, on the tensor cores (fp16/bf16 in,
+// fp32 accumulation, O in the input type, L in fp32).
+//
+// FA2's work partition: a block owns a Q tile of BR = 16 * NW rows, each of its NW warps owns
+// 16 of those rows and keeps their Qi fragments in registers for the whole K/V sweep. Sij and
+// Oi live in mma accumulators (registers); Pij goes from the Sij accumulators straight into the
+// A operand of Pij Vj, never through shared memory. Row statistics (mi, li) are per thread: a
+// thread holds rows g and g + 8 of its warp's 16, and the 4 threads of a quad share a row.
+// Shared memory holds Qi (only until its fragments are loaded; then it stages the output),
+// Kj and Vj, rows padded by 16 bytes so ldmatrix's 8 row addresses fall in 8 distinct bank
+// groups for any D (a multiple of 16): no bank conflicts, no swizzle arithmetic.
+// Loads overlap compute as in FA2: Vj streams in while Sij = Qi Kj^T is computed, and K(j+1)
+// while Pij Vj is. Scores are scaled into the log2 domain (scale * log2 e) so exp is exp2f.
+//
+// Compile-time: T (fa_half, fa_bfloat16), the head-dim bound D (d <= D, zero-padded), warps
+// NW, key tile BC, CAUSAL, and ARCH (fa_mma.cuh: 80 = m16n8k16 + cp.async, 75 = Turing).
+// Per call: sizes, element strides of Q, K, V, O (last dim contiguous), scale. The planner
+// (flashattn_cupy/planner.py, mma_smem_bytes) mirrors the shared-memory layout below.
+#include "fa_mma.cuh"
+
+struct alignas(16) fa_u128 { unsigned x, y, z, w; };
+
+__device__ __forceinline__ bool vec_ok(const void* p, long long sb, long long sh, long long sn, int d) {
+    // 16-byte loads need every row start 16-byte aligned: base, strides and d multiples of 8.
+    return (reinterpret_cast<unsigned long long>(p) & 15) == 0 && sb % 8 == 0 && sh % 8 == 0 &&
+           sn % 8 == 0 && d % 8 == 0;
+}
+
+// Rows [0, ROWS) x columns [0, D) of a tile into shared memory (row pitch D + 8); rows past
+// `rows` and columns past d become zeros. 16-byte chunks when `vec`, elements otherwise.
+template <typename T, int ROWS, int D, int NT, int ARCH>
+__device__ __forceinline__ void load_tile(unsigned short* dst, const T* src, long long stride,
+                                          int rows, int d, bool vec) {
+    constexpr int DP = D + 8, CH = D / 8;
+    for (int i = threadIdx.x; i < ROWS * CH; i += NT) {
+        const int r = i / CH, c = (i % CH) * 8;
+        unsigned short* s = dst + r * DP + c;
+        const bool in = r < rows && c < d;
+        const T* g = src + (in ? r * stride + c : 0);
+        if (vec) {
+            if constexpr (ARCH >= 80) {
+                cp_async_16(s, g, in ? 16 : 0);
+            } else {
+                const fa_u128 zero = {0u, 0u, 0u, 0u};
+                *reinterpret_cast<fa_u128*>(s) = in ? *reinterpret_cast<const fa_u128*>(g) : zero;
+            }
+        } else {
+#pragma unroll
+            for (int e = 0; e < 8; ++e) s[e] = (in && c + e < d) ? g[e].bits : 0;
+        }
+    }
+}
+
+template <typename T, int D, int NW, int BC, bool CAUSAL, int ARCH>
+__global__ void __launch_bounds__(NW * 32)
+flash_fwd_mma(const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V,
+              T* __restrict__ O, float* __restrict__ L,
+              int B, int H, int Nq, int Nk, int d,
+              long long q_sb, long long q_sh, long long q_sn,
+              long long k_sb, long long k_sh, long long k_sn,
+              long long v_sb, long long v_sh, long long v_sn,
+              long long o_sb, long long o_sh, long long o_sn,
+              float scale)
+{
+    constexpr int BR = 16 * NW, NT = 32 * NW, DP = D + 8;
+    constexpr int KS = D / 16;   // k-steps of Qi Kj^T
+    constexpr int NS = BC / 8;   // 8-key column tiles of Sij
+    constexpr int ND = D / 8;    // 8-wide column tiles of Oi
+    static_assert(D % 16 == 0 && BC % 16 == 0, "MMA tiles are 16 wide");
+    constexpr float LOG2E = 1.4426950408889634f, LN2 = 0.6931471805599453f;
+
+    extern __shared__ __align__(16) unsigned short smem[];
+    unsigned short* Qs = smem;            // [BR][DP]
+    unsigned short* Ks = Qs + BR * DP;    // [BC][DP]
+    unsigned short* Vs = Ks + BC * DP;    // [BC][DP]
+
+    const float neg_inf = __int_as_float(0xff800000);
+    const float sl2 = scale * LOG2E;
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
+    // Causal: later Q tiles see more keys; launch them first so the tail is short.
+    const int tile = CAUSAL ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+    const int row0 = tile * BR, rows = min(BR, Nq - row0);
+    const int shift = Nk - Nq;   // causal: query i sees keys j <= i + shift
+    int Tc = (Nk + BC - 1) / BC;
+    if (CAUSAL) {
+        const long long last_key = (long long)row0 + rows - 1 + shift;
+        Tc = last_key < 0 ? 0 : min(Tc, (int)(last_key / BC) + 1);
+    }
+    const bool q_vec = vec_ok(Q, q_sb, q_sh, q_sn, d), k_vec = vec_ok(K, k_sb, k_sh, k_sn, d);
+    const bool v_vec = vec_ok(V, v_sb, v_sh, v_sn, d), o_vec = vec_ok(O, o_sb, o_sh, o_sn, d);
+
+    // Grid-stride over (batch, head): gridDim.y/z are capped at 65535 by the planner.
+    for (int b = blockIdx.z; b < B; b += gridDim.z)
+    for (int h = blockIdx.y; h < H; h += gridDim.y) {
+        const T* Qbh = Q + b * q_sb + h * q_sh + row0 * q_sn;
+        const T* Kbh = K + b * k_sb + h * k_sh;
+        const T* Vbh = V + b * v_sb + h * v_sh;
+
+        // Line 4: Qi, and K0 behind it.
+        load_tile<T, BR, D, NT, ARCH>(Qs, Qbh, q_sn, rows, d, q_vec);
+        if (Tc > 0) load_tile<T, BC, D, NT, ARCH>(Ks, Kbh, k_sn, Nk, d, k_vec);
+        if constexpr (ARCH >= 80) { cp_async_commit(); cp_async_wait_all(); }
+        __syncthreads();
+        unsigned qf[KS][4];   // this warp's 16 rows of Qi as A fragments
+#pragma unroll
+        for (int kk = 0; kk < KS; ++kk)
+            ldmatrix_x4<false>(qf[kk], Qs + (warp * 16 + lane % 16) * DP + kk * 16 + lane / 16 * 8);
+
+        float o[ND][4] = {};                          // line 5: Oi = 0, mi = -inf, li = 0
+        float m[2] = {neg_inf, neg_inf}, l[2] = {0.f, 0.f};
+
+        for (int j = 0; j < Tc; ++j) {   // line 6
+            const int col0 = j * BC;
+            if constexpr (ARCH >= 80) cp_async_wait_all();
+            __syncthreads();   // Kj has landed; every warp is done with V(j-1)
+            // Line 7 (V half): Vj streams in during Sij = Qi Kj^T.
+            load_tile<T, BC, D, NT, ARCH>(Vs, Vbh + col0 * v_sn, v_sn, Nk - col0, d, v_vec);
+            if constexpr (ARCH >= 80) cp_async_commit();
+
+            // Line 8: Sij = Qi Kj^T.
+            float s[NS][4] = {};
+#pragma unroll
+            for (int kk = 0; kk < KS; ++kk)
+#pragma unroll
+                for (int p = 0; p < NS / 2; ++p) {
+                    unsigned kb[4];
+                    ldmatrix_x4<false>(kb, Ks + (p * 16 + lane % 8 + lane / 16 * 8) * DP + kk * 16 + lane / 8 % 2 * 8);
+                    mma_16x8x16<T, ARCH>(s[2 * p], qf[kk], kb[0], kb[1]);
+                    mma_16x8x16<T, ARCH>(s[2 * p + 1], qf[kk], kb[2], kb[3]);
+                }
+            // To the log2 domain; keys past Nk or past the diagonal -> -inf (edge tiles only).
+            const bool edge = col0 + BC > Nk || (CAUSAL && col0 + BC - 1 > row0 + shift);
+#pragma unroll
+            for (int nt = 0; nt < NS; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int key = col0 + nt * 8 + 2 * t + e % 2;
+                    const int row = row0 + warp * 16 + g + e / 2 * 8;
+                    const bool masked = edge && (key >= Nk || (CAUSAL && key > row + shift));
+                    s[nt][e] = masked ? neg_inf : s[nt][e] * sl2;
+                }
+
+            if constexpr (ARCH >= 80) cp_async_wait_all();
+            __syncthreads();   // Vj has landed; every warp is done with Kj
+            if (j + 1 < Tc) {  // line 7 (K half) of the next step, during Pij Vj
+                load_tile<T, BC, D, NT, ARCH>(Ks, Kbh + (col0 + BC) * k_sn, k_sn, Nk - col0 - BC, d, k_vec);
+                if constexpr (ARCH >= 80) cp_async_commit();
+            }
+
+            // Line 9: mi_new = max(mi, rowmax Sij), Pij = exp2(Sij - mi_new),
+            // li = exp2(mi - mi_new) li + rowsum Pij; Oi rescaled by the same factor (line 10).
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                float mx = neg_inf;
+#pragma unroll
+                for (int nt = 0; nt < NS; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                const float m_new = fmaxf(m[r], mx);
+                const float base = m_new == neg_inf ? 0.f : m_new;   // all masked so far: no NaN
+                const float alpha = exp2f(m[r] - base);
+                float rowsum = 0.f;
+#pragma unroll
+                for (int nt = 0; nt < NS; ++nt)
+#pragma unroll
+                    for (int e = 2 * r; e < 2 * r + 2; ++e) {
+                        s[nt][e] = exp2f(s[nt][e] - base);
+                        rowsum += s[nt][e];
+                    }
+                l[r] = alpha * l[r] + rowsum;   // this thread's share; the quad adds up at the end
+                m[r] = m_new;
+#pragma unroll
+                for (int dt = 0; dt < ND; ++dt) {
+                    o[dt][2 * r] *= alpha;
+                    o[dt][2 * r + 1] *= alpha;
+                }
+            }
+
+            // Line 10: Oi += Pij Vj, Pij rounded to T as the A operand (accumulators -> A fragments).
+#pragma unroll
+            for (int kk = 0; kk < BC / 16; ++kk) {
+                const unsigned pa[4] = {pack2<T, ARCH>(s[2 * kk][0], s[2 * kk][1]),
+                                        pack2<T, ARCH>(s[2 * kk][2], s[2 * kk][3]),
+                                        pack2<T, ARCH>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                                        pack2<T, ARCH>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+                for (int p = 0; p < D / 16; ++p) {
+                    unsigned vb[4];
+                    ldmatrix_x4<true>(vb, Vs + (kk * 16 + lane % 8 + lane / 8 % 2 * 8) * DP + p * 16 + lane / 16 * 8);
+                    mma_16x8x16<T, ARCH>(o[2 * p], pa, vb[0], vb[1]);
+                    mma_16x8x16<T, ARCH>(o[2 * p + 1], pa, vb[2], vb[3]);
+                }
+            }
+        }
+
+        // Lines 12-15: Oi / li, Li = mi + log(li) (natural log). A row with every key masked
+        // has li = 0: O = 0, L = -inf. O goes out through this warp's own rows of Qs (Qi is in
+        // registers), so the global stores are whole 16-byte rows.
+        float inv[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+            l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+            inv[r] = l[r] > 0.f ? 1.f / l[r] : 0.f;
+        }
+        unsigned short* Ow = Qs + warp * 16 * DP;
+#pragma unroll
+        for (int dt = 0; dt < ND; ++dt)
+#pragma unroll
+            for (int r = 0; r < 2; ++r)
+                *reinterpret_cast<unsigned*>(Ow + (g + 8 * r) * DP + dt * 8 + 2 * t) =
+                    pack2<T, ARCH>(o[dt][2 * r] * inv[r], o[dt][2 * r + 1] * inv[r]);
+        __syncwarp();
+        T* Obh = O + b * o_sb + h * o_sh + row0 * o_sn;
+        for (int i = lane; i < 16 * ND; i += 32) {
+            const int r = warp * 16 + i / ND, c = i % ND * 8;
+            if (r >= rows || c >= d) continue;
+            const unsigned short* src = Ow + (i / ND) * DP + c;
+            T* dst = Obh + r * o_sn + c;
+            if (o_vec) {
+                *reinterpret_cast<fa_u128*>(dst) = *reinterpret_cast<const fa_u128*>(src);
+            } else {
+                for (int e = 0; e < 8 && c + e < d; ++e) dst[e].bits = src[e];
+            }
+        }
+        if (t == 0) {
+            float* Lbh = L + ((long long)b * H + h) * Nq + row0;
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                const int row = warp * 16 + g + 8 * r;
+                if (row < rows) Lbh[row] = l[r] > 0.f ? m[r] * LN2 + logf(l[r]) : neg_inf;
+            }
+        }
+        __syncthreads();   // smem is reused by the next (batch, head)
+    }
+}
