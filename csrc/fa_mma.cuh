@@ -79,3 +79,11 @@ __device__ __forceinline__ unsigned pack2(float lo, float hi) {
         r = static_cast<unsigned>(from_float<T>(lo).bits) | (static_cast<unsigned>(from_float<T>(hi).bits) << 16);
     return r;
 }
+
+// 2^x by the SFU's ex2.approx (max relative error 2^-22, PTX ISA), results below 2^-126 flushed
+// to zero: a weight that small next to the row max's 1 changes no fp32 sum, and -inf gives 0.
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}

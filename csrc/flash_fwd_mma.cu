@@ -1,19 +1,22 @@
 // flash_fwd_mma.cu: FlashAttention-2 forward, Algorithm 1, on the tensor cores (fp16/bf16 in,
 // fp32 accumulation, O in the input type, L in fp32).
 //
-// FA2's work partition: a block owns a Q tile of BR = 16 * NW rows, each of its NW warps owns
-// 16 of those rows and keeps their Qi fragments in registers for the whole K/V sweep. Sij and
+// FA2's work partition: a block owns a Q tile of BR = 16 * MT * NW rows, each of its NW warps
+// owns MT m-tiles of 16 of those rows (two m-tiles share every Kj/Vj fragment read from shared
+// memory, halving that traffic per flop). Qi stays in shared memory for the sweep. Sij and
 // Oi live in mma accumulators (registers); Pij goes from the Sij accumulators straight into the
 // A operand of Pij Vj, never through shared memory. Row statistics (mi, li) are per thread: a
 // thread holds rows g and g + 8 of its warp's 16, and the 4 threads of a quad share a row.
-// Shared memory holds Qi (only until its fragments are loaded; then it stages the output),
-// Kj and Vj, rows padded by 16 bytes so ldmatrix's 8 row addresses fall in 8 distinct bank
+// Shared memory holds Qi (then, per warp, the output on its way out), Kj and Vj, rows padded by 16 bytes so ldmatrix's 8 row addresses fall in 8 distinct bank
 // groups for any D (a multiple of 16): no bank conflicts, no swizzle arithmetic.
 // Loads overlap compute as in FA2: Vj streams in while Sij = Qi Kj^T is computed, and K(j+1)
-// while Pij Vj is. Scores are scaled into the log2 domain (scale * log2 e) so exp is exp2f.
+// while Pij Vj is. The row max is taken on raw scores and the scale (times log2 e) folds into
+// the exponent's FMA: exp2(s * sl2 - mi * sl2), the SFU's ex2. That needs sl2 > 0: a negative
+// scale flips the sign of Qi once in shared memory instead (exact), and a zero scale becomes
+// FLT_MIN, for which every finite score gives exp2(±tiny) = 1 exactly, as with scale 0.
 //
 // Compile-time: T (fa_half, fa_bfloat16), the head-dim bound D (d <= D, zero-padded), warps
-// NW, key tile BC, CAUSAL, and ARCH (fa_mma.cuh: 80 = m16n8k16 + cp.async, 75 = Turing).
+// NW, m-tiles per warp MT, key tile BC, CAUSAL, and ARCH (fa_mma.cuh: 80 = m16n8k16 + cp.async, 75 = Turing).
 // Per call: sizes, element strides of Q, K, V, O (last dim contiguous), scale. The planner
 // (flashattn_cupy/planner.py, mma_smem_bytes) mirrors the shared-memory layout below.
 #include "fa_mma.cuh"
@@ -51,7 +54,7 @@ __device__ __forceinline__ void load_tile(unsigned short* dst, const T* src, lon
     }
 }
 
-template <typename T, int D, int NW, int BC, bool CAUSAL, int ARCH>
+template <typename T, int D, int NW, int MT, int BC, bool CAUSAL, int ARCH>
 __global__ void __launch_bounds__(NW * 32)
 flash_fwd_mma(const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V,
               T* __restrict__ O, float* __restrict__ L,
@@ -62,7 +65,7 @@ flash_fwd_mma(const T* __restrict__ Q, const T* __restrict__ K, const T* __restr
               long long o_sb, long long o_sh, long long o_sn,
               float scale)
 {
-    constexpr int BR = 16 * NW, NT = 32 * NW, DP = D + 8;
+    constexpr int WR = 16 * MT, BR = WR * NW, NT = 32 * NW, DP = D + 8;   // WR: rows per warp
     constexpr int KS = D / 16;   // k-steps of Qi Kj^T
     constexpr int NS = BC / 8;   // 8-key column tiles of Sij
     constexpr int ND = D / 8;    // 8-wide column tiles of Oi
@@ -75,7 +78,7 @@ flash_fwd_mma(const T* __restrict__ Q, const T* __restrict__ K, const T* __restr
     unsigned short* Vs = Ks + BC * DP;    // [BC][DP]
 
     const float neg_inf = __int_as_float(0xff800000);
-    const float sl2 = scale * LOG2E;
+    const float sl2 = fmaxf(fabsf(scale) * LOG2E, 1.17549435e-38f);
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
     // Causal: later Q tiles see more keys; launch them first so the tail is short.
     const int tile = CAUSAL ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
@@ -101,13 +104,15 @@ flash_fwd_mma(const T* __restrict__ Q, const T* __restrict__ K, const T* __restr
         if (Tc > 0) load_tile<T, BC, D, NT, ARCH>(Ks, Kbh, k_sn, Nk, d, k_vec);
         if constexpr (ARCH >= 80) { cp_async_commit(); cp_async_wait_all(); }
         __syncthreads();
-        unsigned qf[KS][4];   // this warp's 16 rows of Qi as A fragments
-#pragma unroll
-        for (int kk = 0; kk < KS; ++kk)
-            ldmatrix_x4<false>(qf[kk], Qs + (warp * 16 + lane % 16) * DP + kk * 16 + lane / 16 * 8);
+        if (scale < 0.f) {   // s * scale = (-s) * |scale|: negate Qi (sign bits) once
+            for (int i = threadIdx.x; i < BR * DP / 2; i += NT) reinterpret_cast<unsigned*>(Qs)[i] ^= 0x80008000u;
+            __syncthreads();
+        }
 
-        float o[ND][4] = {};                          // line 5: Oi = 0, mi = -inf, li = 0
-        float m[2] = {neg_inf, neg_inf}, l[2] = {0.f, 0.f};
+        float o[MT][ND][4] = {};                      // line 5: Oi = 0, mi = -inf, li = 0
+        float m[MT][2], l[MT][2];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) m[mt][0] = m[mt][1] = neg_inf, l[mt][0] = l[mt][1] = 0.f;
 
         for (int j = 0; j < Tc; ++j) {   // line 6
             const int col0 = j * BC;
@@ -117,28 +122,38 @@ flash_fwd_mma(const T* __restrict__ Q, const T* __restrict__ K, const T* __restr
             load_tile<T, BC, D, NT, ARCH>(Vs, Vbh + col0 * v_sn, v_sn, Nk - col0, d, v_vec);
             if constexpr (ARCH >= 80) cp_async_commit();
 
-            // Line 8: Sij = Qi Kj^T.
-            float s[NS][4] = {};
+            // Line 8: Sij = Qi Kj^T (Qi fragments from shared memory, both m-tiles per Kj fragment).
+            float s[MT][NS][4] = {};
 #pragma unroll
-            for (int kk = 0; kk < KS; ++kk)
+            for (int kk = 0; kk < KS; ++kk) {
+                unsigned qa[MT][4];
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt)
+                    ldmatrix_x4<false>(qa[mt], Qs + (warp * WR + mt * 16 + lane % 16) * DP + kk * 16 + lane / 16 * 8);
 #pragma unroll
                 for (int p = 0; p < NS / 2; ++p) {
                     unsigned kb[4];
                     ldmatrix_x4<false>(kb, Ks + (p * 16 + lane % 8 + lane / 16 * 8) * DP + kk * 16 + lane / 8 % 2 * 8);
-                    mma_16x8x16<T, ARCH>(s[2 * p], qf[kk], kb[0], kb[1]);
-                    mma_16x8x16<T, ARCH>(s[2 * p + 1], qf[kk], kb[2], kb[3]);
-                }
-            // To the log2 domain; keys past Nk or past the diagonal -> -inf (edge tiles only).
-            const bool edge = col0 + BC > Nk || (CAUSAL && col0 + BC - 1 > row0 + shift);
 #pragma unroll
-            for (int nt = 0; nt < NS; ++nt)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int key = col0 + nt * 8 + 2 * t + e % 2;
-                    const int row = row0 + warp * 16 + g + e / 2 * 8;
-                    const bool masked = edge && (key >= Nk || (CAUSAL && key > row + shift));
-                    s[nt][e] = masked ? neg_inf : s[nt][e] * sl2;
+                    for (int mt = 0; mt < MT; ++mt) {
+                        mma_16x8x16<T, ARCH>(s[mt][2 * p], qa[mt], kb[0], kb[1]);
+                        mma_16x8x16<T, ARCH>(s[mt][2 * p + 1], qa[mt], kb[2], kb[3]);
+                    }
                 }
+            }
+            // Edge tiles only: keys past Nk or past this warp's diagonal -> -inf.
+            if (col0 + BC > Nk || (CAUSAL && col0 + BC - 1 > row0 + warp * WR + shift)) {
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int nt = 0; nt < NS; ++nt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int key = col0 + nt * 8 + 2 * t + e % 2;
+                        const int row = row0 + warp * WR + mt * 16 + g + e / 2 * 8;
+                        if (key >= Nk || (CAUSAL && key > row + shift)) s[mt][nt][e] = neg_inf;
+                    }
+            }
 
             if constexpr (ARCH >= 80) cp_async_wait_all();
             __syncthreads();   // Vj has landed; every warp is done with Kj
@@ -147,48 +162,57 @@ flash_fwd_mma(const T* __restrict__ Q, const T* __restrict__ K, const T* __restr
                 if constexpr (ARCH >= 80) cp_async_commit();
             }
 
-            // Line 9: mi_new = max(mi, rowmax Sij), Pij = exp2(Sij - mi_new),
-            // li = exp2(mi - mi_new) li + rowsum Pij; Oi rescaled by the same factor (line 10).
+            // Line 9: mi_new = max(mi, rowmax Sij), Pij = exp2(sl2 (Sij - mi_new)),
+            // li = exp2(sl2 (mi - mi_new)) li + rowsum Pij; Oi rescaled by the same factor (line 10).
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
                 float mx = neg_inf;
 #pragma unroll
-                for (int nt = 0; nt < NS; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
+                for (int nt = 0; nt < NS; ++nt) mx = fmaxf(mx, fmaxf(s[mt][nt][2 * r], s[mt][nt][2 * r + 1]));
                 mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
                 mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-                const float m_new = fmaxf(m[r], mx);
-                const float base = m_new == neg_inf ? 0.f : m_new;   // all masked so far: no NaN
-                const float alpha = exp2f(m[r] - base);
+                const float m_new = fmaxf(m[mt][r], mx);
+                const float base = m_new == neg_inf ? 0.f : m_new * sl2;   // all masked so far: no NaN
+                const float alpha = fast_exp2(fmaf(m[mt][r], sl2, -base));
                 float rowsum = 0.f;
 #pragma unroll
                 for (int nt = 0; nt < NS; ++nt)
 #pragma unroll
                     for (int e = 2 * r; e < 2 * r + 2; ++e) {
-                        s[nt][e] = exp2f(s[nt][e] - base);
-                        rowsum += s[nt][e];
+                        s[mt][nt][e] = fast_exp2(fmaf(s[mt][nt][e], sl2, -base));
+                        rowsum += s[mt][nt][e];
                     }
-                l[r] = alpha * l[r] + rowsum;   // this thread's share; the quad adds up at the end
-                m[r] = m_new;
+                l[mt][r] = alpha * l[mt][r] + rowsum;   // this thread's share; the quad adds up at the end
+                m[mt][r] = m_new;
 #pragma unroll
                 for (int dt = 0; dt < ND; ++dt) {
-                    o[dt][2 * r] *= alpha;
-                    o[dt][2 * r + 1] *= alpha;
+                    o[mt][dt][2 * r] *= alpha;
+                    o[mt][dt][2 * r + 1] *= alpha;
                 }
             }
 
             // Line 10: Oi += Pij Vj, Pij rounded to T as the A operand (accumulators -> A fragments).
 #pragma unroll
             for (int kk = 0; kk < BC / 16; ++kk) {
-                const unsigned pa[4] = {pack2<T, ARCH>(s[2 * kk][0], s[2 * kk][1]),
-                                        pack2<T, ARCH>(s[2 * kk][2], s[2 * kk][3]),
-                                        pack2<T, ARCH>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                                        pack2<T, ARCH>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+                unsigned pa[MT][4];
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    pa[mt][0] = pack2<T, ARCH>(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+                    pa[mt][1] = pack2<T, ARCH>(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+                    pa[mt][2] = pack2<T, ARCH>(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+                    pa[mt][3] = pack2<T, ARCH>(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+                }
 #pragma unroll
                 for (int p = 0; p < D / 16; ++p) {
                     unsigned vb[4];
                     ldmatrix_x4<true>(vb, Vs + (kk * 16 + lane % 8 + lane / 8 % 2 * 8) * DP + p * 16 + lane / 16 * 8);
-                    mma_16x8x16<T, ARCH>(o[2 * p], pa, vb[0], vb[1]);
-                    mma_16x8x16<T, ARCH>(o[2 * p + 1], pa, vb[2], vb[3]);
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) {
+                        mma_16x8x16<T, ARCH>(o[mt][2 * p], pa[mt], vb[0], vb[1]);
+                        mma_16x8x16<T, ARCH>(o[mt][2 * p + 1], pa[mt], vb[2], vb[3]);
+                    }
                 }
             }
         }
@@ -196,24 +220,23 @@ flash_fwd_mma(const T* __restrict__ Q, const T* __restrict__ K, const T* __restr
         // Lines 12-15: Oi / li, Li = mi + log(li) (natural log). A row with every key masked
         // has li = 0: O = 0, L = -inf. O goes out through this warp's own rows of Qs (Qi is in
         // registers), so the global stores are whole 16-byte rows.
-        float inv[2];
+        unsigned short* Ow = Qs + warp * WR * DP;
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
-            l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
-            l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
-            inv[r] = l[r] > 0.f ? 1.f / l[r] : 0.f;
+            l[mt][r] += __shfl_xor_sync(0xffffffffu, l[mt][r], 1);
+            l[mt][r] += __shfl_xor_sync(0xffffffffu, l[mt][r], 2);
+            const float inv = l[mt][r] > 0.f ? 1.f / l[mt][r] : 0.f;
+#pragma unroll
+            for (int dt = 0; dt < ND; ++dt)
+                *reinterpret_cast<unsigned*>(Ow + (mt * 16 + g + 8 * r) * DP + dt * 8 + 2 * t) =
+                    pack2<T, ARCH>(o[mt][dt][2 * r] * inv, o[mt][dt][2 * r + 1] * inv);
         }
-        unsigned short* Ow = Qs + warp * 16 * DP;
-#pragma unroll
-        for (int dt = 0; dt < ND; ++dt)
-#pragma unroll
-            for (int r = 0; r < 2; ++r)
-                *reinterpret_cast<unsigned*>(Ow + (g + 8 * r) * DP + dt * 8 + 2 * t) =
-                    pack2<T, ARCH>(o[dt][2 * r] * inv[r], o[dt][2 * r + 1] * inv[r]);
         __syncwarp();
         T* Obh = O + b * o_sb + h * o_sh + row0 * o_sn;
-        for (int i = lane; i < 16 * ND; i += 32) {
-            const int r = warp * 16 + i / ND, c = i % ND * 8;
+        for (int i = lane; i < WR * ND; i += 32) {
+            const int r = warp * WR + i / ND, c = i % ND * 8;
             if (r >= rows || c >= d) continue;
             const unsigned short* src = Ow + (i / ND) * DP + c;
             T* dst = Obh + r * o_sn + c;
@@ -226,9 +249,11 @@ flash_fwd_mma(const T* __restrict__ Q, const T* __restrict__ K, const T* __restr
         if (t == 0) {
             float* Lbh = L + ((long long)b * H + h) * Nq + row0;
 #pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
             for (int r = 0; r < 2; ++r) {
-                const int row = warp * 16 + g + 8 * r;
-                if (row < rows) Lbh[row] = l[r] > 0.f ? m[r] * LN2 + logf(l[r]) : neg_inf;
+                const int row = warp * WR + mt * 16 + g + 8 * r;
+                if (row < rows) Lbh[row] = l[mt][r] > 0.f ? m[mt][r] * sl2 * LN2 + logf(l[mt][r]) : neg_inf;
             }
         }
         __syncthreads();   // smem is reused by the next (batch, head)

@@ -29,10 +29,10 @@ GRID_YZ_MAX = 65535                 # CUDA's limit on gridDim.y and gridDim.z
 # from sm_80 (m16n8k16 + cp.async). Its ARCH template argument is the instruction set, so a
 # Turing plan (arch=75) also runs, and is tested, on later GPUs.
 MMA_DTYPES = {75: ("float16",), 80: ("float16", "bfloat16")}
-# (largest D, (warps, Bc) candidates, best first): Br = 16 * warps, each warp owns 16 rows.
-MMA_TILES = ((64, ((4, 128), (4, 64), (4, 32), (2, 32))),
-             (128, ((4, 64), (4, 32), (2, 32), (2, 16))),
-             (256, ((4, 32), (4, 16), (2, 16), (1, 16))))
+# (largest D, (warps, m-tiles per warp, Bc) candidates, best first): Br = 16 * m-tiles * warps.
+MMA_TILES = ((64, ((4, 2, 64), (4, 1, 64), (4, 1, 32), (2, 1, 32))),
+             (128, ((4, 2, 64), (4, 2, 32), (4, 1, 32), (2, 1, 16))),
+             (256, ((4, 1, 32), (4, 1, 16), (2, 1, 16), (1, 1, 16))))
 
 
 @dataclass(frozen=True)
@@ -87,12 +87,12 @@ def mma_arch(arch: int, dtype: str) -> int | None:
     return None
 
 
-def mma_tiles(D: int, smem_limit: int) -> tuple[int, int, int]:
-    """(Br, Bc, threads) of the first candidate for D whose layout fits the limit."""
+def mma_tiles(D: int, smem_limit: int) -> tuple[int, int, int, int]:
+    """(warps, m-tiles per warp, Bc, Br) of the first candidate for D that fits the limit."""
     candidates = next(c for d_max, c in MMA_TILES if D <= d_max)
-    for warps, Bc in candidates:
-        if mma_smem_bytes(16 * warps, Bc, D) <= smem_limit:
-            return 16 * warps, Bc, 32 * warps
+    for warps, mt, Bc in candidates:
+        if mma_smem_bytes(16 * mt * warps, Bc, D) <= smem_limit:
+            return warps, mt, Bc, 16 * mt * warps
     raise ValueError(f"no tensor-core tile fits a head-dim bound of {D} in {smem_limit} bytes")
 
 
@@ -141,8 +141,9 @@ def plan(Nq: int, Nk: int, d: int, *, dtype: str = "float32", causal: bool = Fal
     flag = "true" if causal else "false"
     isa = mma_arch(arch, dtype)
     if isa is not None:
-        Br, Bc, threads = mma_tiles(D, smem_limit)
-        name = f"flash_fwd_mma<{CUDA_TYPES[dtype]}, {D}, {threads // 32}, {Bc}, {flag}, {isa}>"
+        warps, mt, Bc, Br = mma_tiles(D, smem_limit)
+        threads = 32 * warps
+        name = f"flash_fwd_mma<{CUDA_TYPES[dtype]}, {D}, {warps}, {mt}, {Bc}, {flag}, {isa}>"
         smem = mma_smem_bytes(Br, Bc, D)
     else:
         Br, Bc, threads = simt_tiles(D, smem_limit)

@@ -47,7 +47,7 @@ def test_tensor_cores_where_the_device_has_them(arch, dtype, family):
     assert p.kernel.startswith(f"flash_fwd_{family}<")
     if family == "mma":   # the instruction set: Turing's m16n8k8, or m16n8k16 + cp.async
         assert p.kernel.endswith(f", {75 if arch < 80 else 80}>")
-        assert p.threads == 32 * p.Br // 16   # a warp per 16 rows
+        assert p.Br % (16 * p.threads // 32) == 0   # whole 16-row m-tiles per warp
 
 
 def test_grid_never_empty_and_capped():
@@ -60,7 +60,7 @@ def test_larger_devices_get_larger_tiles():
     assert plan(4096, 4096, 64, smem_limit=227 * KB, arch=90).Br == 64
     assert plan(4096, 4096, 256, smem_limit=48 * KB, arch=90).Br == 8
     half = dict(dtype="float16", arch=90)
-    assert plan(4096, 4096, 64, smem_limit=227 * KB, **half).Bc == 128
+    assert plan(4096, 4096, 64, smem_limit=227 * KB, **half).Br == 128
     assert plan(4096, 4096, 256, smem_limit=48 * KB, **half).Bc == 16
 
 
@@ -88,4 +88,4 @@ def test_variants_cover_every_head_dim_bound():
     names = planner.cuda_variants(48 * KB, 90)
     assert len(names) == 8 * 3 * 2   # head-dim bounds x dtypes x causal
     assert "flash_fwd_simt<float, 32, 32, 64, 256, false>" in names
-    assert "flash_fwd_mma<fa_bfloat16, 128, 4, 64, true, 80>" in planner.cuda_variants(227 * KB, 90)
+    assert "flash_fwd_mma<fa_bfloat16, 128, 4, 2, 64, true, 80>" in planner.cuda_variants(227 * KB, 90)
