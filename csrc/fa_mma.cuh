@@ -24,16 +24,18 @@ __device__ __forceinline__ void cp_async_16(void* dst, const void* src, int src_
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
 
-// Four 8x8 b16 matrices; lane l gives the address of row l % 8 of matrix l / 8. Without .trans
-// register i of lane l holds row l/4, columns 2(l%4), +1 of matrix i; with .trans, the transpose.
+// Four 8x8 b16 matrices; lane l gives the shared-space address of row l % 8 of matrix l / 8.
+// Without .trans register i of lane l holds row l/4, columns 2(l%4), +1 of matrix i; with
+// .trans, the transpose. Addresses are 32-bit shared-space integers (smem_addr once, then
+// constant offsets) so the compiler folds the offsets into the instruction.
 template <bool TRANS>
-__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const void* p) {
+__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], unsigned addr) {
     if (TRANS)
         asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
-                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
     else
         asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
-                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
 }
 
 // c += a b for a 16x16 (row-major) A and a 16x8 (column-major) B of T, fp32 accumulators, in
