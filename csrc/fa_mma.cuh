@@ -9,6 +9,20 @@
 template <typename A, typename B> struct fa_same { static constexpr bool value = false; };
 template <typename A> struct fa_same<A, A> { static constexpr bool value = true; };
 
+// How an element type sits in memory: its bits, and VEC elements per 16-byte chunk.
+template <typename T> struct fa_elem {   // fa_half, fa_bfloat16
+    using bits = unsigned short;
+    static constexpr int VEC = 8;
+    static __device__ __forceinline__ bits get(T x) { return x.bits; }
+    static __device__ __forceinline__ void set(T& x, bits b) { x.bits = b; }
+};
+template <> struct fa_elem<float> {
+    using bits = unsigned;
+    static constexpr int VEC = 4;
+    static __device__ __forceinline__ bits get(float x) { return __float_as_uint(x); }
+    static __device__ __forceinline__ void set(float& x, bits b) { x = __uint_as_float(b); }
+};
+
 __device__ __forceinline__ unsigned smem_addr(const void* p) {
     unsigned a;
     asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
@@ -38,14 +52,22 @@ __device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], unsigned addr) {
                      : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
 }
 
-// c += a b for a 16x16 (row-major) A and a 16x8 (column-major) B of T, fp32 accumulators, in
-// the PTX ISA's fragment layout: a[0..3] = (row g, k 2t..2t+1), (g+8, 2t), (g, 2t+8), (g+8, 2t+8),
-// b[0..1] = (k 2t, n g), (k 2t+8, n g), c[0..3] = (g, n 2t..2t+1), (g+8, n 2t..2t+1), where
-// g = lane / 4 and t = lane % 4. ARCH 75 issues the k16 step as two m16n8k8 (fp16 only).
+// c += a b for one tensor-core tile, fp32 accumulators, in the PTX ISA's fragment layout with
+// g = lane / 4, t = lane % 4: c[0..3] = (row g, n 2t..2t+1), (g+8, n 2t..2t+1). For 16-bit T,
+// A is 16x16 row-major, a[0..3] = (g, k 2t..2t+1), (g+8, 2t), (g, 2t+8), (g+8, 2t+8), and B
+// is 16x8 column-major, b0 = (k 2t..2t+1, n g), b1 = (k 2t+8.., n g); ARCH 75 issues the step
+// as two m16n8k8 (fp16 only). For T = float the tile is m16n8k8 TF32: a[0..3] = (g, k t),
+// (g+8, t), (g, t+4), (g+8, t+4), b0 = (k t, n g), b1 = (k t+4, n g).
 template <typename T, int ARCH>
-__device__ __forceinline__ void mma_16x8x16(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+__device__ __forceinline__ void mma_tile(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
     static_assert(ARCH == 80 || ARCH == 75, "ARCH is 75 or 80");
-    if constexpr (ARCH == 80) {
+    if constexpr (fa_same<T, float>::value) {
+        static_assert(ARCH == 80, "TF32 tensor cores need sm_80");
+        asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
+                     "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    } else if constexpr (ARCH == 80) {
         if constexpr (fa_same<T, fa_bfloat16>::value)
             asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
                          "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
@@ -67,6 +89,41 @@ __device__ __forceinline__ void mma_16x8x16(float (&c)[4], const unsigned (&a)[4
                      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                      : "r"(a[2]), "r"(a[3]), "r"(b1));
     }
+}
+
+// A tensor-core operand of N registers: the value as the MMA takes it (hi) and, for 3xTF32,
+// the remainder (lo). Unused lo registers cost nothing: the compiler drops them.
+template <int N> struct operand { unsigned hi[N], lo[N]; };
+
+__device__ __forceinline__ unsigned to_tf32(float x) {   // round to nearest, ties away
+    unsigned r;
+    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+    return r;
+}
+
+// Raw bits in x.hi -> MMA operand. 16-bit types go as they are. fp32 goes as TF32 (PASSES 1),
+// or split as x = hi + lo with both TF32 (PASSES 3, CUTLASS's 3xTF32): hi * hi' + hi * lo' +
+// lo * hi' then misses only lo * lo' and the rounding of lo, about 2^-21 relative, near fp32.
+template <typename T, int PASSES, int N>
+__device__ __forceinline__ void make_operand(operand<N>& x) {
+    if constexpr (fa_same<T, float>::value) {
+#pragma unroll
+        for (int i = 0; i < N; ++i) {
+            const float f = __uint_as_float(x.hi[i]);
+            x.hi[i] = to_tf32(f);
+            if constexpr (PASSES == 3) x.lo[i] = to_tf32(f - __uint_as_float(x.hi[i]));
+        }
+    }
+}
+
+// c += a b over registers j, j + 1 of b, in 1 or 3 passes (the small products first).
+template <typename T, int ARCH, int PASSES, int N>
+__device__ __forceinline__ void mma_op(float (&c)[4], const operand<4>& a, const operand<N>& b, int j) {
+    if constexpr (PASSES == 3) {
+        mma_tile<T, ARCH>(c, a.lo, b.hi[j], b.hi[j + 1]);
+        mma_tile<T, ARCH>(c, a.hi, b.lo[j], b.lo[j + 1]);
+    }
+    mma_tile<T, ARCH>(c, a.hi, b.hi[j], b.hi[j + 1]);
 }
 
 // Two floats rounded to nearest into one b16x2 register, lo in the low half.

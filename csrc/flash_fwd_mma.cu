@@ -1,43 +1,50 @@
-// flash_fwd_mma.cu: FlashAttention-2 forward, Algorithm 1, on the tensor cores (fp16/bf16 in,
-// fp32 accumulation, O in the input type, L in fp32).
+// flash_fwd_mma.cu: FlashAttention-2 forward, Algorithm 1, on the tensor cores, with fp32
+// accumulation, O in the input type and L in fp32. Inputs: fp16/bf16 (mma m16n8k16; m16n8k8 on
+// Turing), or fp32 as TF32 (m16n8k8, PASSES = 1, an opt-in) or as 3xTF32 (PASSES = 3: each
+// operand split into a TF32 value and a TF32 remainder, three MMAs, about fp32's accuracy).
 //
 // FA2's work partition: a block owns a Q tile of BR = 16 * MT * NW rows, each of its NW warps
 // owns MT m-tiles of 16 of those rows (two m-tiles share every Kj/Vj fragment read from shared
 // memory, halving that traffic per flop). Qi stays in shared memory for the sweep. Sij and
 // Oi live in mma accumulators (registers); Pij goes from the Sij accumulators straight into the
 // A operand of Pij Vj, never through shared memory. Row statistics (mi, li) are per thread: a
-// thread holds rows g and g + 8 of its warp's 16, and the 4 threads of a quad share a row.
-// Shared memory holds Qi (then, per warp, the output on its way out), Kj and Vj, rows padded by 16 bytes so ldmatrix's 8 row addresses fall in 8 distinct bank
-// groups for any D (a multiple of 16): no bank conflicts, no swizzle arithmetic.
+// thread holds rows g and g + 8 of each of its warp's m-tiles; the 4 threads of a quad share a
+// row. Shared memory holds Qi (then, per warp, the output on its way out), Kj and Vj, rows
+// padded by 16 bytes so ldmatrix's 8 row addresses fall in 8 distinct bank groups for any D:
+// no bank conflicts, no swizzle arithmetic.
 // Loads overlap compute as in FA2: Vj streams in while Sij = Qi Kj^T is computed, and K(j+1)
 // while Pij Vj is. The row max is taken on raw scores and the scale (times log2 e) folds into
-// the exponent's FMA: exp2(s * sl2 - mi * sl2), the SFU's ex2. That needs sl2 > 0: a negative
-// scale flips the sign of Qi once in shared memory instead (exact), and a zero scale becomes
-// FLT_MIN, for which every finite score gives exp2(±tiny) = 1 exactly, as with scale 0.
+// the exponent's FMA: exp2(s * sl2 - mi), the SFU's ex2. That needs sl2 > 0: a negative scale
+// flips the sign of Qi once in shared memory instead (exact), and a zero scale becomes FLT_MIN,
+// for which every finite score gives exp2(±tiny) = 1 exactly, as with scale 0.
 //
-// Compile-time: T (fa_half, fa_bfloat16), the head-dim bound D (d <= D, zero-padded), warps
-// NW, m-tiles per warp MT, key tile BC, CAUSAL, and ARCH (fa_mma.cuh: 80 = m16n8k16 + cp.async, 75 = Turing).
-// Per call: sizes, element strides of Q, K, V, O (last dim contiguous), scale. The planner
-// (flashattn_cupy/planner.py, mma_smem_bytes) mirrors the shared-memory layout below.
+// Compile-time: T (fa_half, fa_bfloat16, float), the head-dim bound D (d <= D, zero-padded),
+// warps NW, m-tiles per warp MT, key tile BC, CAUSAL, ARCH (fa_mma.cuh: 80 = sm_80 instructions
+// with cp.async, 75 = Turing's) and PASSES (1, or 3 for 3xTF32). Per call: sizes, element
+// strides of Q, K, V, O (last dim contiguous), scale. The planner (flashattn_cupy/planner.py,
+// mma_smem_bytes) mirrors the shared-memory layout below.
 #include "fa_mma.cuh"
 
 struct alignas(16) fa_u128 { unsigned x, y, z, w; };
+struct alignas(8) fa_f2 { float x, y; };
 
-__device__ __forceinline__ bool vec_ok(const void* p, long long sb, long long sh, long long sn, int d) {
-    // 16-byte loads need every row start 16-byte aligned: base, strides and d multiples of 8.
-    return (reinterpret_cast<unsigned long long>(p) & 15) == 0 && sb % 8 == 0 && sh % 8 == 0 &&
-           sn % 8 == 0 && d % 8 == 0;
+template <typename T>
+__device__ __forceinline__ bool vec_ok(const T* p, long long sb, long long sh, long long sn, int d) {
+    // 16-byte loads need every row start 16-byte aligned: base, strides and d multiples of VEC.
+    constexpr int VEC = fa_elem<T>::VEC;
+    return (reinterpret_cast<unsigned long long>(p) & 15) == 0 && sb % VEC == 0 && sh % VEC == 0 &&
+           sn % VEC == 0 && d % VEC == 0;
 }
 
-// Rows [0, ROWS) x columns [0, D) of a tile into shared memory (row pitch D + 8); rows past
-// `rows` and columns past d become zeros. 16-byte chunks when `vec`, elements otherwise.
-template <typename T, int ROWS, int D, int NT, int ARCH>
-__device__ __forceinline__ void load_tile(unsigned short* dst, const T* src, long long stride,
+// Rows [0, ROWS) x columns [0, D) of a tile into shared memory (row pitch DP elements); rows
+// past `rows` and columns past d become zeros. 16-byte chunks when `vec`, elements otherwise.
+template <typename T, int ROWS, int D, int DP, int NT, int ARCH>
+__device__ __forceinline__ void load_tile(typename fa_elem<T>::bits* dst, const T* src, long long stride,
                                           int rows, int d, bool vec) {
-    constexpr int DP = D + 8, CH = D / 8;
+    constexpr int VEC = fa_elem<T>::VEC, CH = D / VEC;
     for (int i = threadIdx.x; i < ROWS * CH; i += NT) {
-        const int r = i / CH, c = (i % CH) * 8;
-        unsigned short* s = dst + r * DP + c;
+        const int r = i / CH, c = (i % CH) * VEC;
+        typename fa_elem<T>::bits* s = dst + r * DP + c;
         const bool in = r < rows && c < d;
         const T* g = src + (in ? r * stride + c : 0);
         if (vec) {
@@ -49,12 +56,12 @@ __device__ __forceinline__ void load_tile(unsigned short* dst, const T* src, lon
             }
         } else {
 #pragma unroll
-            for (int e = 0; e < 8; ++e) s[e] = (in && c + e < d) ? g[e].bits : 0;
+            for (int e = 0; e < VEC; ++e) s[e] = (in && c + e < d) ? fa_elem<T>::get(g[e]) : 0;
         }
     }
 }
 
-template <typename T, int D, int NW, int MT, int BC, bool CAUSAL, int ARCH>
+template <typename T, int D, int NW, int MT, int BC, bool CAUSAL, int ARCH, int PASSES>
 __global__ void __launch_bounds__(NW * 32)
 flash_fwd_mma(const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V,
               T* __restrict__ O, float* __restrict__ L,
@@ -65,20 +72,28 @@ flash_fwd_mma(const T* __restrict__ Q, const T* __restrict__ K, const T* __restr
               long long o_sb, long long o_sh, long long o_sn,
               float scale)
 {
-    constexpr int WR = 16 * MT, BR = WR * NW, NT = 32 * NW, DP = D + 8;   // WR: rows per warp
-    constexpr int KS = D / 16;   // k-steps of Qi Kj^T
+    using E = fa_elem<T>;
+    constexpr bool F32 = sizeof(T) == 4;
+    constexpr int WR = 16 * MT, BR = WR * NW, NT = 32 * NW;   // WR: rows per warp
+    constexpr int DP = D + E::VEC, ROW = DP * sizeof(T);      // smem row pitch: elements, bytes
+    constexpr int KS = D * sizeof(T) / 32;   // k-steps of Qi Kj^T (32 bytes: 16 halves, 8 floats)
     constexpr int NS = BC / 8;   // 8-key column tiles of Sij
     constexpr int ND = D / 8;    // 8-wide column tiles of Oi
-    // Qi fragments stay in shared memory: holding them in registers (D = 64) cost 50 more
-    // registers a thread and 10% of the speed on an H100, for 20% fewer ldmatrix.
-    constexpr bool QREG = false;
+    static_assert(PASSES == 1 || (PASSES == 3 && F32), "3 passes split fp32 into TF32 pairs");
+    // 3xTF32 sums tensor-core products in fresh accumulators (see their use below): scores KG
+    // k-steps at a time, Pij Vj DCH column tiles at a time (at most 64 registers, 32 past D = 64).
+    constexpr int KG = PASSES == 3 ? 2 : KS;
+    constexpr int PV_REGS = PASSES == 1 ? MT * ND * 4 : (D <= 64 ? 64 : 32);
+    constexpr int DCH = MT * ND * 4 <= PV_REGS ? ND : PV_REGS / (MT * 4);
     static_assert(D % 16 == 0 && BC % 16 == 0, "MMA tiles are 16 wide");
+    static_assert(!F32 || ARCH >= 80, "TF32 needs sm_80");
     constexpr float LOG2E = 1.4426950408889634f, LN2 = 0.6931471805599453f;
 
-    extern __shared__ __align__(16) unsigned short smem[];
-    unsigned short* Qs = smem;            // [BR][DP]
-    unsigned short* Ks = Qs + BR * DP;    // [BC][DP]
-    unsigned short* Vs = Ks + BC * DP;    // [BC][DP]
+    extern __shared__ __align__(16) unsigned char smem[];
+    using bits = typename E::bits;
+    bits* Qs = reinterpret_cast<bits*>(smem);   // [BR][DP]
+    bits* Ks = Qs + BR * DP;                    // [BC][DP]
+    bits* Vs = Ks + BC * DP;                    // [BC][DP]
 
     const float neg_inf = __int_as_float(0xff800000);
     const float sl2 = fmaxf(fabsf(scale) * LOG2E, 1.17549435e-38f);
@@ -96,9 +111,13 @@ flash_fwd_mma(const T* __restrict__ Q, const T* __restrict__ K, const T* __restr
     const bool v_vec = vec_ok(V, v_sb, v_sh, v_sn, d), o_vec = vec_ok(O, o_sb, o_sh, o_sn, d);
     // This lane's ldmatrix row addresses (bytes, shared space) for the A operand from Qi, the
     // B operand from Kj (rows are keys) and from Vj (transposed: rows are keys, B wants d).
-    const unsigned q_lane = smem_addr(Qs) + 2 * ((warp * WR + lane % 16) * DP + lane / 16 * 8);
-    const unsigned k_lane = smem_addr(Ks) + 2 * ((lane % 8 + lane / 16 * 8) * DP + lane / 8 % 2 * 8);
-    const unsigned v_lane = smem_addr(Vs) + 2 * ((lane % 8 + lane / 8 % 2 * 8) * DP + lane / 16 * 8);
+    // In bytes the patterns are the same for 16-bit and fp32 elements (a k-step is 32 bytes).
+    const unsigned q_lane = smem_addr(Qs) + (warp * WR + lane % 16) * ROW + lane / 16 * 16;
+    const unsigned k_lane = smem_addr(Ks) + (lane % 8 + lane / 16 * 8) * ROW + lane / 8 % 2 * 16;
+    const unsigned v_lane = smem_addr(Vs) + (lane % 8 + lane / 8 % 2 * 8) * ROW + lane / 16 * 16;
+    // fp32 V cannot be transposed by ldmatrix (16-bit only): B fragments come as scalars, keys
+    // 2t and 2t + 1 of each 8 (the order Pij's accumulators hold them in), column g.
+    const float* v_f32 = reinterpret_cast<const float*>(Vs) + 2 * t * DP + g;
 
     // Grid-stride over (batch, head): gridDim.y/z are capped at 65535 by the planner.
     for (int b = blockIdx.z; b < B; b += gridDim.z)
@@ -108,21 +127,16 @@ flash_fwd_mma(const T* __restrict__ Q, const T* __restrict__ K, const T* __restr
         const T* Vbh = V + b * v_sb + h * v_sh;
 
         // Line 4: Qi, and K0 behind it.
-        load_tile<T, BR, D, NT, ARCH>(Qs, Qbh, q_sn, rows, d, q_vec);
-        if (Tc > 0) load_tile<T, BC, D, NT, ARCH>(Ks, Kbh, k_sn, Nk, d, k_vec);
+        load_tile<T, BR, D, DP, NT, ARCH>(Qs, Qbh, q_sn, rows, d, q_vec);
+        if (Tc > 0) load_tile<T, BC, D, DP, NT, ARCH>(Ks, Kbh, k_sn, Nk, d, k_vec);
         if constexpr (ARCH >= 80) { cp_async_commit(); cp_async_wait_all(); }
         __syncthreads();
         if (scale < 0.f) {   // s * scale = (-s) * |scale|: negate Qi (sign bits) once
-            for (int i = threadIdx.x; i < BR * DP / 2; i += NT) reinterpret_cast<unsigned*>(Qs)[i] ^= 0x80008000u;
+            constexpr unsigned SIGNS = F32 ? 0x80000000u : 0x80008000u;
+            for (int i = threadIdx.x; i < BR * ROW / 4; i += NT) reinterpret_cast<unsigned*>(Qs)[i] ^= SIGNS;
             __syncthreads();
         }
 
-        unsigned qf[QREG ? KS : 1][MT][4];   // Qi as A fragments: all of them, or one k-step's
-        if constexpr (QREG)
-#pragma unroll
-            for (int kk = 0; kk < KS; ++kk)
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt) ldmatrix_x4<false>(qf[kk][mt], q_lane + 2 * (mt * 16 * DP + kk * 16));
 
         float o[MT][ND][4] = {};                      // line 5: Oi = 0, mi = -inf, li = 0
         float m[MT][2], l[MT][2];
@@ -134,26 +148,49 @@ flash_fwd_mma(const T* __restrict__ Q, const T* __restrict__ K, const T* __restr
             if constexpr (ARCH >= 80) cp_async_wait_all();
             __syncthreads();   // Kj has landed; every warp is done with V(j-1)
             // Line 7 (V half): Vj streams in during Sij = Qi Kj^T.
-            load_tile<T, BC, D, NT, ARCH>(Vs, Vbh + col0 * v_sn, v_sn, Nk - col0, d, v_vec);
+            load_tile<T, BC, D, DP, NT, ARCH>(Vs, Vbh + col0 * v_sn, v_sn, Nk - col0, d, v_vec);
             if constexpr (ARCH >= 80) cp_async_commit();
 
-            // Line 8: Sij = Qi Kj^T (Qi fragments from shared memory, both m-tiles per Kj fragment).
-            float s[MT][NS][4] = {};
+            // Line 8: Sij = Qi Kj^T (Qi fragments from shared memory, both m-tiles per Kj
+            // fragment), over k-steps [k0, k1) into acc.
+            auto qk_steps = [&](float (&acc)[MT][NS][4], int k0, int k1) {
 #pragma unroll
-            for (int kk = 0; kk < KS; ++kk) {
-                if constexpr (!QREG)
-#pragma unroll
-                    for (int mt = 0; mt < MT; ++mt) ldmatrix_x4<false>(qf[0][mt], q_lane + 2 * (mt * 16 * DP + kk * 16));
-                const auto& qa = qf[QREG ? kk : 0];
-#pragma unroll
-                for (int p = 0; p < NS / 2; ++p) {
-                    unsigned kb[4];
-                    ldmatrix_x4<false>(kb, k_lane + 2 * (p * 16 * DP + kk * 16));
+                for (int kk = k0; kk < k1; ++kk) {
+                    // Qi's fragments are read again each step: holding them in registers (D = 64)
+                    // cost 50 registers a thread and 10% of the speed on an H100.
+                    operand<4> qa[MT];
 #pragma unroll
                     for (int mt = 0; mt < MT; ++mt) {
-                        mma_16x8x16<T, ARCH>(s[mt][2 * p], qa[mt], kb[0], kb[1]);
-                        mma_16x8x16<T, ARCH>(s[mt][2 * p + 1], qa[mt], kb[2], kb[3]);
+                        ldmatrix_x4<false>(qa[mt].hi, q_lane + mt * 16 * ROW + kk * 32);
+                        make_operand<T, PASSES>(qa[mt]);
                     }
+#pragma unroll
+                    for (int p = 0; p < NS / 2; ++p) {
+                        operand<4> kb;   // B operands of key tiles 2p (registers 0, 1) and 2p + 1 (2, 3)
+                        ldmatrix_x4<false>(kb.hi, k_lane + p * 16 * ROW + kk * 32);
+                        make_operand<T, PASSES>(kb);
+#pragma unroll
+                        for (int mt = 0; mt < MT; ++mt) {
+                            mma_op<T, ARCH, PASSES>(acc[mt][2 * p], qa[mt], kb, 0);
+                            mma_op<T, ARCH, PASSES>(acc[mt][2 * p + 1], qa[mt], kb, 2);
+                        }
+                    }
+                }
+            };
+            float s[MT][NS][4] = {};
+            if constexpr (KG == KS) {
+                qk_steps(s, 0, KS);
+            } else {   // 3xTF32: groups of KG k-steps into fresh accumulators, summed rounding to nearest
+#pragma unroll
+                for (int k0 = 0; k0 < KS; k0 += KG) {
+                    float part[MT][NS][4] = {};
+                    qk_steps(part, k0, k0 + KG);
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                        for (int nt = 0; nt < NS; ++nt)
+#pragma unroll
+                            for (int e = 0; e < 4; ++e) s[mt][nt][e] += part[mt][nt][e];
                 }
             }
             // Edge tiles only: keys past Nk or past this warp's diagonal -> -inf.
@@ -173,7 +210,7 @@ flash_fwd_mma(const T* __restrict__ Q, const T* __restrict__ K, const T* __restr
             if constexpr (ARCH >= 80) cp_async_wait_all();
             __syncthreads();   // Vj has landed; every warp is done with Kj
             if (j + 1 < Tc) {  // line 7 (K half) of the next step, during Pij Vj
-                load_tile<T, BC, D, NT, ARCH>(Ks, Kbh + (col0 + BC) * k_sn, k_sn, Nk - col0 - BC, d, k_vec);
+                load_tile<T, BC, D, DP, NT, ARCH>(Ks, Kbh + (col0 + BC) * k_sn, k_sn, Nk - col0 - BC, d, k_vec);
                 if constexpr (ARCH >= 80) cp_async_commit();
             }
 
@@ -215,25 +252,75 @@ flash_fwd_mma(const T* __restrict__ Q, const T* __restrict__ K, const T* __restr
 #pragma unroll
                         for (int e = 0; e < 4; ++e) o[mt][dt][e] *= alpha[mt][e / 2];
 
-            // Line 10: Oi += Pij Vj, Pij rounded to T as the A operand (accumulators -> A fragments).
+            // Line 10: Oi += Pij Vj, Pij rounded to the MMA's input type as the A operand
+            // (accumulators -> A fragments). 16-bit: a k-step is 16 keys (two Sij tiles) and
+            // ldmatrix.trans gives Vj's B fragments; fp32: a k-step is one 8-key Sij tile whose
+            // accumulator columns 2t, 2t + 1 serve as A columns t, t + 4, with Vj rows to match.
+            if constexpr (!F32) {
 #pragma unroll
-            for (int kk = 0; kk < BC / 16; ++kk) {
-                unsigned pa[MT][4];
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt) {
-                    pa[mt][0] = pack2<T, ARCH>(s[mt][2 * kk][0], s[mt][2 * kk][1]);
-                    pa[mt][1] = pack2<T, ARCH>(s[mt][2 * kk][2], s[mt][2 * kk][3]);
-                    pa[mt][2] = pack2<T, ARCH>(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
-                    pa[mt][3] = pack2<T, ARCH>(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
-                }
-#pragma unroll
-                for (int p = 0; p < D / 16; ++p) {
-                    unsigned vb[4];
-                    ldmatrix_x4<true>(vb, v_lane + 2 * (kk * 16 * DP + p * 16));
+                for (int kk = 0; kk < BC / 16; ++kk) {
+                    operand<4> pa[MT];
 #pragma unroll
                     for (int mt = 0; mt < MT; ++mt) {
-                        mma_16x8x16<T, ARCH>(o[mt][2 * p], pa[mt], vb[0], vb[1]);
-                        mma_16x8x16<T, ARCH>(o[mt][2 * p + 1], pa[mt], vb[2], vb[3]);
+                        pa[mt].hi[0] = pack2<T, ARCH>(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+                        pa[mt].hi[1] = pack2<T, ARCH>(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+                        pa[mt].hi[2] = pack2<T, ARCH>(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+                        pa[mt].hi[3] = pack2<T, ARCH>(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+                    }
+#pragma unroll
+                    for (int p = 0; p < D / 16; ++p) {
+                        operand<4> vb;   // d tiles 2p (registers 0, 1) and 2p + 1 (2, 3)
+                        ldmatrix_x4<true>(vb.hi, v_lane + kk * 16 * ROW + p * 32);
+#pragma unroll
+                        for (int mt = 0; mt < MT; ++mt) {
+                            mma_op<T, ARCH, PASSES>(o[mt][2 * p], pa[mt], vb, 0);
+                            mma_op<T, ARCH, PASSES>(o[mt][2 * p + 1], pa[mt], vb, 2);
+                        }
+                    }
+                }
+            } else {
+                // 3xTF32: each tile's products go to fresh accumulators, added to Oi rounding to
+                // nearest (DCH column tiles at a time, to bound the registers): one accumulator
+                // over all Nk / 8 MMAs gathers their truncation, 2e-4 relative at Nk = 4096.
+                // TF32's operand rounding (2^-11) dwarfs that: it accumulates into Oi directly.
+                auto pv_steps = [&](float (&acc)[MT][DCH][4], int dc) {   // acc: Oi's tiles dc..
+#pragma unroll
+                    for (int kt = 0; kt < NS; ++kt) {
+                        operand<4> pa[MT];
+#pragma unroll
+                        for (int mt = 0; mt < MT; ++mt) {
+                            const float (&c)[4] = s[mt][kt];
+                            pa[mt].hi[0] = __float_as_uint(c[0]);
+                            pa[mt].hi[1] = __float_as_uint(c[2]);
+                            pa[mt].hi[2] = __float_as_uint(c[1]);
+                            pa[mt].hi[3] = __float_as_uint(c[3]);
+                            make_operand<T, PASSES>(pa[mt]);
+                        }
+#pragma unroll
+                        for (int dt = 0; dt < DCH && dc + dt < ND; ++dt) {
+                            operand<2> vb;
+                            vb.hi[0] = __float_as_uint(v_f32[kt * 8 * DP + (dc + dt) * 8]);
+                            vb.hi[1] = __float_as_uint(v_f32[(kt * 8 + 1) * DP + (dc + dt) * 8]);
+                            make_operand<T, PASSES>(vb);
+#pragma unroll
+                            for (int mt = 0; mt < MT; ++mt)
+                                mma_op<T, ARCH, PASSES>(acc[mt][dt], pa[mt], vb, 0);
+                        }
+                    }
+                };
+                if constexpr (PASSES == 1) {
+                    pv_steps(o, 0);   // DCH == ND
+                } else {
+#pragma unroll
+                    for (int dc = 0; dc < ND; dc += DCH) {
+                        float part[MT][DCH][4] = {};
+                        pv_steps(part, dc);
+#pragma unroll
+                        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                            for (int dt = 0; dt < DCH && dc + dt < ND; ++dt)
+#pragma unroll
+                                for (int e = 0; e < 4; ++e) o[mt][dc + dt][e] += part[mt][dt][e];
                     }
                 }
             }
@@ -242,7 +329,7 @@ flash_fwd_mma(const T* __restrict__ Q, const T* __restrict__ K, const T* __restr
         // Lines 12-15: Oi / li, Li = mi + log(li) (natural log). A row with every key masked
         // has li = 0: O = 0, L = -inf. O goes out through this warp's own rows of Qs (Qi is in
         // registers), so the global stores are whole 16-byte rows.
-        unsigned short* Ow = Qs + warp * WR * DP;
+        bits* Ow = Qs + warp * WR * DP;
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -251,21 +338,27 @@ flash_fwd_mma(const T* __restrict__ Q, const T* __restrict__ K, const T* __restr
             l[mt][r] += __shfl_xor_sync(0xffffffffu, l[mt][r], 2);
             const float inv = l[mt][r] > 0.f ? 1.f / l[mt][r] : 0.f;
 #pragma unroll
-            for (int dt = 0; dt < ND; ++dt)
-                *reinterpret_cast<unsigned*>(Ow + (mt * 16 + g + 8 * r) * DP + dt * 8 + 2 * t) =
-                    pack2<T, ARCH>(o[mt][dt][2 * r] * inv, o[mt][dt][2 * r + 1] * inv);
+            for (int dt = 0; dt < ND; ++dt) {
+                bits* dst = Ow + (mt * 16 + g + 8 * r) * DP + dt * 8 + 2 * t;
+                const float lo = o[mt][dt][2 * r] * inv, hi = o[mt][dt][2 * r + 1] * inv;
+                if constexpr (F32)
+                    *reinterpret_cast<fa_f2*>(dst) = fa_f2{lo, hi};
+                else
+                    *reinterpret_cast<unsigned*>(dst) = pack2<T, ARCH>(lo, hi);
+            }
         }
         __syncwarp();
         T* Obh = O + b * o_sb + h * o_sh + row0 * o_sn;
-        for (int i = lane; i < WR * ND; i += 32) {
-            const int r = warp * WR + i / ND, c = i % ND * 8;
+        constexpr int CH = D / E::VEC;   // 16-byte chunks a row
+        for (int i = lane; i < WR * CH; i += 32) {
+            const int r = warp * WR + i / CH, c = i % CH * E::VEC;
             if (r >= rows || c >= d) continue;
-            const unsigned short* src = Ow + (i / ND) * DP + c;
+            const bits* src = Ow + (i / CH) * DP + c;
             T* dst = Obh + r * o_sn + c;
             if (o_vec) {
                 *reinterpret_cast<fa_u128*>(dst) = *reinterpret_cast<const fa_u128*>(src);
             } else {
-                for (int e = 0; e < 8 && c + e < d; ++e) dst[e].bits = src[e];
+                for (int e = 0; e < E::VEC && c + e < d; ++e) E::set(dst[e], src[e]);
             }
         }
         if (t == 0) {

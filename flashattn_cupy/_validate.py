@@ -12,6 +12,7 @@ from . import _device
 from .planner import MAX_HEAD_DIM
 
 BACKENDS = ("auto", "c", "cuda", "reference")
+FP32_KERNELS = ("auto", "3xtf32", "simt")
 BACKEND_DTYPES = {
     "c": ("float32", "float64"),
     "cuda": ("float32", "float16", "bfloat16"),
@@ -42,6 +43,7 @@ class Problem:
     d: int
     scale: float
     causal: bool
+    fp32: str = "auto"  # float32 on CUDA: "auto", "3xtf32", "simt" or "tf32" (planner.plan's fp32)
 
     @property
     def heads(self) -> int:   # the last leading dim; kernels take the others as one batch dim
@@ -67,7 +69,22 @@ def _check_flag(name: str, value) -> bool:
     return bool(value)
 
 
-def validate(q, k, v, *, causal, softmax_scale, return_lse, backend) -> Problem:
+def _fp32_mode(allow_tf32, fp32_kernel, backend: str, dtype: str) -> str:
+    allow_tf32 = _check_flag("allow_tf32", allow_tf32)
+    if not isinstance(fp32_kernel, str) or fp32_kernel not in FP32_KERNELS:
+        raise ValueError(f"fp32_kernel must be one of {', '.join(map(repr, FP32_KERNELS))}, "
+                         f"got {fp32_kernel!r}")
+    if (allow_tf32 or fp32_kernel != "auto") and (backend != "cuda" or dtype != "float32"):
+        raise ValueError("allow_tf32 and fp32_kernel choose how float32 runs on the CUDA backend; "
+                         f"this call is {dtype} on backend {backend!r}: leave them at their defaults")
+    if allow_tf32 and fp32_kernel != "auto":
+        raise ValueError(f"allow_tf32=True selects the TF32 kernel; it contradicts "
+                         f"fp32_kernel={fp32_kernel!r}: pass one of them")
+    return "tf32" if allow_tf32 else fp32_kernel
+
+
+def validate(q, k, v, *, causal, softmax_scale, return_lse, backend,
+             allow_tf32=False, fp32_kernel="auto") -> Problem:
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
     causal = _check_flag("causal", causal)
@@ -135,4 +152,6 @@ def validate(q, k, v, *, causal, softmax_scale, return_lse, backend) -> Problem:
     else:
         raise TypeError(f"softmax_scale must be a real number or None, got {softmax_scale!r}")
 
-    return Problem(q, k, v, backend, on_gpu, dtype, tuple(q.shape[:-2]), Nq, Nk, d, scale, causal)
+    fp32 = _fp32_mode(allow_tf32, fp32_kernel, backend, dtype)
+    return Problem(q, k, v, backend, on_gpu, dtype, tuple(q.shape[:-2]), Nq, Nk, d, scale, causal,
+                   fp32)

@@ -160,10 +160,13 @@ def _sdpa_gpu(q, k, v, causal):
 # The rival each dtype's target is set against: PyTorch's fp32 attention is the "efficient"
 # (xformers) kernel; for fp16/bf16 it is FlashAttention-2 ("flash").
 TARGET_RIVAL = {"float32": "sdpa-efficient", "float16": "sdpa-flash", "bfloat16": "sdpa-flash"}
+# Rows beyond the three dtypes: float32 through our other fp32 kernels (same inputs, same rivals).
+FP32_ROWS = {"float32-simt": dict(fp32_kernel="simt"), "tf32": dict(allow_tf32=True)}
+GPU_ROWS = ("float32", "float32-simt", "tf32", "float16", "bfloat16")
 NAIVE_MAX_N = 4096   # naive attention materializes B·H·N² scores: skip it beyond this
 
 
-def bench_gpu(quick: bool, dtypes=("float32", "float16", "bfloat16")) -> list[str]:
+def bench_gpu(quick: bool, dtypes=GPU_ROWS) -> list[str]:
     import cupy as cp
     shapes = [(16, 16, 1024)] if quick else [(16, 16, 1024), (4, 16, 4096), (1, 16, 16384)]
     names = ["ours", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "naive-cupy"]
@@ -175,14 +178,16 @@ def bench_gpu(quick: bool, dtypes=("float32", "float16", "bfloat16")) -> list[st
              + " | ours / target | ours / best SDPA | kernel |",
              "|" + " --- |" * (len(names) + 7)]
     rng = np.random.default_rng(0)
-    for dtype in dtypes:
+    for row in dtypes:
+        options = FP32_ROWS.get(row, {})
+        dtype = "float32" if options else row
         cast = _ml_bfloat16() if dtype == "bfloat16" else dtype
         for d in (64, 128):
             for B, H, N in shapes:
                 for causal in (False, True):
                     q, k, v = (cp.asarray(rng.standard_normal((B, H, N, d), dtype=np.float32).astype(cast))
                                for _ in range(3))
-                    fns = {"ours": lambda: flash_attention(q, k, v, causal=causal)}
+                    fns = {"ours": lambda: flash_attention(q, k, v, causal=causal, **options)}
                     fns.update(_sdpa_gpu(q, k, v, causal))
                     if N <= NAIVE_MAX_N and _runs(naive := lambda: _naive_cupy(q, k, v, causal)):
                         fns["naive-cupy"] = naive
@@ -192,8 +197,8 @@ def bench_gpu(quick: bool, dtypes=("float32", "float16", "bfloat16")) -> list[st
                     target = rate.get(TARGET_RIVAL[dtype])
                     cells = [f"{rate[n]:.2f}" if n in rate else "" for n in names]
                     ratios = [f"{rate['ours'] / r:.3f}" if r else "" for r in (target, best_sdpa)]
-                    kernel = plan_for(q, k, v, causal=causal).kernel
-                    lines.append(f"| {dtype} | {d} | {B}×{H}×{N} | {causal} | " + " | ".join(cells + ratios)
+                    kernel = plan_for(q, k, v, causal=causal, **options).kernel
+                    lines.append(f"| {row} | {d} | {B}×{H}×{N} | {causal} | " + " | ".join(cells + ratios)
                                  + f" | `{kernel}` |")
                     print(lines[-1], file=sys.stderr, flush=True)
                     del q, k, v, fns
@@ -220,8 +225,9 @@ def main(argv=None) -> int:
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="which backend to measure")
     parser.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
     parser.add_argument("--no-memory", action="store_true", help="cpu: skip the N = 65536 peak-memory run")
-    parser.add_argument("--dtypes", default="float32,float16,bfloat16",
-                        help="gpu: comma-separated dtypes to measure (default: all three)")
+    parser.add_argument("--dtypes", default=",".join(GPU_ROWS),
+                        help="gpu: comma-separated rows to measure: dtypes, 'float32-simt' (fp32 on the "
+                             "CUDA cores), 'tf32' (float32 with allow_tf32=True); default all")
     args = parser.parse_args(argv)
     if args.device == "cpu":
         lines = bench_cpu(args.quick, not args.no_memory)

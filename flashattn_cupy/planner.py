@@ -25,10 +25,12 @@ TILE_CANDIDATES = (64, 32, 16, 8)   # Br = Bc, largest first
 C_TILE_FOR_HEAD_DIM = ((128, 32), (256, 16))   # (largest d, Br = Bc)
 GRID_YZ_MAX = 65535                 # CUDA's limit on gridDim.y and gridDim.z
 
-# The tensor-core kernel (csrc/flash_fwd_mma.cu): fp16 from sm_75 (m16n8k8), fp16 and bf16
-# from sm_80 (m16n8k16 + cp.async). Its ARCH template argument is the instruction set, so a
-# Turing plan (arch=75) also runs, and is tested, on later GPUs.
-MMA_DTYPES = {75: ("float16",), 80: ("float16", "bfloat16")}
+# The tensor-core kernel (csrc/flash_fwd_mma.cu): fp16 from sm_75 (m16n8k8), fp16, bf16 and
+# fp32 (as TF32 or 3xTF32) from sm_80 (m16n8k16 / m16n8k8 tf32 + cp.async). Its ARCH template
+# argument is the instruction set, so a Turing plan (arch=75) also runs, and is tested, on
+# later GPUs.
+MMA_DTYPES = {75: ("float16",), 80: ("float16", "bfloat16", "float32")}
+FP32_MODES = ("auto", "3xtf32", "tf32", "simt")
 # (largest D, (warps, m-tiles per warp, Bc) candidates, best first): Br = 16 * m-tiles * warps.
 # Two m-tiles a warp halve the shared-memory reads per MMA; the first choices come from a sweep
 # on an H100 (fp16, N = 1k and 4k): 128 x 128 at d = 64 and 128 x 64 at d = 128 (FA2's
@@ -36,6 +38,11 @@ MMA_DTYPES = {75: ("float16",), 80: ("float16", "bfloat16")}
 MMA_TILES = ((64, ((4, 2, 128), (4, 2, 64), (4, 1, 64), (4, 1, 32), (2, 1, 32))),
              (128, ((4, 2, 64), (4, 2, 32), (4, 1, 32), (2, 1, 16))),
              (256, ((4, 1, 64), (4, 1, 32), (4, 1, 16), (2, 1, 16), (1, 1, 16))))
+# fp32 rows are twice as wide in shared memory; from the same sweep (3xTF32 and TF32 alike):
+# 128 x 64 at d = 64 and 128 x 32 at d = 128, 4-40% ahead of one m-tile a warp.
+MMA_TILES_F32 = ((64, ((4, 2, 64), (4, 2, 32), (4, 1, 32), (2, 1, 16))),
+                 (128, ((4, 2, 32), (4, 1, 32), (2, 1, 16), (1, 1, 16))),
+                 (256, ((4, 1, 32), (4, 1, 16), (2, 1, 16), (1, 1, 16))))
 
 
 @dataclass(frozen=True)
@@ -76,10 +83,10 @@ def simt_smem_bytes(Br: int, Bc: int, D: int) -> int:
     return 4 * floats
 
 
-def mma_smem_bytes(Br: int, Bc: int, D: int) -> int:
+def mma_smem_bytes(Br: int, Bc: int, D: int, itemsize: int = 2) -> int:
     """Exact dynamic shared memory of csrc/flash_fwd_mma.cu: Qi[Br], Kj[Bc], Vj[Bc] rows of
-    D + 8 16-bit elements (the 16-byte pad keeps ldmatrix free of bank conflicts)."""
-    return 2 * (Br + 2 * Bc) * (D + 8)
+    D elements and a 16-byte pad (which keeps ldmatrix free of bank conflicts)."""
+    return (Br + 2 * Bc) * (D * itemsize + 16)
 
 
 def mma_arch(arch: int, dtype: str) -> int | None:
@@ -90,13 +97,15 @@ def mma_arch(arch: int, dtype: str) -> int | None:
     return None
 
 
-def mma_tiles(D: int, smem_limit: int) -> tuple[int, int, int, int]:
-    """(warps, m-tiles per warp, Bc, Br) of the first candidate for D that fits the limit."""
-    candidates = next(c for d_max, c in MMA_TILES if D <= d_max)
+def mma_tiles(D: int, smem_limit: int, itemsize: int = 2) -> tuple[int, int, int, int] | None:
+    """(warps, m-tiles per warp, Bc, Br) of the first candidate for D that fits the limit,
+    None if none does."""
+    table = MMA_TILES if itemsize == 2 else MMA_TILES_F32
+    candidates = next(c for d_max, c in table if D <= d_max)
     for warps, mt, Bc in candidates:
-        if mma_smem_bytes(16 * mt * warps, Bc, D) <= smem_limit:
+        if mma_smem_bytes(16 * mt * warps, Bc, D, itemsize) <= smem_limit:
             return warps, mt, Bc, 16 * mt * warps
-    raise ValueError(f"no tensor-core tile fits a head-dim bound of {D} in {smem_limit} bytes")
+    return None
 
 
 def head_dim_bound(d: int) -> int:
@@ -113,12 +122,14 @@ def simt_tiles(D: int, smem_limit: int) -> tuple[int, int, int]:
 
 def plan(Nq: int, Nk: int, d: int, *, dtype: str = "float32", causal: bool = False,
          batch: int = 1, heads: int = 1, backend: str = "cuda",
-         smem_limit: int | None = None, arch: int | None = None) -> Plan:
+         smem_limit: int | None = None, arch: int | None = None, fp32: str = "auto") -> Plan:
     """Choose the tiles and launch shape for one call.
 
     backend "cuda" needs the device's shared-memory limit per block (the opt-in maximum) and
     its compute capability as an int (75 for sm_75); when None they are read from the current
     CuPy device. Passing a smaller arch plans for an older GPU: such a plan runs on newer ones.
+    fp32 (float32 only): "auto" (3xTF32 tensor cores on sm_80+, else "simt"), "3xtf32",
+    "tf32" (falls back to "simt" before sm_80) or "simt" (the CUDA-core kernel).
     """
     if not (1 <= d <= MAX_HEAD_DIM):
         raise ValueError(f"head dim d must be in 1..{MAX_HEAD_DIM}, got {d}")
@@ -140,14 +151,24 @@ def plan(Nq: int, Nk: int, d: int, *, dtype: str = "float32", causal: bool = Fal
         from . import _device
         smem_limit = _device.smem_limit() if smem_limit is None else smem_limit
         arch = _device.compute_capability() if arch is None else arch
+    if fp32 not in FP32_MODES:
+        raise ValueError(f"fp32 must be one of {FP32_MODES}, got {fp32!r}")
+    if fp32 == "3xtf32" and dtype == "float32" and arch < 80:
+        raise ValueError(f"fp32='3xtf32' needs TF32 tensor cores (sm_80 or later), not sm_{arch}")
     D = head_dim_bound(d)
     flag = "true" if causal else "false"
     isa = mma_arch(arch, dtype)
-    if isa is not None:
-        warps, mt, Bc, Br = mma_tiles(D, smem_limit)
+    itemsize = 4 if dtype == "float32" else 2
+    tiles = mma_tiles(D, smem_limit, itemsize) if isa is not None else None
+    if dtype == "float32" and fp32 == "simt":
+        tiles = None
+    if tiles is not None:
+        warps, mt, Bc, Br = tiles
         threads = 32 * warps
-        name = f"flash_fwd_mma<{CUDA_TYPES[dtype]}, {D}, {warps}, {mt}, {Bc}, {flag}, {isa}>"
-        smem = mma_smem_bytes(Br, Bc, D)
+        passes = 1 if dtype != "float32" or fp32 == "tf32" else 3
+        name = (f"flash_fwd_mma<{CUDA_TYPES[dtype]}, {D}, {warps}, {mt}, {Bc}, {flag}, {isa}, "
+                f"{passes}>")
+        smem = mma_smem_bytes(Br, Bc, D, itemsize)
     else:
         Br, Bc, threads = simt_tiles(D, smem_limit)
         name = f"flash_fwd_simt<{CUDA_TYPES[dtype]}, {Br}, {Bc}, {D}, {threads}, {flag}>"
@@ -162,6 +183,9 @@ def cuda_variants(smem_limit: int, arch: int) -> list[str]:
     for D in range(HEAD_DIM_STEP, MAX_HEAD_DIM + 1, HEAD_DIM_STEP):
         for dtype in CUDA_TYPES:
             for causal in (False, True):
-                names.add(plan(1, 1, D, dtype=dtype, causal=causal, smem_limit=smem_limit,
-                               arch=arch).kernel)
+                for fp32 in (FP32_MODES if dtype == "float32" else ("auto",)):
+                    if fp32 == "3xtf32" and arch < 80:
+                        continue
+                    names.add(plan(1, 1, D, dtype=dtype, causal=causal, smem_limit=smem_limit,
+                                   arch=arch, fp32=fp32).kernel)
     return sorted(names)

@@ -30,24 +30,42 @@ def test_every_plan_fits(limit, dtype, arch):
             p = plan(1000, 3000, d, dtype=dtype, causal=causal, batch=3, heads=5, smem_limit=limit,
                      arch=arch)
             assert p.smem_bytes <= limit
-            smem = planner.mma_smem_bytes if "mma" in p.kernel else planner.simt_smem_bytes
-            assert p.smem_bytes == smem(p.Br, p.Bc, p.head_dim_bound)
+            if "mma" in p.kernel:
+                itemsize = 4 if dtype == "float32" else 2
+                assert p.smem_bytes == planner.mma_smem_bytes(p.Br, p.Bc, p.head_dim_bound, itemsize)
+            else:
+                assert p.smem_bytes == planner.simt_smem_bytes(p.Br, p.Bc, p.head_dim_bound)
             assert d <= p.head_dim_bound <= 256 and p.head_dim_bound % 32 == 0
             assert p.threads % 32 == 0 and p.threads <= 1024
             assert p.grid == (math.ceil(1000 / p.Br), 5, 3)
             assert f"{'true' if causal else 'false'}" in p.kernel
 
 
-@pytest.mark.parametrize("arch, dtype, family", [
-    (75, "float32", "simt"), (75, "float16", "mma"), (75, "bfloat16", "simt"),
-    (80, "float32", "simt"), (80, "float16", "mma"), (86, "bfloat16", "mma"), (90, "bfloat16", "mma"),
+@pytest.mark.parametrize("arch, dtype, fp32, family, passes", [
+    (75, "float32", "auto", "simt", 0), (75, "float16", "auto", "mma", 1), (75, "bfloat16", "auto", "simt", 0),
+    (75, "float32", "tf32", "simt", 0),   # TF32 is allowed, not required: Turing has none
+    (80, "float32", "auto", "mma", 3), (80, "float32", "3xtf32", "mma", 3), (80, "float32", "tf32", "mma", 1),
+    (90, "float32", "simt", "simt", 0), (80, "float16", "auto", "mma", 1), (86, "bfloat16", "auto", "mma", 1),
+    (90, "bfloat16", "auto", "mma", 1),
 ])
-def test_tensor_cores_where_the_device_has_them(arch, dtype, family):
-    p = plan(4096, 4096, 128, dtype=dtype, smem_limit=99 * KB, arch=arch)
+def test_tensor_cores_where_the_device_has_them(arch, dtype, fp32, family, passes):
+    p = plan(4096, 4096, 128, dtype=dtype, smem_limit=99 * KB, arch=arch, fp32=fp32)
     assert p.kernel.startswith(f"flash_fwd_{family}<")
-    if family == "mma":   # the instruction set: Turing's m16n8k8, or m16n8k16 + cp.async
-        assert p.kernel.endswith(f", {75 if arch < 80 else 80}>")
+    if family == "mma":   # the instruction set (Turing's, or sm_80's with cp.async), the passes
+        assert p.kernel.endswith(f", {75 if arch < 80 else 80}, {passes}>")
         assert p.Br % (16 * p.threads // 32) == 0   # whole 16-row m-tiles per warp
+
+
+def test_3xtf32_needs_sm80():
+    with pytest.raises(ValueError, match="sm_80"):
+        plan(64, 64, 64, smem_limit=64 * KB, arch=75, fp32="3xtf32")
+    with pytest.raises(ValueError, match="fp32 must be one of"):
+        plan(64, 64, 64, smem_limit=64 * KB, arch=90, fp32="fp64")
+
+
+def test_fp32_tiles_fall_back_to_simt_when_none_fits():
+    assert "simt" in plan(64, 64, 256, smem_limit=48 * KB, arch=90).kernel
+    assert "mma" in plan(64, 64, 256, smem_limit=99 * KB, arch=90).kernel
 
 
 def test_grid_never_empty_and_capped():
@@ -57,8 +75,8 @@ def test_grid_never_empty_and_capped():
 
 
 def test_larger_devices_get_larger_tiles():
-    assert plan(4096, 4096, 64, smem_limit=227 * KB, arch=90).Br == 64
-    assert plan(4096, 4096, 256, smem_limit=48 * KB, arch=90).Br == 8
+    assert plan(4096, 4096, 64, smem_limit=227 * KB, arch=90, fp32="simt").Br == 64
+    assert plan(4096, 4096, 256, smem_limit=48 * KB, arch=90, fp32="simt").Br == 8
     half = dict(dtype="float16", arch=90)
     assert plan(4096, 4096, 64, smem_limit=227 * KB, **half).Br == 128
     assert plan(4096, 4096, 256, smem_limit=48 * KB, **half).Bc == 16
@@ -85,7 +103,7 @@ def test_plan_errors(kwargs, words):
 
 
 def test_variants_cover_every_head_dim_bound():
-    names = planner.cuda_variants(48 * KB, 90)
-    assert len(names) == 8 * 3 * 2   # head-dim bounds x dtypes x causal
+    names = planner.cuda_variants(48 * KB, 75)
+    assert len(names) == 8 * 3 * 2   # head-dim bounds x dtypes x causal (fp32: SIMT only)
     assert "flash_fwd_simt<float, 32, 32, 64, 256, false>" in names
-    assert "flash_fwd_mma<fa_bfloat16, 128, 4, 2, 64, true, 80>" in planner.cuda_variants(227 * KB, 90)
+    assert "flash_fwd_mma<fa_bfloat16, 128, 4, 2, 64, true, 80, 1>" in planner.cuda_variants(227 * KB, 90)

@@ -14,12 +14,15 @@ largest absolute-value score the data can make:
 * O = sum_j w_j v_j with weights perturbed relatively by at most eps moves by at most
   2 eps max|v| (numerator and normalizer both move); then O is rounded to its dtype
   (u_out |O| <= u_out max|v|).
-* the tensor-core kernel (flash_fwd_mma) rounds P to the input type before P V (the weights
-  w_j = p_j / l, with l summed from the unrounded p_j): O moves by at most u_p max|v| more.
-  Its fp32 accumulators add fp16/bf16 products (exact in fp32) with truncation and with
-  alignment to the largest term (Fasi, Higham, Mikaitis, Pranesh, "Numerical behavior of
-  NVIDIA tensor cores", PeerJ CS 2021): we take u = 2^-22, four times fp32's round-to-nearest
-  unit, for its scores and sums ("tensor_core").
+* the tensor-core kernel (flash_fwd_mma) rounds operands to what the MMA takes. P (and, for
+  fp32 inputs, V) before P V: with the weights w_j = p_j / l and l summed from the unrounded
+  p_j, O moves by at most (u_p + u_v) max|v| more. For fp32 inputs also q and k before q k^T:
+  each product moves relatively by 2 u_qk, so a score by 2 u_qk A. TF32 keeps 11 significant
+  bits (u = 2^-11, rounded to nearest); 3xTF32 carries x as hi + lo, both TF32, and drops
+  lo * lo' and the rounding of lo: within 2^-21 of x (u = 2^-21 for "tf32x3").
+  Its fp32 accumulators add products with truncation and alignment to the largest term
+  (Fasi, Higham, Mikaitis, Pranesh, "Numerical behavior of NVIDIA tensor cores", PeerJ CS
+  2021): we take u = 2^-22, four times fp32's round-to-nearest unit ("tensor_core").
 * L = m + log(l) moves by at most eps (eps bounds the relative error of l too), then is
   rounded to float32: 2^-24 |L|, and |L| <= A + log(Nk).
 
@@ -35,32 +38,38 @@ import numpy as np
 from flashattn_cupy import reference
 
 UNIT_ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8,
-                 "tensor_core": 2.0**-22}
+                 "tensor_core": 2.0**-22, "tf32": 2.0**-11, "tf32x3": 2.0**-21}
 
 
 def kernel_rounding(plan) -> dict:
-    """bounds() keywords for the kernel a plan runs: the tensor-core kernel rounds P."""
-    if plan is not None and plan.kernel.startswith("flash_fwd_mma"):
+    """bounds() keywords for the kernel a plan runs (the tensor-core kernel rounds operands)."""
+    if plan is None or not plan.kernel.startswith("flash_fwd_mma"):
+        return {}
+    if plan.dtype != "float32":
         return {"compute": "tensor_core", "p": plan.dtype}
-    return {}
+    operand = "tf32x3" if plan.kernel.endswith(", 3>") else "tf32"
+    return {"compute": "tensor_core", "qk": operand, "p": operand, "v_round": operand}
 
 
-def bounds(q, k, v, *, softmax_scale=None, compute="float32", out="float32", p=None):
-    """(tol_O, tol_L) for inputs q, k, v (NumPy, any float dtype); p: the type P is rounded to."""
+def bounds(q, k, v, *, softmax_scale=None, compute="float32", out="float32", qk=None, p=None,
+           v_round=None):
+    """(tol_O, tol_L) for inputs q, k, v (NumPy, any float dtype); qk, p, v_round: the types
+    q and k, P, and V are rounded to before their products (None: not rounded)."""
     q, k, v = (np.asarray(x).astype(np.float64) for x in (q, k, v))
     d, Nk = q.shape[-1], k.shape[-2]
     scale = 1.0 / np.sqrt(d) if softmax_scale is None else float(softmax_scale)
     A = abs(scale) * float((np.abs(q) @ np.swapaxes(np.abs(k), -1, -2)).max())
     u = UNIT_ROUNDOFF[compute]
-    eps = 2 * (d + 4) * u * A + (Nk + 4) * u
+    u_of = lambda name: UNIT_ROUNDOFF[name] if name else 0.0  # noqa: E731
+    eps = 2 * ((d + 4) * u + 2 * u_of(qk)) * A + (Nk + 4) * u
     vmax = float(np.abs(v).max())
-    tol_O = 2 * eps * vmax + UNIT_ROUNDOFF[out] * vmax + (UNIT_ROUNDOFF[p] * vmax if p else 0.0)
+    tol_O = 2 * eps * vmax + (u_of(out) + u_of(p) + u_of(v_round)) * vmax
     tol_L = eps + UNIT_ROUNDOFF["float32"] * (A + np.log(Nk))
     return tol_O, tol_L
 
 
 def assert_attention_close(O, L, q, k, v, *, causal=False, softmax_scale=None,
-                           compute="float32", out=None, p=None):
+                           compute="float32", out=None, qk=None, p=None, v_round=None):
     """Check (O, L) against the float64 reference with the bounds above."""
     O = np.asarray(O).astype(np.float64)
     L = np.asarray(L)
@@ -68,7 +77,8 @@ def assert_attention_close(O, L, q, k, v, *, causal=False, softmax_scale=None,
     assert O.shape == q.shape and L.shape == q.shape[:-1]
     O_ref, L_ref = reference.attention(q, k, v, causal=causal, softmax_scale=softmax_scale)
     out = out or np.dtype(q.dtype).name
-    tol_O, tol_L = bounds(q, k, v, softmax_scale=softmax_scale, compute=compute, out=out, p=p)
+    tol_O, tol_L = bounds(q, k, v, softmax_scale=softmax_scale, compute=compute, out=out, qk=qk,
+                          p=p, v_round=v_round)
     assert not np.isnan(O).any() and not np.isnan(L).any(), "NaN in the output"
     masked = np.isneginf(L_ref)
     assert np.array_equal(np.isneginf(L), masked), "L = -inf exactly on the fully masked rows"
