@@ -17,12 +17,15 @@ C_TYPES = {"float32": "f32", "float64": "f64"}
 MAX_HEAD_DIM = 256
 HEAD_DIM_STEP = 32         # kernels are compiled for d rounded up to a multiple of this
 TILE_CANDIDATES = (64, 32, 16, 8)   # Br = Bc, largest first
-# The C twin's tiles, by head dim. Measured with one thread on a 2-core AVX-512 machine
-# (N = 2048, float32): 32 x 32 came within 10-15% of the best of nine shapes tried up to
-# 128 x 128 (64 x 64 and 128 x 64 were that much faster), and 16 x 16 was 25% slower at
-# d = 128. 32 is kept so that d = 64 runs the seed's configuration; revisit with the C
-# speed work. Above d = 128 the tiles halve to keep the working set L2-sized.
-C_TILE_FOR_HEAD_DIM = ((128, 32), (256, 16))   # (largest d, Br = Bc)
+# The C twin's tiles (Br, Bc) by head dim. Measured with one thread, float32, on the 2-core
+# AVX-512 (Zen 4) machine, nine shapes from 32x32 to 256x64 at N = 1024, 2048, 4096, causal and
+# not, all in one run: Br matters most, because each (i, j) step transposes Kj and copies Vj and
+# a tall Qi spreads that over more rows; Bc = 64 keeps KjT and Vj (Bc*d floats each) within a
+# 32 KB L1 at d = 128. 128x64 was the fastest or within 5% of it at every point for d = 64 and
+# 128 (1.2-1.35x the 32x32 of the seed, which is a GPU configuration), where 256x64 won without
+# the mask but lost with it. At d = 160 and 256, 128x32 was fastest (64x64 7-10% slower,
+# 16x16 up to 35% slower). Qi and Oi (Br*d each) stream through L2 once per Kj tile.
+C_TILE_FOR_HEAD_DIM = ((128, 128, 64), (256, 128, 32))   # (largest d, Br, Bc)
 GRID_YZ_MAX = 65535                 # CUDA's limit on gridDim.y and gridDim.z
 
 # The tensor-core kernel (csrc/flash_fwd_mma.cu): fp16 from sm_75 (m16n8k8), fp16 and bf16
@@ -127,10 +130,10 @@ def plan(Nq: int, Nk: int, d: int, *, dtype: str = "float32", causal: bool = Fal
     if backend == "c":
         if dtype not in C_TYPES:
             raise ValueError(f"the C backend takes {sorted(C_TYPES)}, got {dtype}")
-        tile = next(t for d_max, t in C_TILE_FOR_HEAD_DIM if d <= d_max)
+        Br, Bc = next((Br, Bc) for d_max, Br, Bc in C_TILE_FOR_HEAD_DIM if d <= d_max)
         itemsize = 8 if dtype == "float64" else 4
-        work = itemsize * (4 * tile * d + tile * tile)   # Qi, Kj, Vj, Oi and Sij
-        return Plan("c", f"flash_fwd_{C_TYPES[dtype]}", dtype, d, d, tile, tile, causal,
+        work = itemsize * (2 * (Br + Bc) * d + Br * Bc)   # Qi, Oi, Kj, Vj and Sij
+        return Plan("c", f"flash_fwd_{C_TYPES[dtype]}", dtype, d, d, Br, Bc, causal,
                     smem_bytes=work)
     if backend != "cuda":
         raise ValueError(f"plan() takes backend 'c' or 'cuda', got {backend!r}")

@@ -57,8 +57,8 @@ def test_inputs_are_not_modified(rng):
 def test_plan_for(rng):
     q, k, v = inputs(rng, (2,), 256, 256, 64)
     plan = plan_for(q, k, v)
-    assert (plan.backend, plan.Br, plan.Bc) == ("c", 32, 32)
-    assert "Br=32" in str(plan)
+    assert (plan.backend, plan.Br, plan.Bc) == ("c", 128, 64)
+    assert "Br=128, Bc=64" in str(plan)
     assert plan_for(q, k, v, backend="reference") is None
 
 

@@ -58,15 +58,19 @@ def test_float64(rng):
     _check(q, k, v, compute="float64", causal=True)
 
 
-@pytest.mark.parametrize("tile", planner.TILE_CANDIDATES)
-def test_every_tile_size(rng, tile):
-    """The planner picks Br = Bc from TILE_CANDIDATES; each must be right, not just the usual one."""
+C_TILES = sorted({(t, t) for t in planner.TILE_CANDIDATES}
+                 | {(Br, Bc) for _, Br, Bc in planner.C_TILE_FOR_HEAD_DIM})
+
+
+@pytest.mark.parametrize("Br, Bc", C_TILES)
+def test_every_tile_size(rng, Br, Bc):
+    """The C twin takes any Br x Bc; the planner's shapes and the CUDA ones must all be right."""
     from flashattn_cupy import _c_backend
     from flashattn_cupy._validate import validate
 
-    q, k, v = inputs(rng, (2,), 100, 70, 24)
+    q, k, v = inputs(rng, (2,), 300, 270, 24)   # ragged last tiles for every shape
     problem = validate(q, k, v, causal=True, softmax_scale=None, return_lse=True, backend="c")
-    plan = planner.Plan("c", "flash_fwd_f32", "float32", 24, 24, tile, tile, True)
+    plan = planner.Plan("c", "flash_fwd_f32", "float32", 24, 24, Br, Bc, True)
     O, L = _c_backend.run(problem, plan, q, k, v)
     assert_attention_close(O, L, q, k, v, causal=True)
 
