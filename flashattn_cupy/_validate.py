@@ -42,6 +42,7 @@ class Problem:
     d: int
     scale: float
     causal: bool
+    num_threads: int    # C backend: Python threads to share the batch * heads problems
 
     @property
     def heads(self) -> int:   # the last leading dim; kernels take the others as one batch dim
@@ -67,11 +68,15 @@ def _check_flag(name: str, value) -> bool:
     return bool(value)
 
 
-def validate(q, k, v, *, causal, softmax_scale, return_lse, backend) -> Problem:
+def validate(q, k, v, *, causal, softmax_scale, return_lse, backend, num_threads=1) -> Problem:
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
     causal = _check_flag("causal", causal)
     _check_flag("return_lse", return_lse)
+    if not isinstance(num_threads, numbers.Integral) or isinstance(num_threads, (bool, np.bool_)):
+        raise TypeError(f"num_threads must be a positive int, got {num_threads!r}")
+    if num_threads < 1:
+        raise ValueError(f"num_threads must be a positive int, got {num_threads}")
 
     kinds = {name: _array_kind(name, x) for name, x in (("q", q), ("k", k), ("v", v))}
     if len(set(kinds.values())) > 1:
@@ -120,6 +125,9 @@ def validate(q, k, v, *, causal, softmax_scale, return_lse, backend) -> Problem:
         raise TypeError(f"backend {backend!r} takes q, k, v of dtype "
                         f"{', '.join(allowed[:-1])} or {allowed[-1]}, got {dtype}: "
                         f"{_DTYPE_ADVICE[backend]}")
+    if backend != "c" and num_threads != 1:
+        raise ValueError(f"num_threads applies to the C backend only; this call runs on the "
+                         f"{backend!r} backend, so leave num_threads at 1 (got {num_threads})")
     if backend == "cuda":
         _device.cupy()   # raises BackendUnavailableError with the install hint
     elif backend == "c":
@@ -135,4 +143,5 @@ def validate(q, k, v, *, causal, softmax_scale, return_lse, backend) -> Problem:
     else:
         raise TypeError(f"softmax_scale must be a real number or None, got {softmax_scale!r}")
 
-    return Problem(q, k, v, backend, on_gpu, dtype, tuple(q.shape[:-2]), Nq, Nk, d, scale, causal)
+    return Problem(q, k, v, backend, on_gpu, dtype, tuple(q.shape[:-2]), Nq, Nk, d, scale, causal,
+                   int(num_threads))

@@ -3,7 +3,8 @@
 Kernels never guess. Given the problem's sizes, dtype and causal flag, and for the GPU
 the device's shared-memory limit, `plan()` returns a frozen, printable `Plan` that says
 exactly what will run: tile sizes Br x Bc, the head-dim bound the kernel is compiled for,
-threads per block, grid, and shared-memory bytes (the CUDA kernel's exact layout).
+threads per block (for C: Python threads), grid, and shared-memory bytes (the CUDA
+kernel's exact layout; for C, the tiles' working set).
 """
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ class Plan:
     Br: int
     Bc: int
     causal: bool
-    threads: int = 1
+    threads: int = 1             # CUDA: threads per block; C: Python threads sharing the heads
     grid: tuple = (1, 1, 1)
     smem_bytes: int = 0          # CUDA: dynamic shared memory; C: working-set bytes
     smem_limit: int = 0
@@ -61,7 +62,8 @@ class Plan:
     def __str__(self) -> str:
         if self.backend == "c":
             return (f"c {self.kernel}: Br={self.Br}, Bc={self.Bc}, d={self.d}, "
-                    f"causal={self.causal}, working set {self.smem_bytes / 1024:.2f} KB")
+                    f"causal={self.causal}, working set {self.smem_bytes / 1024:.2f} KB per thread, "
+                    f"{self.threads} thread{'s' if self.threads > 1 else ''}")
         return (f"cuda {self.kernel}: grid {self.grid} x {self.threads} threads, "
                 f"Br={self.Br}, Bc={self.Bc}, d={self.d} (compiled for {self.head_dim_bound}), "
                 f"shared memory {self.smem_bytes / 1024:.2f} KB of {self.smem_limit / 1024:.2f} KB")
@@ -116,17 +118,19 @@ def simt_tiles(D: int, smem_limit: int) -> tuple[int, int, int]:
 
 def plan(Nq: int, Nk: int, d: int, *, dtype: str = "float32", causal: bool = False,
          batch: int = 1, heads: int = 1, backend: str = "cuda",
-         smem_limit: int | None = None, arch: int | None = None) -> Plan:
+         smem_limit: int | None = None, arch: int | None = None, num_threads: int = 1) -> Plan:
     """Choose the tiles and launch shape for one call.
 
+    backend "c" runs the batch * heads problems on min(num_threads, batch * heads) Python
+    threads, each calling the single-threaded C twin on a contiguous slice of them.
     backend "cuda" needs the device's shared-memory limit per block (the opt-in maximum) and
     its compute capability as an int (75 for sm_75); when None they are read from the current
     CuPy device. Passing a smaller arch plans for an older GPU: such a plan runs on newer ones.
     """
     if not (1 <= d <= MAX_HEAD_DIM):
         raise ValueError(f"head dim d must be in 1..{MAX_HEAD_DIM}, got {d}")
-    if min(Nq, Nk, batch, heads) < 1:
-        raise ValueError("Nq, Nk, batch and heads must all be >= 1")
+    if min(Nq, Nk, batch, heads, num_threads) < 1:
+        raise ValueError("Nq, Nk, batch, heads and num_threads must all be >= 1")
     if backend == "c":
         if dtype not in C_TYPES:
             raise ValueError(f"the C backend takes {sorted(C_TYPES)}, got {dtype}")
@@ -134,9 +138,11 @@ def plan(Nq: int, Nk: int, d: int, *, dtype: str = "float32", causal: bool = Fal
         itemsize = 8 if dtype == "float64" else 4
         work = itemsize * (2 * (Br + Bc) * d + Br * Bc)   # Qi, Oi, Kj, Vj and Sij
         return Plan("c", f"flash_fwd_{C_TYPES[dtype]}", dtype, d, d, Br, Bc, causal,
-                    smem_bytes=work)
+                    threads=min(num_threads, batch * heads), smem_bytes=work)
     if backend != "cuda":
         raise ValueError(f"plan() takes backend 'c' or 'cuda', got {backend!r}")
+    if num_threads != 1:
+        raise ValueError(f"num_threads applies to the C backend only, got {num_threads} for {backend!r}")
     if dtype not in CUDA_TYPES:
         raise ValueError(f"the CUDA backend takes {sorted(CUDA_TYPES)}, got {dtype}")
     if smem_limit is None or arch is None:

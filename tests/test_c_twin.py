@@ -87,6 +87,23 @@ def test_threads_give_the_same_result(rng):
         np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("lead, num_threads, causal, dtype", [
+    ((5,), 2, False, np.float32),       # 5 heads on 2 threads: slices of 2 and 3
+    ((2, 3), 4, True, np.float32),      # 6 heads on 4 threads: slices of 1 and 2
+    ((3,), 8, True, np.float32),        # more threads than heads: one head per thread
+    ((), 2, False, np.float32),         # one head: one thread
+    ((2, 2), 3, True, np.float64),
+])
+def test_num_threads_gives_bitwise_the_same_result(rng, lead, num_threads, causal, dtype):
+    q, k, v = inputs(rng, lead, 77, 130, 40, dtype=dtype)
+    O1, L1 = flash_attention(q, k, v, causal=causal, return_lse=True)
+    O, L = flash_attention(q, k, v, causal=causal, return_lse=True, num_threads=num_threads)
+    assert O.shape == O1.shape and L.shape == L1.shape
+    np.testing.assert_array_equal(O, O1)
+    np.testing.assert_array_equal(L, L1)
+    assert_attention_close(O, L, q, k, v, compute=np.dtype(dtype).name, causal=causal)
+
+
 def test_vectorized_exp_accuracy():
     """flash_exp_f32 (the C twin's exp for Pij) is within 2 ulp of exp on [-87.33, 0], the range
     it is used on (scores minus their max); below it flushes to 0 (|error| < FLT_MIN), -inf gives
