@@ -43,6 +43,7 @@ class Problem:
     d: int
     scale: float
     causal: bool
+    num_threads: int = 1  # C backend: Python threads to share the batch * heads problems
     fp32: str = "auto"  # float32 on CUDA: "auto", "3xtf32", "simt" or "tf32" (planner.plan's fp32)
 
     @property
@@ -84,11 +85,15 @@ def _fp32_mode(allow_tf32, fp32_kernel, backend: str, dtype: str) -> str:
 
 
 def validate(q, k, v, *, causal, softmax_scale, return_lse, backend,
-             allow_tf32=False, fp32_kernel="auto") -> Problem:
+             num_threads=1, allow_tf32=False, fp32_kernel="auto") -> Problem:
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
     causal = _check_flag("causal", causal)
     _check_flag("return_lse", return_lse)
+    if not isinstance(num_threads, numbers.Integral) or isinstance(num_threads, (bool, np.bool_)):
+        raise TypeError(f"num_threads must be a positive int, got {num_threads!r}")
+    if num_threads < 1:
+        raise ValueError(f"num_threads must be a positive int, got {num_threads}")
 
     kinds = {name: _array_kind(name, x) for name, x in (("q", q), ("k", k), ("v", v))}
     if len(set(kinds.values())) > 1:
@@ -137,6 +142,9 @@ def validate(q, k, v, *, causal, softmax_scale, return_lse, backend,
         raise TypeError(f"backend {backend!r} takes q, k, v of dtype "
                         f"{', '.join(allowed[:-1])} or {allowed[-1]}, got {dtype}: "
                         f"{_DTYPE_ADVICE[backend]}")
+    if backend != "c" and num_threads != 1:
+        raise ValueError(f"num_threads applies to the C backend only; this call runs on the "
+                         f"{backend!r} backend, so leave num_threads at 1 (got {num_threads})")
     if backend == "cuda":
         _device.cupy()   # raises BackendUnavailableError with the install hint
     elif backend == "c":
@@ -154,4 +162,4 @@ def validate(q, k, v, *, causal, softmax_scale, return_lse, backend,
 
     fp32 = _fp32_mode(allow_tf32, fp32_kernel, backend, dtype)
     return Problem(q, k, v, backend, on_gpu, dtype, tuple(q.shape[:-2]), Nq, Nk, d, scale, causal,
-                   fp32)
+                   num_threads=int(num_threads), fp32=fp32)

@@ -8,7 +8,7 @@ from ._validate import Problem, validate
 
 
 def flash_attention(q, k, v, *, causal=False, softmax_scale=None, return_lse=False,
-                    backend="auto", allow_tf32=False, fp32_kernel="auto"):
+                    backend="auto", num_threads=1, allow_tf32=False, fp32_kernel="auto"):
     """FlashAttention-2 forward: O = softmax(softmax_scale * q k^T) v, without the N x N matrix.
 
     q: (..., Nq, d); k, v: (..., Nk, d) with the same leading (batch, heads) dims, 1 <= d <= 256.
@@ -19,6 +19,10 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, return_lse=Fal
     backend: "auto" (CuPy arrays -> "cuda", NumPy arrays -> "c"), "c" (float32/float64),
         "cuda" (float32/float16/bfloat16; NumPy inputs are copied to the GPU and back), or
         "reference" (naive float64 NumPy, the tests' oracle).
+    num_threads: C backend only (a ValueError elsewhere unless 1): run the batch * heads
+        problems on up to this many Python threads, each calling the single-threaded C twin
+        on a contiguous slice of heads (the C call releases the GIL). The result is bitwise
+        the same for every num_threads; one head never uses more than one thread.
     allow_tf32: float32 on the CUDA backend may use TF32 tensor cores (inputs rounded to 10-bit
         mantissas, relative error ~1e-3 in the scores; several times faster). Default False.
     fp32_kernel: how float32 runs on the CUDA backend when allow_tf32 is False, accurate to
@@ -29,16 +33,18 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, return_lse=Fal
     runs on the current stream and does not synchronize the host.
     """
     problem = validate(q, k, v, causal=causal, softmax_scale=softmax_scale, return_lse=return_lse,
-                       backend=backend, allow_tf32=allow_tf32, fp32_kernel=fp32_kernel)
+                       backend=backend, num_threads=num_threads, allow_tf32=allow_tf32,
+                       fp32_kernel=fp32_kernel)
     O, L = _run(problem)
     return (O, L) if return_lse else O
 
 
-def plan_for(q, k, v, *, causal=False, softmax_scale=None, backend="auto", allow_tf32=False,
-             fp32_kernel="auto"):
+def plan_for(q, k, v, *, causal=False, softmax_scale=None, backend="auto", num_threads=1,
+             allow_tf32=False, fp32_kernel="auto"):
     """The Plan flash_attention would run for these arguments (None for "reference")."""
     problem = validate(q, k, v, causal=causal, softmax_scale=softmax_scale, return_lse=False,
-                       backend=backend, allow_tf32=allow_tf32, fp32_kernel=fp32_kernel)
+                       backend=backend, num_threads=num_threads, allow_tf32=allow_tf32,
+                       fp32_kernel=fp32_kernel)
     return _plan(problem)
 
 
@@ -55,7 +61,8 @@ def _plan(problem: Problem):
         smem_limit, arch = _device.smem_limit(device_id), _device.compute_capability(device_id)
     return planner.plan(problem.Nq, problem.Nk, problem.d, dtype=problem.dtype,
                         causal=problem.causal, batch=problem.batch, heads=problem.heads,
-                        backend=problem.backend, smem_limit=smem_limit, arch=arch, fp32=problem.fp32)
+                        backend=problem.backend, smem_limit=smem_limit, arch=arch,
+                        num_threads=problem.num_threads, fp32=problem.fp32)
 
 
 def _host(x):

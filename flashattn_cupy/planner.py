@@ -3,7 +3,8 @@
 Kernels never guess. Given the problem's sizes, dtype and causal flag, and for the GPU
 the device's shared-memory limit, `plan()` returns a frozen, printable `Plan` that says
 exactly what will run: tile sizes Br x Bc, the head-dim bound the kernel is compiled for,
-threads per block, grid, and shared-memory bytes (the CUDA kernel's exact layout).
+threads per block (for C: Python threads), grid, and shared-memory bytes (the CUDA
+kernel's exact layout; for C, the tiles' working set).
 """
 from __future__ import annotations
 
@@ -17,12 +18,15 @@ C_TYPES = {"float32": "f32", "float64": "f64"}
 MAX_HEAD_DIM = 256
 HEAD_DIM_STEP = 32         # kernels are compiled for d rounded up to a multiple of this
 TILE_CANDIDATES = (64, 32, 16, 8)   # Br = Bc, largest first
-# The C twin's tiles, by head dim. Measured with one thread on a 2-core AVX-512 machine
-# (N = 2048, float32): 32 x 32 came within 10-15% of the best of nine shapes tried up to
-# 128 x 128 (64 x 64 and 128 x 64 were that much faster), and 16 x 16 was 25% slower at
-# d = 128. 32 is kept so that d = 64 runs the seed's configuration; revisit with the C
-# speed work. Above d = 128 the tiles halve to keep the working set L2-sized.
-C_TILE_FOR_HEAD_DIM = ((128, 32), (256, 16))   # (largest d, Br = Bc)
+# The C twin's tiles (Br, Bc) by head dim. Measured with one thread, float32, on the 2-core
+# AVX-512 (Zen 4) machine, nine shapes from 32x32 to 256x64 at N = 1024, 2048, 4096, causal and
+# not, all in one run: Br matters most, because each (i, j) step transposes Kj and copies Vj and
+# a tall Qi spreads that over more rows; Bc = 64 keeps KjT and Vj (Bc*d floats each) within a
+# 32 KB L1 at d = 128. 128x64 was the fastest or within 5% of it at every point for d = 64 and
+# 128 (1.2-1.35x the 32x32 of the seed, which is a GPU configuration), where 256x64 won without
+# the mask but lost with it. At d = 160 and 256, 128x32 was fastest (64x64 7-10% slower,
+# 16x16 up to 35% slower). Qi and Oi (Br*d each) stream through L2 once per Kj tile.
+C_TILE_FOR_HEAD_DIM = ((128, 128, 64), (256, 128, 32))   # (largest d, Br, Bc)
 GRID_YZ_MAX = 65535                 # CUDA's limit on gridDim.y and gridDim.z
 
 # The tensor-core kernel (csrc/flash_fwd_mma.cu): fp16 from sm_75 (m16n8k8), fp16, bf16 and
@@ -57,7 +61,7 @@ class Plan:
     Br: int
     Bc: int
     causal: bool
-    threads: int = 1
+    threads: int = 1             # CUDA: threads per block; C: Python threads sharing the heads
     grid: tuple = (1, 1, 1)
     smem_bytes: int = 0          # CUDA: dynamic shared memory; C: working-set bytes
     smem_limit: int = 0
@@ -65,7 +69,8 @@ class Plan:
     def __str__(self) -> str:
         if self.backend == "c":
             return (f"c {self.kernel}: Br={self.Br}, Bc={self.Bc}, d={self.d}, "
-                    f"causal={self.causal}, working set {self.smem_bytes / 1024:.2f} KB")
+                    f"causal={self.causal}, working set {self.smem_bytes / 1024:.2f} KB per thread, "
+                    f"{self.threads} thread{'s' if self.threads > 1 else ''}")
         return (f"cuda {self.kernel}: grid {self.grid} x {self.threads} threads, "
                 f"Br={self.Br}, Bc={self.Bc}, d={self.d} (compiled for {self.head_dim_bound}), "
                 f"shared memory {self.smem_bytes / 1024:.2f} KB of {self.smem_limit / 1024:.2f} KB")
@@ -122,9 +127,12 @@ def simt_tiles(D: int, smem_limit: int) -> tuple[int, int, int]:
 
 def plan(Nq: int, Nk: int, d: int, *, dtype: str = "float32", causal: bool = False,
          batch: int = 1, heads: int = 1, backend: str = "cuda",
-         smem_limit: int | None = None, arch: int | None = None, fp32: str = "auto") -> Plan:
+         smem_limit: int | None = None, arch: int | None = None, num_threads: int = 1,
+         fp32: str = "auto") -> Plan:
     """Choose the tiles and launch shape for one call.
 
+    backend "c" runs the batch * heads problems on min(num_threads, batch * heads) Python
+    threads, each calling the single-threaded C twin on a contiguous slice of them.
     backend "cuda" needs the device's shared-memory limit per block (the opt-in maximum) and
     its compute capability as an int (75 for sm_75); when None they are read from the current
     CuPy device. Passing a smaller arch plans for an older GPU: such a plan runs on newer ones.
@@ -133,18 +141,20 @@ def plan(Nq: int, Nk: int, d: int, *, dtype: str = "float32", causal: bool = Fal
     """
     if not (1 <= d <= MAX_HEAD_DIM):
         raise ValueError(f"head dim d must be in 1..{MAX_HEAD_DIM}, got {d}")
-    if min(Nq, Nk, batch, heads) < 1:
-        raise ValueError("Nq, Nk, batch and heads must all be >= 1")
+    if min(Nq, Nk, batch, heads, num_threads) < 1:
+        raise ValueError("Nq, Nk, batch, heads and num_threads must all be >= 1")
     if backend == "c":
         if dtype not in C_TYPES:
             raise ValueError(f"the C backend takes {sorted(C_TYPES)}, got {dtype}")
-        tile = next(t for d_max, t in C_TILE_FOR_HEAD_DIM if d <= d_max)
+        Br, Bc = next((Br, Bc) for d_max, Br, Bc in C_TILE_FOR_HEAD_DIM if d <= d_max)
         itemsize = 8 if dtype == "float64" else 4
-        work = itemsize * (4 * tile * d + tile * tile)   # Qi, Kj, Vj, Oi and Sij
-        return Plan("c", f"flash_fwd_{C_TYPES[dtype]}", dtype, d, d, tile, tile, causal,
-                    smem_bytes=work)
+        work = itemsize * (2 * (Br + Bc) * d + Br * Bc)   # Qi, Oi, Kj, Vj and Sij
+        return Plan("c", f"flash_fwd_{C_TYPES[dtype]}", dtype, d, d, Br, Bc, causal,
+                    threads=min(num_threads, batch * heads), smem_bytes=work)
     if backend != "cuda":
         raise ValueError(f"plan() takes backend 'c' or 'cuda', got {backend!r}")
+    if num_threads != 1:
+        raise ValueError(f"num_threads applies to the C backend only, got {num_threads} for {backend!r}")
     if dtype not in CUDA_TYPES:
         raise ValueError(f"the CUDA backend takes {sorted(CUDA_TYPES)}, got {dtype}")
     if smem_limit is None or arch is None:

@@ -57,8 +57,9 @@ def test_inputs_are_not_modified(rng):
 def test_plan_for(rng):
     q, k, v = inputs(rng, (2,), 256, 256, 64)
     plan = plan_for(q, k, v)
-    assert (plan.backend, plan.Br, plan.Bc) == ("c", 32, 32)
-    assert "Br=32" in str(plan)
+    assert (plan.backend, plan.Br, plan.Bc) == ("c", 128, 64)
+    assert "Br=128, Bc=64" in str(plan) and "1 thread" in str(plan)
+    assert plan_for(q, k, v, num_threads=4).threads == 2   # one thread per head at most
     assert plan_for(q, k, v, backend="reference") is None
 
 
@@ -91,6 +92,14 @@ def _bad(rng):
     (lambda q, k, v: dict(softmax_scale=1e300), ValueError, "softmax_scale must be a finite"),
     (lambda q, k, v: dict(softmax_scale="0.1"), TypeError, "softmax_scale must be a real number"),
     (lambda q, k, v: dict(softmax_scale=True), TypeError, "softmax_scale must be a real number"),
+    (lambda q, k, v: dict(num_threads=0), ValueError, "num_threads must be a positive int, got 0"),
+    (lambda q, k, v: dict(num_threads=2.0), TypeError, "num_threads must be a positive int, got 2.0"),
+    (lambda q, k, v: dict(num_threads=True), TypeError, "num_threads must be a positive int"),
+    (lambda q, k, v: dict(num_threads=None), TypeError, "num_threads must be a positive int"),
+    (lambda q, k, v: dict(num_threads=2, backend="reference"), ValueError,
+     "num_threads applies to the C backend only"),
+    (lambda q, k, v: dict(num_threads=2, backend="cuda"), ValueError,   # before CuPy is needed
+     "num_threads applies to the C backend only; this call runs on the 'cuda' backend"),
 ])
 def test_validation_errors(rng, make, exc, words):
     q, k, v = _bad(rng)
@@ -123,3 +132,12 @@ def test_numpy_mixed_with_cupy_is_refused(rng, cp):
     q, k, v = _bad(rng)
     with pytest.raises(TypeError, match="must all be NumPy arrays or all CuPy arrays"):
         flash_attention(cp.asarray(q), k, v)
+
+
+@pytest.mark.gpu
+def test_num_threads_on_cupy_arrays(rng, cp):
+    q, k, v = (cp.asarray(x) for x in inputs(rng, (3,), 40, 50, 24))
+    with pytest.raises(ValueError, match="C backend only"):
+        flash_attention(q, k, v, num_threads=2)   # auto: CuPy arrays run on "cuda"
+    O = flash_attention(q, k, v, backend="c", num_threads=2)
+    cp.testing.assert_array_equal(O, flash_attention(q, k, v, backend="c"))

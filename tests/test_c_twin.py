@@ -58,15 +58,19 @@ def test_float64(rng):
     _check(q, k, v, compute="float64", causal=True)
 
 
-@pytest.mark.parametrize("tile", planner.TILE_CANDIDATES)
-def test_every_tile_size(rng, tile):
-    """The planner picks Br = Bc from TILE_CANDIDATES; each must be right, not just the usual one."""
+C_TILES = sorted({(t, t) for t in planner.TILE_CANDIDATES}
+                 | {(Br, Bc) for _, Br, Bc in planner.C_TILE_FOR_HEAD_DIM})
+
+
+@pytest.mark.parametrize("Br, Bc", C_TILES)
+def test_every_tile_size(rng, Br, Bc):
+    """The C twin takes any Br x Bc; the planner's shapes and the CUDA ones must all be right."""
     from flashattn_cupy import _c_backend
     from flashattn_cupy._validate import validate
 
-    q, k, v = inputs(rng, (2,), 100, 70, 24)
+    q, k, v = inputs(rng, (2,), 300, 270, 24)   # ragged last tiles for every shape
     problem = validate(q, k, v, causal=True, softmax_scale=None, return_lse=True, backend="c")
-    plan = planner.Plan("c", "flash_fwd_f32", "float32", 24, 24, tile, tile, True)
+    plan = planner.Plan("c", "flash_fwd_f32", "float32", 24, 24, Br, Bc, True)
     O, L = _c_backend.run(problem, plan, q, k, v)
     assert_attention_close(O, L, q, k, v, causal=True)
 
@@ -81,6 +85,23 @@ def test_threads_give_the_same_result(rng):
         results = list(pool.map(lambda p: flash_attention(*p), problems * 2))
     for got, want in zip(results, expected * 2):
         np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("lead, num_threads, causal, dtype", [
+    ((5,), 2, False, np.float32),       # 5 heads on 2 threads: slices of 2 and 3
+    ((2, 3), 4, True, np.float32),      # 6 heads on 4 threads: slices of 1 and 2
+    ((3,), 8, True, np.float32),        # more threads than heads: one head per thread
+    ((), 2, False, np.float32),         # one head: one thread
+    ((2, 2), 3, True, np.float64),
+])
+def test_num_threads_gives_bitwise_the_same_result(rng, lead, num_threads, causal, dtype):
+    q, k, v = inputs(rng, lead, 77, 130, 40, dtype=dtype)
+    O1, L1 = flash_attention(q, k, v, causal=causal, return_lse=True)
+    O, L = flash_attention(q, k, v, causal=causal, return_lse=True, num_threads=num_threads)
+    assert O.shape == O1.shape and L.shape == L1.shape
+    np.testing.assert_array_equal(O, O1)
+    np.testing.assert_array_equal(L, L1)
+    assert_attention_close(O, L, q, k, v, compute=np.dtype(dtype).name, causal=causal)
 
 
 def test_vectorized_exp_accuracy():

@@ -84,17 +84,24 @@ def test_larger_devices_get_larger_tiles():
 
 def test_c_plan():
     p = plan(256, 256, 64, backend="c")
-    assert (p.Br, p.Bc, p.kernel) == (32, 32, "flash_fwd_f32")
+    assert (p.Br, p.Bc, p.kernel, p.threads) == (128, 64, "flash_fwd_f32", 1)
     assert plan(256, 256, 64, dtype="float64", backend="c").kernel == "flash_fwd_f64"
-    assert plan(9, 9, 128, backend="c").Br == 32 and plan(9, 9, 129, backend="c").Br == 16
-    for d in range(1, 257):   # the working set stays L2-sized
-        assert plan(9, 9, d, dtype="float64", backend="c").smem_bytes <= 300 * 1024
+    assert (plan(9, 9, 128, backend="c").Bc, plan(9, 9, 129, backend="c").Bc) == (64, 32)
+    for d in range(1, 257):   # the working set stays L2-sized: <= 512 KB in float32
+        assert plan(9, 9, d, backend="c").smem_bytes <= 512 * 1024
+
+
+def test_c_threads_never_exceed_the_heads():
+    assert plan(9, 9, 64, batch=2, heads=3, backend="c", num_threads=4).threads == 4
+    assert plan(9, 9, 64, batch=2, heads=3, backend="c", num_threads=8).threads == 6
+    assert "6 threads" in str(plan(9, 9, 64, batch=2, heads=3, backend="c", num_threads=8))
 
 
 @pytest.mark.parametrize("kwargs, words", [
     (dict(d=0), "head dim"), (dict(d=257), "head dim"), (dict(Nq=0), ">= 1"),
     (dict(dtype="float64"), "CUDA backend takes"), (dict(backend="c", dtype="float16"), "C backend takes"),
-    (dict(backend="tpu"), "backend"),
+    (dict(backend="tpu"), "backend"), (dict(num_threads=2), "C backend only"),
+    (dict(backend="c", num_threads=0), ">= 1"),
 ])
 def test_plan_errors(kwargs, words):
     args = dict(Nq=8, Nk=8, d=64, smem_limit=48 * KB, arch=90) | kwargs
