@@ -251,9 +251,14 @@ def main(argv=None) -> int:
     parser.add_argument("--dtypes", default=",".join(GPU_ROWS),
                         help="gpu: comma-separated rows to measure: dtypes, 'float32-simt' (fp32 on the "
                              "CUDA cores), 'tf32' (float32 with allow_tf32=True); default all")
+    parser.add_argument("--extras", action="store_true",
+                        help="gpu: start-up, small-call and head-dim figures instead of the main table")
     args = parser.parse_args(argv)
     if args.device == "cpu":
         lines = bench_cpu(args.quick, not args.no_memory)
+    elif args.extras:
+        from .bench_extras import bench_extras
+        lines = bench_extras()
     else:
         lines = bench_gpu(args.quick, tuple(args.dtypes.split(",")))
     print("\n".join(lines))

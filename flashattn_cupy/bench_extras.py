@@ -1,0 +1,110 @@
+"""GPU figures beside the main table: `python -m flashattn_cupy bench --device gpu --extras`.
+
+* start-up: a cold NVRTC compile per kernel variant (empty CuPy kernel cache), and what a second
+  process spends loading the same kernels from the disk cache beyond CUDA's own start-up;
+* small shapes: one B1 H1 N128 d64 call end to end, Python included, against SDPA's;
+* head dims other than 64/128, and N off the tile, in TFLOP/s beside the fitted sizes.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from . import flash_attention, plan_for
+
+# A second process: CUDA context and CuPy first (timed apart), then the first call per dtype.
+_SECOND = r"""
+import sys, time
+t0 = time.perf_counter()
+import cupy as cp, numpy as np
+xs = [cp.ones((1, 1, 128, 64), dtype=np.float32).astype(dtype) for dtype in sys.argv[1:]]
+cp.cuda.Device().synchronize()                             # CUDA context, CuPy's own kernels
+t1 = time.perf_counter()
+from flashattn_cupy import flash_attention
+for x in xs:
+    flash_attention(x, x, x)
+cp.cuda.Device().synchronize()
+t2 = time.perf_counter()
+print(f"{(t1 - t0) * 1e3:.1f} {(t2 - t1) * 1e3:.1f}")
+"""
+_DTYPES = ("float16", "float32")
+
+
+def _sync_time(fn, repeats: int) -> float:
+    import cupy as cp
+    fn()
+    cp.cuda.Device().synchronize()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        cp.cuda.Device().synchronize()
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def startup() -> list[str]:
+    """Cold compile per variant, then the warm-cache load in a fresh process."""
+    lines = ["Start-up (fresh kernel cache directory):", ""]
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, CUPY_CACHE_DIR=cache)
+        code = ("import time, cupy as cp, numpy as np, sys\n"
+                "from flashattn_cupy import flash_attention\n"
+                "for dtype in sys.argv[1:]:\n"
+                "    x = cp.ones((1, 1, 128, 64), dtype=np.float32).astype(dtype)\n"
+                "    cp.cuda.Device().synchronize()\n"
+                "    t = time.perf_counter(); flash_attention(x, x, x); cp.cuda.Device().synchronize()\n"
+                "    print(f'{dtype} {(time.perf_counter() - t) * 1e3:.0f}')\n")
+        cold = subprocess.run([sys.executable, "-c", code, *_DTYPES], env=env, check=True,
+                              capture_output=True, text=True).stdout.split("\n")
+        for line in filter(None, cold):
+            dtype, ms = line.split()
+            lines.append(f"- cold first call, {dtype} (one NVRTC compile of its variant): {ms} ms")
+        for run in (1, 2):
+            out = subprocess.run([sys.executable, "-c", _SECOND, *_DTYPES], env=env, check=True,
+                                 capture_output=True, text=True).stdout.split()
+            lines.append(f"- second process #{run}: CUDA context + CuPy {out[0]} ms; then both "
+                         f"variants loaded from the disk cache and run: {out[1]} ms")
+    return lines
+
+
+def small_shapes() -> list[str]:
+    import cupy as cp
+    from .bench import _sdpa_gpu
+    lines = ["", "One small call end to end (B1 H1 N128 d64, float16, Python included, median of 200):", ""]
+    q, k, v = (cp.asarray(np.random.default_rng(i).standard_normal((1, 1, 128, 64))).astype(cp.float16)
+               for i in range(3))
+    ours = _sync_time(lambda: flash_attention(q, k, v), 200)
+    lines.append(f"- ours: {ours * 1e6:.1f} µs")
+    for name, fn in _sdpa_gpu(q, k, v, False).items():
+        t = _sync_time(fn, 200)
+        lines.append(f"- {name}: {t * 1e6:.1f} µs (ours / {name} = {ours / t:.2f})")
+    return lines
+
+
+def head_dims() -> list[str]:
+    import cupy as cp
+    from .bench import _gpu_time
+    lines = ["", "Other head dims and N off the tile (B4 H16, not causal; TFLOP/s):", "",
+             "| dtype | d | N = 4096 | N = 4000 | kernel |", "| --- | --- | --- | --- | --- |"]
+    rng = np.random.default_rng(0)
+    for dtype in ("float16", "float32"):
+        for d in (40, 64, 80, 96, 128, 256):
+            cells = []
+            for N in (4096, 4000):
+                q, k, v = (cp.asarray(rng.standard_normal((4, 16, N, d), dtype=np.float32)).astype(dtype)
+                           for _ in range(3))
+                t = _gpu_time(lambda: flash_attention(q, k, v), 10)
+                cells.append(f"{4 * N * N * d * 64 / t / 1e12:.1f}")
+            kernel = plan_for(q, k, v).kernel
+            lines.append(f"| {dtype} | {d} | " + " | ".join(cells) + f" | `{kernel}` |")
+    return lines
+
+
+def bench_extras() -> list[str]:
+    return startup() + small_shapes() + head_dims()
