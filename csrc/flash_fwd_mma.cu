@@ -327,8 +327,8 @@ flash_fwd_mma(const T* __restrict__ Q, const T* __restrict__ K, const T* __restr
         }
 
         // Lines 12-15: Oi / li, Li = mi + log(li) (natural log). A row with every key masked
-        // has li = 0: O = 0, L = -inf. O goes out through this warp's own rows of Qs (Qi is in
-        // registers), so the global stores are whole 16-byte rows.
+        // has li = 0: O = 0, L = -inf. O goes out through this warp's own rows of Qs (only this
+        // warp ever read them), so the global stores are whole 16-byte chunks.
         bits* Ow = Qs + warp * WR * DP;
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)

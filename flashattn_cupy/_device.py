@@ -62,7 +62,11 @@ def smem_limit(device_id: int | None = None) -> int:
 
 def compute_capability(device_id: int | None = None) -> int:
     """The device's compute capability as an int: 75 for sm_75, 90 for sm_90."""
-    device_id = current_device() if device_id is None else device_id
+    return _compute_capability(current_device() if device_id is None else device_id)
+
+
+@functools.cache
+def _compute_capability(device_id: int) -> int:
     return int(cupy().cuda.Device(device_id).compute_capability)   # CuPy gives "90"
 
 

@@ -8,6 +8,7 @@ kernel's exact layout; for C, the tiles' working set).
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -125,6 +126,7 @@ def simt_tiles(D: int, smem_limit: int) -> tuple[int, int, int]:
     raise ValueError(f"no tile fits a head-dim bound of {D} in {smem_limit} bytes of shared memory")
 
 
+@functools.lru_cache(maxsize=4096)   # a pure function of its arguments: small calls skip it
 def plan(Nq: int, Nk: int, d: int, *, dtype: str = "float32", causal: bool = False,
          batch: int = 1, heads: int = 1, backend: str = "cuda",
          smem_limit: int | None = None, arch: int | None = None, num_threads: int = 1,
