@@ -59,7 +59,7 @@ def _plan(problem: Problem):
     if problem.backend == "cuda":
         device_id = _device_id(problem)
         smem_limit, arch = _device.smem_limit(device_id), _device.compute_capability(device_id)
-    return planner.plan(problem.Nq, problem.Nk, problem.d, dtype=problem.dtype,
+    return planner.cached_plan(problem.Nq, problem.Nk, problem.d, dtype=problem.dtype,
                         causal=problem.causal, batch=problem.batch, heads=problem.heads,
                         backend=problem.backend, smem_limit=smem_limit, arch=arch,
                         num_threads=problem.num_threads, fp32=problem.fp32)

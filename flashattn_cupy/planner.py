@@ -126,7 +126,6 @@ def simt_tiles(D: int, smem_limit: int) -> tuple[int, int, int]:
     raise ValueError(f"no tile fits a head-dim bound of {D} in {smem_limit} bytes of shared memory")
 
 
-@functools.lru_cache(maxsize=4096)   # a pure function of its arguments: small calls skip it
 def plan(Nq: int, Nk: int, d: int, *, dtype: str = "float32", causal: bool = False,
          batch: int = 1, heads: int = 1, backend: str = "cuda",
          smem_limit: int | None = None, arch: int | None = None, num_threads: int = 1,
@@ -187,6 +186,12 @@ def plan(Nq: int, Nk: int, d: int, *, dtype: str = "float32", causal: bool = Fal
         smem = simt_smem_bytes(Br, Bc, D)
     grid = (math.ceil(Nq / Br), min(heads, GRID_YZ_MAX), min(batch, GRID_YZ_MAX))
     return Plan("cuda", name, dtype, d, D, Br, Bc, causal, threads, grid, smem, smem_limit)
+
+
+# The API's entry point: plan() memoized, so a small call does not pay for planning again.
+# Only for explicit smem_limit and arch (the API always passes them): with None, plan() reads
+# the current device, which a cache must not remember.
+cached_plan = functools.lru_cache(maxsize=4096)(plan)
 
 
 def cuda_variants(smem_limit: int, arch: int) -> list[str]:
