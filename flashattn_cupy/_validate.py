@@ -60,7 +60,8 @@ def _array_kind(name: str, x) -> str:
         return "numpy"
     if _device.is_cupy_array(x):
         return "cupy"
-    raise TypeError(f"{name} must be a NumPy or CuPy array of shape (..., N, d), "
+    raise TypeError(f"{name} must be a NumPy or CuPy array of shape (..., N, d) (or a torch/JAX "
+                    "array, or any array with __dlpack__ or __cuda_array_interface__), "
                     f"got {type(x).__module__}.{type(x).__qualname__}")
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _device, planner, reference
+from . import _device, _interop, planner, reference
 from ._validate import Problem, validate
 
 
@@ -30,22 +30,26 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, return_lse=Fal
         "3xtf32" (each operand split into two TF32 parts, three MMAs), "simt" (CUDA cores).
 
     Returns O with q's dtype and array type (and L when return_lse). On CuPy arrays the call
-    runs on the current stream and does not synchronize the host.
+    runs on the current stream and does not synchronize the host. torch tensors, JAX arrays and
+    other DLPack / __cuda_array_interface__ arrays go in without copies and come back as their
+    own kind (CUDA torch tensors run on torch's current stream); see flashattn_cupy._interop.
     """
-    problem = validate(q, k, v, causal=causal, softmax_scale=softmax_scale, return_lse=return_lse,
-                       backend=backend, num_threads=num_threads, allow_tf32=allow_tf32,
-                       fp32_kernel=fp32_kernel)
-    O, L = _run(problem)
-    return (O, L) if return_lse else O
+    with _interop.caller_arrays(q, k, v) as (q, k, v, export):
+        problem = validate(q, k, v, causal=causal, softmax_scale=softmax_scale, return_lse=return_lse,
+                           backend=backend, num_threads=num_threads, allow_tf32=allow_tf32,
+                           fp32_kernel=fp32_kernel)
+        O, L = _run(problem)
+        return (export(O), export(L)) if return_lse else export(O)
 
 
 def plan_for(q, k, v, *, causal=False, softmax_scale=None, backend="auto", num_threads=1,
              allow_tf32=False, fp32_kernel="auto"):
     """The Plan flash_attention would run for these arguments (None for "reference")."""
-    problem = validate(q, k, v, causal=causal, softmax_scale=softmax_scale, return_lse=False,
-                       backend=backend, num_threads=num_threads, allow_tf32=allow_tf32,
-                       fp32_kernel=fp32_kernel)
-    return _plan(problem)
+    with _interop.caller_arrays(q, k, v) as (q, k, v, _):
+        problem = validate(q, k, v, causal=causal, softmax_scale=softmax_scale, return_lse=False,
+                           backend=backend, num_threads=num_threads, allow_tf32=allow_tf32,
+                           fp32_kernel=fp32_kernel)
+        return _plan(problem)
 
 
 def _device_id(problem: Problem) -> int:
