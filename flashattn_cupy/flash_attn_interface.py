@@ -1,0 +1,113 @@
+"""flash_attn_func with flash-attn 2's signature and return convention, so code written for the
+flash-attn package ports by changing one import:
+
+    from flashattn_cupy.flash_attn_interface import flash_attn_func   # was: from flash_attn import ...
+
+Tensors are (batch, seqlen, nheads, headdim), as in flash-attn. They are read through their
+strides: the CUDA kernels take the (batch, nheads, seqlen, headdim) view of them in place (the
+C twin copies to contiguous, as it does for every input). What flash-attn has and we do not yet
+(dropout, sliding windows, softcap, ALiBi) is refused with a ValueError before anything runs.
+"""
+from __future__ import annotations
+
+import numbers
+
+from . import _interop
+from .api import flash_attention
+
+# What is not implemented yet, and where it is planned: the messages name it.
+_PLANNED = "planned with GQA/varlen/softcap/ALiBi support (issue 8)"
+
+
+def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                    softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False,
+                    *, return_lse=False, backend="auto"):
+    """Attention over (batch, seqlen, nheads, headdim) tensors, as flash_attn.flash_attn_func.
+
+    q: (batch, seqlen_q, nheads, headdim); k, v: (batch, seqlen_k, nheads_k, headdim), with
+        nheads a multiple of nheads_k (GQA/MQA: query head h reads key/value head
+        h // (nheads // nheads_k); the key/value heads are repeated, a copy, until the kernels
+        take GQA natively). Any array flash_attention takes: torch, JAX, CuPy, NumPy, DLPack.
+    dropout_p: must be 0.0 (dropout is not supported).
+    softmax_scale: defaults to 1 / sqrt(headdim).
+    causal: bottom-right aligned mask (key j is masked for query i when j > i + seqlen_k - seqlen_q);
+        a query row with every key masked gives zeros.
+    window_size: (-1, -1), or (-1, 0), which is the causal mask; other windows are refused.
+    softcap: must be 0.0; alibi_slopes: must be None.
+    deterministic: accepted for compatibility; the forward pass is always deterministic here.
+    return_attn_probs: flash-attn's flag: return (out, softmax_lse, None) (no probabilities are
+        ever formed, so the third item is None).
+    return_lse: return (out, softmax_lse).
+    backend: as in flash_attention ("auto", "c", "cuda", "reference").
+
+    Returns out, (batch, seqlen_q, nheads, headdim), contiguous, of q's dtype and kind; and
+    softmax_lse, (batch, nheads, seqlen_q) float32, the natural-log logsumexp of the scaled scores.
+    """
+    causal = _check_flash_attn_args(dropout_p, causal, window_size, softcap, alibi_slopes,
+                                    deterministic, return_attn_probs, return_lse)
+    with _interop.caller_arrays(q, k, v) as (q, k, v, export):
+        k, v = _shared_kv_heads(q, k, v)
+        # (batch, seqlen, heads, d) -> (batch, heads, seqlen, d): views, no copies
+        O, L = flash_attention(q.swapaxes(1, 2), k.swapaxes(1, 2), v.swapaxes(1, 2), causal=causal,
+                               softmax_scale=softmax_scale, return_lse=True, backend=backend)
+        out = export(O.swapaxes(1, 2).copy())   # contiguous (batch, seqlen, heads, d), as flash-attn's
+        if return_attn_probs:
+            return out, export(L), None
+        return (out, export(L)) if return_lse else out
+
+
+def _check_flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def _check_zero(name: str, value, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    if value != 0:
+        raise ValueError(f"{name}={value!r}: {what}")
+
+
+def _check_flash_attn_args(dropout_p, causal, window_size, softcap, alibi_slopes, deterministic,
+                           return_attn_probs, return_lse) -> bool:
+    """The arguments flash-attn has beyond flash_attention's; returns the effective causal flag."""
+    _check_zero("dropout_p", dropout_p,
+                "dropout is not supported (flashattn_cupy computes the forward pass for inference); "
+                "pass dropout_p=0.0, e.g. `dropout_p if self.training else 0.0` in a model at eval")
+    _check_zero("softcap", softcap, f"softcapping is not supported yet ({_PLANNED}); pass softcap=0.0")
+    if alibi_slopes is not None:
+        raise ValueError(f"alibi_slopes: ALiBi is not supported yet ({_PLANNED}); pass alibi_slopes=None")
+    causal = _check_flag("causal", causal)
+    for name, flag in (("deterministic", deterministic), ("return_attn_probs", return_attn_probs),
+                       ("return_lse", return_lse)):
+        _check_flag(name, flag)
+    if return_attn_probs and return_lse:
+        raise ValueError("pass return_attn_probs=True (flash-attn's (out, lse, None)) or "
+                         "return_lse=True ((out, lse)), not both")
+    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
+            or not all(isinstance(w, numbers.Integral) and not isinstance(w, bool) for w in window_size)):
+        raise TypeError(f"window_size must be a pair of ints (left, right), got {window_size!r}")
+    left, right = window_size
+    if (left, right) == (-1, 0):    # flash-attn's own spelling of the causal mask
+        return True
+    if (left, right) != (-1, -1):
+        raise ValueError(f"window_size={window_size!r}: sliding-window (local) attention is not "
+                         f"supported yet (it is {_PLANNED}); pass window_size=(-1, -1)")
+    return causal
+
+
+def _shared_kv_heads(q, k, v):
+    """k and v with q's number of heads (GQA/MQA repeats each key/value head for its group)."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.ndim != 4:
+            raise ValueError(f"flash_attn_func takes {name} of shape (batch, seqlen, nheads, headdim), "
+                             f"got shape {tuple(x.shape)}; flash_attention takes (..., seqlen, headdim)")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape (batch, seqlen_k, nheads_k, headdim), "
+                         f"got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    heads, kv_heads = q.shape[2], k.shape[2]
+    if heads % kv_heads:
+        raise ValueError(f"nheads of q ({heads}) must be a multiple of nheads of k and v ({kv_heads})")
+    group = heads // kv_heads
+    return (k, v) if group == 1 else (k.repeat(group, axis=2), v.repeat(group, axis=2))
