@@ -92,12 +92,16 @@ def main(argv=None) -> int:
     if argv[:1] == ["bench"]:
         from . import bench
         return bench.main(argv[1:])
+    if argv[:1] == ["info"]:
+        from . import info
+        return info.main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="python -m flashattn_cupy",
         description="FlashAttention-2 forward demo: the C twin on the CPU, then the CUDA kernel "
                     "when a GPU is usable (skipped with a message otherwise). Inputs are seeded "
                     "standard-normal (N, d) matrices; errors are against the float64 reference. "
-                    "`python -m flashattn_cupy bench --device cpu|gpu` runs the benchmarks instead.")
+                    "`python -m flashattn_cupy bench --device cpu|gpu` runs the benchmarks instead, "
+                    "`python -m flashattn_cupy info` says what this installation can run.")
     parser.add_argument("--n", type=int, default=None,
                         help="sequence length N (default: 256 for C and 512 for CUDA, as in the seed)")
     parser.add_argument("--d", type=int, default=64, help="head dimension, 1..256 (default 64)")
