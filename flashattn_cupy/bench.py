@@ -9,6 +9,7 @@ rival, imported here only, never by the library.
 from __future__ import annotations
 
 import argparse
+import csv
 import os
 import resource
 import subprocess
@@ -243,6 +244,14 @@ def _ml_bfloat16():
     return ml_dtypes.bfloat16
 
 
+def write_csv(lines: list[str], path: str) -> None:
+    """The Markdown table among `lines` as CSV: its header, then one row per measurement."""
+    rows = [[cell.strip().strip("`") for cell in line.strip().strip("|").split("|")]
+            for line in lines if line.startswith("|") and not line.startswith("| ---")]
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows(rows)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flashattn_cupy bench", description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="which backend to measure")
@@ -253,6 +262,7 @@ def main(argv=None) -> int:
                              "CUDA cores), 'tf32' (float32 with allow_tf32=True); default all")
     parser.add_argument("--extras", action="store_true",
                         help="gpu: start-up, small-call and head-dim figures instead of the main table")
+    parser.add_argument("--csv", metavar="PATH", help="also write the table to PATH as CSV")
     args = parser.parse_args(argv)
     if args.device == "cpu":
         lines = bench_cpu(args.quick, not args.no_memory)
@@ -262,4 +272,6 @@ def main(argv=None) -> int:
     else:
         lines = bench_gpu(args.quick, tuple(args.dtypes.split(",")))
     print("\n".join(lines))
+    if args.csv:
+        write_csv(lines, args.csv)
     return 0

@@ -1,4 +1,5 @@
 """`python -m flashattn_cupy` runs, prints the seed-style samples, and exits 0."""
+import csv
 import re
 import subprocess
 import sys
@@ -60,13 +61,34 @@ def test_numpy_example():
     assert float(re.search(r"max \|O - reference\| = (\S+),", out).group(1)) < 1e-5
 
 
+def test_transformer_layer_example():
+    out = _example("transformer_layer.py")
+    errors = re.search(r"max \|attention - naive float64\| = (\S+), max \|layer - naive float64 layer\| = (\S+)", out)
+    # float32 rounding of the projections and the attention (~1e-6 here); a wrong mask, head or
+    # layout moves the attention by O(1) and the layer with it
+    assert float(errors.group(1)) < 1e-5 and float(errors.group(2)) < 1e-4
+
+
 @pytest.mark.gpu
 def test_cupy_example():
     out = _example("cupy_attention.py")
     assert float(re.search(r"on head 0 = (\S+)", out).group(1)) < 1e-2   # fp16 output rounding
 
 
-def test_cpu_benchmark_command_runs():
-    out = _demo("bench", "--device", "cpu", "--quick", "--no-memory")
+def test_cpu_benchmark_command_runs(tmp_path):
+    out = _demo("bench", "--device", "cpu", "--quick", "--no-memory", "--csv", str(tmp_path / "cpu.csv"))
     rows = [line for line in out.splitlines() if line.startswith("| 64 |") or line.startswith("| 128 |")]
     assert len(rows) == 4 and all(float(row.split("|")[4]) > 0 for row in rows)
+    with open(tmp_path / "cpu.csv", newline="") as f:
+        table = list(csv.reader(f))
+    assert table[0][:4] == ["d", "N", "causal", "C twin"]
+    assert table[1:] == [[cell.strip() for cell in row.strip("|").split("|")] for row in rows]
+
+
+def test_shipped_gpu_csv_reads():
+    """The notebook's speed plot reads this file: a header naming ours and the rivals, numbers below."""
+    root = Path(__file__).resolve().parent.parent
+    with open(root / "examples" / "bench_gpu_h100.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and {"dtype", "d", "B×H×N", "causal", "ours", "sdpa-flash"} <= set(rows[0])
+    assert all(float(row["ours"]) > 0 for row in rows)
