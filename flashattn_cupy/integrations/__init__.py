@@ -1,0 +1,2 @@
+"""Integrations with other libraries, each imported only when asked for
+(flashattn_cupy.integrations.transformers needs transformers and torch)."""

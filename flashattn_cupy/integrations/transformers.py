@@ -1,0 +1,69 @@
+"""Hugging Face transformers: run a model's attention through flashattn_cupy.
+
+    import flashattn_cupy.integrations.transformers as fa_transformers
+    fa_transformers.register()                       # once per process
+    model.set_attn_implementation(fa_transformers.NAME)   # or from_pretrained(..., attn_implementation=NAME)
+
+`register()` adds our attention to transformers' AttentionInterface (and a mask function to its
+AttentionMaskInterface, so that padding reaches us and is refused instead of being dropped).
+CPU tensors run on the C twin (float32, float64), CUDA tensors on the CUDA kernels (float32,
+float16, bfloat16) through DLPack with no copies, on torch's current stream. Causal or not,
+the scale and grouped-query attention come from the model's attention module. Forward only:
+run the model under torch.no_grad() or torch.inference_mode().
+
+Not yet: padding masks (they need the varlen path, issue 8: until then a batch must be
+unpadded, e.g. one sequence or sequences of one length), sliding windows, softcapping,
+attention sinks and position biases; each is refused with a ValueError naming it.
+"""
+from __future__ import annotations
+
+from ..flash_attn_interface import flash_attn_func
+
+# transformers treats names containing "flash" as requests for its own or a Hub kernel
+NAME = "cupy_fa2"
+_REFUSED = {"sliding_window": "sliding-window attention", "softcap": "softcapping",
+            "s_aux": "attention sinks", "position_bias": "position biases"}
+
+
+def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                      is_causal=None, **kwargs):
+    """transformers' attention-function signature: query (batch, heads, seqlen_q, d), key and
+    value (batch, kv_heads, seqlen_k, d); returns ((batch, seqlen_q, heads, d), None)."""
+    for keyword, feature in _REFUSED.items():
+        if kwargs.get(keyword) is not None:
+            raise ValueError(f"{NAME} attention does not support {feature} ({keyword}={kwargs[keyword]!r}) "
+                             "yet; use attn_implementation='sdpa' for this model")
+    if not _is_no_op(attention_mask):
+        raise ValueError(f"{NAME} attention takes no padding or custom attention masks yet (they need "
+                         "the varlen path, issue 8): pass unpadded batches (one sequence, or sequences of "
+                         "one length), or use attn_implementation='sdpa'")
+    is_causal = getattr(module, "is_causal", True) if is_causal is None else bool(is_causal)
+    out = flash_attn_func(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                          dropout_p=dropout, softmax_scale=scaling, causal=is_causal)
+    return out, None
+
+
+def _is_no_op(mask) -> bool:
+    """None, or a mask that masks nothing (boolean all True, or additive all 0)."""
+    if mask is None:
+        return True
+    return bool(mask.all()) if mask.dtype == _torch().bool else not bool(mask.any())
+
+
+def _torch():
+    import torch
+    return torch
+
+
+def register(name: str = NAME) -> str:
+    """Make `name` an attention implementation of transformers (idempotent); returns it."""
+    if "flash" in name:
+        raise ValueError(f"the name must not contain 'flash' (transformers would look for a kernel "
+                         f"of that name), got {name!r}")
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+    AttentionInterface.register(name, attention_forward)
+    # FlashAttention's mask function: None when nothing is padded, else the 2D padding mask,
+    # which attention_forward refuses. Without one, transformers would pass no mask at all.
+    AttentionMaskInterface.register(name, flash_attention_mask)
+    return name

