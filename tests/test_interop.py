@@ -1,6 +1,7 @@
 """Arrays of other libraries in, the same kind out, with no copies: torch (CPU here, CUDA on a
 GPU machine), JAX, and any DLPack producer. CI installs the CPU builds of torch and JAX
 (.ci/run); elsewhere the tests needing them skip, saying which package is missing."""
+import os
 import subprocess
 import sys
 
@@ -10,6 +11,9 @@ import pytest
 from cases import inputs
 from flashattn_cupy import _interop, flash_attention, plan_for
 from tolerances import assert_attention_close
+
+# JAX would take 75% of a GPU's memory when it first starts, starving CuPy and torch in this process
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 
 def _torch():
@@ -160,3 +164,17 @@ def test_torch_cuda_runs_on_torchs_current_stream(rng, cp, monkeypatch):
     assert seen == [stream.cuda_stream]
     stream.synchronize()
     assert_attention_close(_np(O), _np(L), 2 * q, k, v)
+
+
+@pytest.mark.gpu
+def test_jax_cuda_in_jax_out(rng, cp):
+    jax = pytest.importorskip("jax", reason="JAX is not installed")
+    try:
+        gpu = jax.devices("gpu")[0]
+    except RuntimeError:
+        pytest.skip("this JAX has no GPU backend")
+    q, k, v = inputs(rng, (2,), 64, 80, 64)
+    jq, jk, jv = (jax.device_put(x, gpu) for x in (q, k, v))
+    O, L = flash_attention(jq, jk, jv, causal=True, return_lse=True)
+    assert type(O) is type(jq) and O.devices() == {gpu}
+    assert_attention_close(np.asarray(O), np.asarray(L), q, k, v, causal=True)

@@ -24,6 +24,7 @@ def test_wheel_contains_the_sources(wheel):
     for source in sorted(p.name for p in (ROOT / "csrc").iterdir() if p.suffix in (".cu", ".cuh", ".c", ".h")):
         assert f"flashattn_cupy/csrc/{source}" in names
     assert any(n.startswith("flashattn_cupy/_flash_c") and n.endswith(".so") for n in names)
+    assert "flashattn_cupy/integrations/transformers.py" in names
 
 
 def test_installed_wheel_finds_its_kernels(wheel, tmp_path):

@@ -120,3 +120,21 @@ def test_refusals_name_the_feature():
     with pytest.raises(ValueError, match="must not contain 'flash'"):
         fa_transformers.register("flash_cupy")
     assert "flash" not in fa_transformers.NAME and fa_transformers.register() == fa_transformers.NAME
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_causal_decoder_on_the_gpu(cp, dtype):
+    """CUDA tensors through DLPack: as accurate as SDPA in the same dtype, against float64 on the CPU."""
+    if not torch.cuda.is_available():
+        pytest.skip("this torch has no CUDA device")
+    model = _tiny_llama()
+    ids = torch.randint(0, 128, (2, 300), generator=torch.Generator().manual_seed(3))
+    reference = _run(model, "sdpa", {"input_ids": ids}, torch.float64)
+    model.to("cuda", getattr(torch, dtype))
+    errors = {}
+    for implementation in (fa_transformers.NAME, "sdpa"):
+        model.set_attn_implementation(implementation)
+        with torch.no_grad():
+            errors[implementation] = (model(ids.cuda()).logits.double().cpu() - reference).abs().max().item()
+    assert errors[fa_transformers.NAME] <= 2 * errors["sdpa"], errors
