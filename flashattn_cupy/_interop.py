@@ -47,8 +47,11 @@ def _native(name: str, x):
         raise TypeError(f"{name} requires grad, and flashattn_cupy computes the forward pass only "
                         "(no autograd): run the model under torch.no_grad() or torch.inference_mode(), "
                         f"or pass {name}.detach()")
-    if not hasattr(x, "__dlpack__"):   # __cuda_array_interface__ only (e.g. Numba device arrays)
-        return _device.cupy().asarray(x)
+    if not hasattr(x, "__dlpack__"):
+        if hasattr(x, "__cuda_array_interface__"):   # e.g. Numba device arrays
+            return _device.cupy().asarray(x)
+        raise TypeError(f"{name} must be a NumPy or CuPy array, or an array with __dlpack__ or "
+                        f"__cuda_array_interface__ (torch, JAX), got {_describe(x)}")
     device_type = int(x.__dlpack_device__()[0])
     target = _NATIVE_ON.get(device_type)
     if target is None:
@@ -75,10 +78,11 @@ def _exporter(library: str):
     return None
 
 
-def _torch_stream(x):
-    """torch's current stream on x's CUDA device, as the CuPy stream to run on (else None)."""
+def _torch_stream(x) -> tuple:
+    """For a CUDA torch tensor, the contexts that make torch's current stream on its device
+    CuPy's current stream; () for anything else."""
     if _library(x) != "torch" or not x.is_cuda:
-        return None
+        return ()
     cp = _device.cupy()
     device_id = x.device.index
     stream = sys.modules["torch"].cuda.current_stream(device_id)
@@ -96,17 +100,11 @@ def caller_arrays(q, k, v):
     if len(set(libraries.values())) > 1:
         got = ", ".join(f"{n} is {_describe(x)}" for n, x in (("q", q), ("k", k), ("v", v)))
         raise TypeError(f"q, k and v must be arrays of one library ({got}); convert them to one kind first")
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if not _is_foreign(x):
-            raise TypeError(f"{name} must be a NumPy or CuPy array, or an array with __dlpack__ or "
-                            f"__cuda_array_interface__ (torch, JAX), got {_describe(x)}")
     exporter = _exporter(libraries["q"])
     export = _identity if exporter is None else exporter
-    on_torch_stream = _torch_stream(q)
     with contextlib.ExitStack() as stack:
-        if on_torch_stream is not None:
-            for context in on_torch_stream:
-                stack.enter_context(context)
+        for context in _torch_stream(q):
+            stack.enter_context(context)
         yield _native("q", q), _native("k", k), _native("v", v), export
 
 

@@ -92,6 +92,10 @@ class _Producer:
         return (self.device_type, 0)
 
 
+class _NotAnArray:
+    pass
+
+
 def test_any_dlpack_producer(rng):
     q, k, v = inputs(rng, (3,), 20, 9, 8)
     O = flash_attention(_Producer(q), _Producer(k), _Producer(v))
@@ -99,6 +103,8 @@ def test_any_dlpack_producer(rng):
     np.testing.assert_array_equal(O, flash_attention(q, k, v))
     with pytest.raises(TypeError, match="DLPack device type 8"):
         flash_attention(_Producer(q, 8), _Producer(k, 8), _Producer(v, 8))
+    with pytest.raises(TypeError, match="k must be a NumPy or CuPy array, or an array with __dlpack__"):
+        flash_attention(_Producer(q), _NotAnArray(), _Producer(v))   # same library, no protocol
 
 
 def test_numpy_callers_never_import_torch():
