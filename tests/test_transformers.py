@@ -122,6 +122,16 @@ def test_padding_is_refused_not_ignored(minilm):
         model(**ones)
 
 
+def test_masks_that_mask_nothing_run():
+    q = torch.randn(1, 2, 4, 8)
+    expected, _ = fa_transformers.attention_forward(None, q, q, q, None, is_causal=False)
+    for mask in (torch.ones(1, 1, 4, 4, dtype=torch.bool), torch.zeros(1, 1, 4, 4)):   # boolean, additive
+        assert torch.equal(fa_transformers.attention_forward(None, q, q, q, mask, is_causal=False)[0], expected)
+    for mask in (torch.tensor([[True, True, True, False]]), torch.tensor([[0.0, 0.0, 0.0, float("-inf")]])):
+        with pytest.raises(ValueError, match="no padding or custom attention masks yet"):
+            fa_transformers.attention_forward(None, q, q, q, mask, is_causal=False)
+
+
 def test_refusals_name_the_feature():
     q = torch.zeros(1, 2, 4, 8)
     with pytest.raises(ValueError, match="sliding-window attention"):

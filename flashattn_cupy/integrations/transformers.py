@@ -44,15 +44,10 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
 
 
 def _is_no_op(mask) -> bool:
-    """None, or a mask that masks nothing (boolean all True, or additive all 0)."""
+    """None, or a mask that masks nothing (additive and all 0, or boolean and all True)."""
     if mask is None:
         return True
-    return bool(mask.all()) if mask.dtype == _torch().bool else not bool(mask.any())
-
-
-def _torch():
-    import torch
-    return torch
+    return not bool(mask.any()) if mask.dtype.is_floating_point else bool(mask.all())
 
 
 def register(name: str = NAME) -> str:
