@@ -5,7 +5,7 @@ import sys
 import pytest
 
 import flashattn_cupy
-from flashattn_cupy import _device, info
+from flashattn_cupy import _device, info, planner
 
 
 def _info(*args):
@@ -22,7 +22,7 @@ def test_info_command():
     why = _device.gpu_unavailable_reason()
     assert ("  cuda: available" in out) if not why else (f"  cuda: unavailable: {why}" in out)
     assert f"Kernel cache: {info.cache_dir()}" in out
-    assert "C twin (float32): c flash_fwd_f32: Br=32, Bc=32, d=64" in out
+    assert f"C twin (float32): {planner.plan(4096, 4096, 64, backend='c')}" in out
     assert "Plans for Nq = Nk = 4096, d = 64, causal = False:" in out
 
 
@@ -39,9 +39,10 @@ def test_without_a_gpu_the_reference_devices_are_planned(monkeypatch):
     monkeypatch.setattr(_device, "_probe", lambda: (None, "CuPy found no CUDA GPU"))
     out = info.report(N=512, d=64, dtype="float32")
     assert "  cuda: unavailable: CuPy found no CUDA GPU" in out
-    # the seed's configuration on its 48 KB device, and the larger tiles of an H100
+    # the seed's configuration on its 48 KB device, and what the planner picks for an H100
     assert "planned for sm_75, 48 KB (the seed's budget): cuda flash_fwd_simt<float, 32, 32, 64, 256, false>" in out
-    assert "planned for sm_90, 227 KB (H100): cuda flash_fwd_simt<float, 64, 64, 64, 256, false>" in out
+    h100 = planner.plan(512, 512, 64, dtype="float32", smem_limit=227 * 1024, arch=90)
+    assert f"planned for sm_90, 227 KB (H100): {h100}" in out
     assert "CUDA: takes float32, float16, bfloat16, not float64" in info.report(dtype="float64")
 
 
