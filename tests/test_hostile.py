@@ -148,15 +148,6 @@ def test_arrays_on_two_gpus(rng, cp):
     _refused(lambda q, k, v: ((q, k, v), {}), ValueError, "q k v", "different GPUs", q, k, v)
 
 
-def _unaligned(x):
-    """A copy of x whose data starts one byte past an aligned address."""
-    buf = np.zeros(x.nbytes + 1, np.uint8)
-    y = np.frombuffer(buf.data, dtype=x.dtype, count=x.size, offset=1).reshape(x.shape)
-    y[...] = x
-    assert not y.flags.aligned
-    return y
-
-
 # Valid but awkward, from contiguous (B, N, H, d) arrays: (B, H, N, d) views of them, and more
 LAYOUTS = {
     "transposed views": lambda xp, q, k, v: (q, k, v),

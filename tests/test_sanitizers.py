@@ -123,3 +123,24 @@ def test_exp_under_ubsan(driver):
             np.testing.assert_allclose(got[finite], want[finite], rtol=3e-7)
             assert (got[want <= 1e-37] == 0).all() and np.isposinf(got[want >= 1e38]).all()
             assert np.array_equal(np.isnan(got), np.isnan(want))
+
+
+# tests/sanitize_gpu.py runs on a GPU machine; its grid and its reading of compute-sanitizer's
+# output are checked here. (arch, opt-in shared memory per block) of the GPUs the planner serves:
+DEVICES = [(75, 48 * 1024), (75, 64 * 1024), (80, 48 * 1024), (80, 99 * 1024), (80, 163 * 1024),
+           (86, 99 * 1024), (89, 99 * 1024), (90, 227 * 1024)]
+
+
+@pytest.mark.parametrize("arch, smem_limit", DEVICES)
+def test_gpu_sanitizer_grid_reaches_every_variant(arch, smem_limit):
+    import sanitize_gpu
+    reached, variants = sanitize_gpu.kernels_reached(smem_limit, arch)
+    assert variants and variants <= reached
+
+
+def test_gpu_sanitizer_reads_the_summaries():
+    from sanitize_gpu import summarize
+    assert summarize("========= COMPUTE-SANITIZER\nworker: ...\n========= ERROR SUMMARY: 0 errors\n") == (0, 0)
+    assert summarize("========= Invalid __global__ read of size 2 bytes\n========= ERROR SUMMARY: 3 errors") == (3, 0)
+    assert summarize("========= RACECHECK SUMMARY: 2 hazards displayed (1 error, 1 warning)") == (1, 1)
+    assert summarize("========= Error: Target application terminated before first instrumented API call") is None
