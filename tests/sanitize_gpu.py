@@ -9,17 +9,17 @@ racecheck, initcheck and synccheck, with a summary per tool.
 compute-sanitizer is taken from --sanitizer, PATH, $CUDA_HOME/bin, /usr/local/cuda/bin or the pip
 wheel nvidia-cuda-sanitizer-api-cu12 (or nvidia-cuda-sanitizer-api for CUDA 13). Under
 each tool one Python process (this file with --worker) makes one flash_attention call per point
-of a grid: every head-dim bound D the planner compiles for, every CUDA dtype, causal or not (so
-every name in planner.cuda_variants for this device's shared-memory limit and arch: the worker
-checks that, and which kernel each call ran, through plan_for), each with three head dims (D; D - 24,
-a multiple of 8 below D; D - 31, odd) and two shapes with ragged tiles ((77, 203), and (203, 77),
-whose first 126 causal rows see no key), in three layouts: contiguous, (B, N, H, d) memory viewed
-as (B, H, N, d), and data starting one element past an aligned address (element-wise loads).
-The worker turns CuPy's memory pool off, so every array is its own cudaMalloc and memcheck
-(with --padding) sees an access past any end; it makes its inputs on the host, so the kernels
-run are ours; it checks every result against the float64 reference, and copies every output
-back in full, so initcheck sees any element left unwritten. Exit status 0 only when the plain run
-and every tool are clean.
+of a grid: for every kernel variant the planner emits for this device's shared-memory limit and
+arch (every head-dim bound D, dtype, causal flag and float32 mode, as fp32_kernel / allow_tf32;
+the worker asks plan_for which variant each call runs, and fails if one is missed), head dims D,
+D - 24 (a multiple of 8) and D - 31 (odd), shapes with ragged tiles ((77, 203), and (203, 77),
+whose first 126 causal rows see no key), in three layouts: contiguous, (B, N, H, d) memory
+viewed as (B, H, N, d), and data starting one element past an aligned address (element-wise
+loads). The worker turns CuPy's memory pool off, so every array is its own cudaMalloc and
+memcheck (with --padding) sees an access past any end; it makes its inputs on the host, so the
+kernels run are ours; it checks every result against the float64 reference, and copies every
+output back in full, so initcheck sees any element left unwritten. Exit status 0 only when the
+plain run and every tool are clean.
 """
 from __future__ import annotations
 
@@ -35,27 +35,44 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 TOOLS = ("memcheck", "racecheck", "initcheck", "synccheck")
 TOOL_OPTIONS = {"memcheck": ["--padding", "512"]}
-SHAPES = ((77, 203), (203, 77))   # (Nq, Nk): no tile size divides them; causal (203, 77) has empty rows
+# (d below the head-dim bound D, layout, shapes (Nq, Nk)): no tile size divides 77 or 203, and
+# causal (203, 77) leaves rows that see no key
+CASES = ((0, "contiguous", ((77, 203), (203, 77))), (24, "transposed", ((203, 77),)),
+         (31, "unaligned", ((77, 203),)))
+# planner.plan's fp32 modes as flash_attention's options
+API_FP32 = {"auto": {}, "3xtf32": {"fp32_kernel": "3xtf32"}, "tf32": {"allow_tf32": True},
+            "simt": {"fp32_kernel": "simt"}}
 
 
-def calls():
-    """The grid: (dtype, causal, d, Nq, Nk, layout) for every head-dim bound the planner uses."""
+def calls(smem_limit: int, arch: int):
+    """The grid, as (kernel, dtype, causal, d, Nq, Nk, layout, options): for every variant the
+    planner emits here (every head-dim bound, dtype, causal flag and float32 mode), each case."""
     from flashattn_cupy import planner
-    grid = []
+    grid, seen = [], set()
     for D in range(planner.HEAD_DIM_STEP, planner.MAX_HEAD_DIM + 1, planner.HEAD_DIM_STEP):
         for dtype in planner.CUDA_TYPES:
             for causal in (False, True):
-                for d, layout in ((D, "contiguous"), (D - 24, "transposed"), (D - 31, "unaligned")):
-                    grid += [(dtype, causal, d, Nq, Nk, layout) for Nq, Nk in SHAPES]
+                for mode in planner.FP32_MODES if dtype == "float32" else ("auto",):
+                    if mode == "3xtf32" and arch < 80:
+                        continue
+                    kernel = planner.plan(1, 1, D, dtype=dtype, causal=causal, smem_limit=smem_limit,
+                                          arch=arch, fp32=mode).kernel
+                    if kernel in seen:
+                        continue
+                    seen.add(kernel)
+                    grid += [(kernel, dtype, causal, D - below, Nq, Nk, layout, API_FP32[mode])
+                             for below, layout, shapes in CASES for Nq, Nk in shapes]
     return grid
 
 
 def kernels_reached(smem_limit: int, arch: int) -> tuple[set, set]:
-    """(the kernels the grid's calls get planned, every variant the planner can emit here)."""
+    """(the kernels the grid's calls are planned to run, every variant the planner emits here)."""
     from flashattn_cupy import planner
-    reached = {planner.plan(Nq, Nk, d, dtype=dtype, causal=causal, batch=2, heads=3,
-                            smem_limit=smem_limit, arch=arch).kernel
-               for dtype, causal, d, Nq, Nk, layout in calls()}
+    reached = set()
+    for _, dtype, causal, d, Nq, Nk, _, options in calls(smem_limit, arch):
+        fp32 = "tf32" if options.get("allow_tf32") else options.get("fp32_kernel", "auto")
+        reached.add(planner.plan(Nq, Nk, d, dtype=dtype, causal=causal, batch=2, heads=3,
+                                 smem_limit=smem_limit, arch=arch, fp32=fp32).kernel)
     return reached, set(planner.cuda_variants(smem_limit, arch))
 
 
@@ -89,12 +106,12 @@ def worker() -> int:
     smem_limit, arch = _device.smem_limit(), _device.compute_capability()
     rng = np.random.default_rng(0)
     ran, failures = set(), []
-    grid = calls()
-    for dtype, causal, d, Nq, Nk, layout in grid:
+    grid = calls(smem_limit, arch)
+    for _, dtype, causal, d, Nq, Nk, layout, options in grid:
         q, k, v = _arrays(cp, rng, dtype, d, Nq, Nk, layout)
-        plan = plan_for(q, k, v, causal=causal)
+        plan = plan_for(q, k, v, causal=causal, **options)
         ran.add(plan.kernel)
-        O, L = flash_attention(q, k, v, causal=causal, return_lse=True)
+        O, L = flash_attention(q, k, v, causal=causal, return_lse=True, **options)
         try:
             assert_attention_close(cp.asnumpy(O), cp.asnumpy(L), *(cp.asnumpy(x) for x in (q, k, v)),
                                    causal=causal, **kernel_rounding(plan))
@@ -180,7 +197,7 @@ def main(argv=None) -> int:
             args.arch = args.arch or _device.compute_capability()
             args.smem_limit = args.smem_limit or _device.smem_limit()
         reached, variants = kernels_reached(args.smem_limit, args.arch)
-        for call in calls():
+        for call in calls(args.smem_limit, args.arch):
             print(*call)
         print(f"{len(reached & variants)} of {len(variants)} variants reached; missed: {sorted(variants - reached)}")
         return 0 if variants <= reached else 1

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from backends import np_dtype, run
+from backends import FP32_OPTIONS, np_dtype, run
 from flashattn_cupy import _device
 from tolerances import assert_attention_close
 
@@ -39,6 +39,7 @@ class Problem:
     values: str      # "normal", "uniform" or "ties" (small integers: many equal scores)
     layout: str      # "contiguous", "transposed" ((B, N, H, d) memory) or "reversed" (negative strides)
     seed: int
+    backend: str     # "c", or a key of backends.FP32_OPTIONS: how float32 runs on CUDA
 
     def arrays(self, xp=np):
         """q, k, v as arrays of module xp (NumPy or CuPy), in the drawn layout (views made there)."""
@@ -62,22 +63,26 @@ def _sizes(upper):
 
 
 @st.composite
-def problems(draw, dtypes):
+def problems(draw, dtypes, backends=("c",)):
+    """A Problem; its backend is backends[0], or for float32 any of `backends`."""
     lead = tuple(draw(st.lists(st.integers(1, 3), max_size=2)))
     bh = int(np.prod(lead))
     Nq = draw(_sizes(min(2048, MAX_SCORES // bh)))
     Nk = draw(_sizes(min(2048, MAX_SCORES // (bh * Nq))))
     d = draw(_sizes(min(256, MAX_MACS // (bh * Nq * Nk))))
     scale = draw(st.one_of(st.none(), st.floats(-4.0, 4.0, allow_nan=False)))
-    return Problem(lead, Nq, Nk, d, draw(st.booleans()), scale, draw(st.sampled_from(dtypes)),
+    dtype = draw(st.sampled_from(dtypes))
+    return Problem(lead, Nq, Nk, d, draw(st.booleans()), scale, dtype,
                    draw(st.sampled_from([2.0**-6, 2.0**-3, 0.5, 1.0, 2.0, 8.0, 32.0])),
                    draw(st.sampled_from(["normal", "uniform", "ties"])),
                    draw(st.sampled_from(["contiguous", "transposed", "reversed"])),
-                   draw(st.integers(0, 2**32 - 1)))
+                   draw(st.integers(0, 2**32 - 1)),
+                   draw(st.sampled_from(backends)) if dtype == "float32" else backends[0])
 
 
 def _check(backend, p, args, host):
-    """flash_attention on `args` against the reference on `host`, the same values as NumPy."""
+    """flash_attention on `backend` and `args` against the reference on `host`, the same values
+    as NumPy arrays."""
     O, L, rounding = run(backend, *args, causal=p.causal, softmax_scale=p.scale)
     assert O.dtype == host[0].dtype and O.shape == host[0].shape
     assert_attention_close(O, L, *host, causal=p.causal, softmax_scale=p.scale, **rounding)
@@ -92,14 +97,14 @@ def test_c_matches_the_reference(p):
 
 @pytest.mark.gpu
 @settings(max_examples=1000, **FUZZ)
-@given(p=problems(("float32", "float16", "bfloat16")))
+@given(p=problems(("float32", "float16", "bfloat16"), tuple(FP32_OPTIONS)))
 def test_cuda_and_c_match_the_reference(p):
-    """CUDA on the drawn dtype and layout (views made on the GPU); the C twin on the same values
-    in float32 (fp16/bf16 are exact in it). Each within its bound of the reference, so the two
-    agree within the sum of the bounds."""
+    """CUDA on the drawn dtype, float32 kernel and layout (views made on the GPU); the C twin on
+    the same values in float32 (fp16/bf16 are exact in it). Each within its bound of the
+    reference, so the two agree within the sum of the bounds."""
     cp = _device.cupy()
     device = p.arrays(cp)
     host = [cp.asnumpy(x) for x in device]
-    _check("cuda", p, device, host)
+    _check(p.backend, p, device, host)
     host32 = [x.astype(np.float32) for x in host]
     _check("c", p, host32, host32)

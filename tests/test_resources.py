@@ -7,13 +7,14 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from backends import np_dtype
+from backends import FP32_OPTIONS, np_dtype
 from cases import inputs
 from flashattn_cupy import flash_attention
 
 # Different shapes, dtypes and causal flags at once, so different plans and tiles run together
 MIXED = [((2,), 130, 150, 64, False), ((3, 2), 77, 33, 40, True), ((1,), 300, 257, 128, True),
-         ((4,), 17, 500, 16, False), ((2,), 64, 64, 256, True), ((), 1, 1000, 80, False)]
+         ((4,), 17, 500, 16, False), ((2,), 64, 64, 256, True), ((), 1, 1000, 80, False),
+         ((2, 2), 45, 99, 32, True)]
 
 
 def _problems(rng, dtypes):
@@ -52,9 +53,12 @@ def test_ten_thousand_calls_do_not_grow_host_memory(rng):
 
 @pytest.mark.gpu
 def test_streams_and_threads_give_the_serial_results(cp, rng):
-    problems = [(tuple(cp.asarray(x) for x in arrays), causal)
+    """Every dtype, and float32 on each of its kernels, at once."""
+    fp32 = iter(FP32_OPTIONS.values())
+    problems = [(tuple(cp.asarray(x) for x in arrays), causal,
+                 next(fp32) if arrays[0].dtype == np.float32 else {})
                 for arrays, causal in _problems(rng, ("float32", "float16", "bfloat16"))]
-    call = lambda p: flash_attention(*p[0], causal=p[1], return_lse=True)  # noqa: E731
+    call = lambda p: flash_attention(*p[0], causal=p[1], return_lse=True, **p[2])  # noqa: E731
     expected = [call(p) for p in problems]
     cp.cuda.Device().synchronize()
 

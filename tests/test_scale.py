@@ -8,14 +8,16 @@ the checked rows of the long problems get a needle: q_i = c e_a and one key k_j[
 a of their own, scale c**2 = 24, v_j = ±1000, over background q, k ~ 0.25 N(0, 1), v ~ N(0, 1).
 The needle's weight dominates (e**24 against at most 2**20 e**2), so O_i ≈ v_j and L_i ≈ 24,
 while a wrong key or row gives O far from v_j (|error| ≈ 1000 or more), past the bound (about 500
-for the tensor-core kernel at Nk = 2**20, 125 for fp32). Problems with few keys per row use
-plain random data: their bound is tight.
+for fp16 on the tensor cores at Nk = 2**20, and below 150 for every kernel at Nk = 2**16 + 5).
+Problems with few keys per row use plain random data: their bound is tight. Each kernel family
+runs: fp16 on the tensor cores, and float32 by default, on CUDA cores and as TF32.
 """
 import math
 
 import numpy as np
 import pytest
 
+from backends import FP32_OPTIONS
 from flashattn_cupy import flash_attention, plan_for
 from tolerances import assert_attention_close, kernel_rounding
 
@@ -29,8 +31,8 @@ def _random(cp, shape, dtype, scale=1.0, seed=0):
     return x.astype(dtype, copy=False)
 
 
-def _rounding(q, k, v, causal):
-    return kernel_rounding(plan_for(q, k, v, causal=causal))
+def _rounding(q, k, v, causal, options=None):
+    return kernel_rounding(plan_for(q, k, v, causal=causal, **(options or {})))
 
 
 def _seen(i, Nq, Nk, causal):
@@ -84,22 +86,27 @@ def test_long_sequences(cp, lead, N, d, causal):
         _check_rows(cp, O, L, q, k, v, index, rows, causal, _rounding(q, k, v, causal))
 
 
+# (FP32_OPTIONS key, dtype): each kernel family
+KERNELS = [("cuda", "float16"), ("cuda", "float32"), ("cuda-simt", "float32"), ("cuda-tf32", "float32")]
+
+
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_query_rows_past_2_31_elements(cp, dtype, causal):
+@pytest.mark.parametrize("kernel, dtype", KERNELS)
+def test_query_rows_past_2_31_elements(cp, kernel, dtype, causal):
     """q and O of (1, 1, 2**24 + 100, 128): rows from 2**24 on start past element 2**31. With
     causal, only the last 64 rows see a key, so the rows before them must be O = 0, L = -inf."""
     Nq, Nk, d = 2**24 + 100, 64, 128
     q = _random(cp, (1, 1, Nq, d), dtype, seed=5)
     k, v = _random(cp, (1, 1, Nk, d), dtype, seed=6), _random(cp, (1, 1, Nk, d), dtype, seed=7)
-    O, L = flash_attention(q, k, v, causal=causal, return_lse=True)
+    options = FP32_OPTIONS[kernel]
+    O, L = flash_attention(q, k, v, causal=causal, return_lse=True, **options)
     rows = sorted({0, 2**24 - 1, 2**24, 2**24 + 1} | set(_edge_rows(Nq)))
-    _check_rows(cp, O, L, q, k, v, (0, 0), rows, causal, _rounding(q, k, v, causal))
+    _check_rows(cp, O, L, q, k, v, (0, 0), rows, causal, _rounding(q, k, v, causal, options))
 
 
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_key_rows_past_2_31_elements(cp, dtype, causal):
+@pytest.mark.parametrize("kernel, dtype", KERNELS)
+def test_key_rows_past_2_31_elements(cp, kernel, dtype, causal):
     """k and v are (1, 1, 2**16 + 5, 128) views with a row stride of 2**15 elements into
     buffers of over 2**31 elements (read in place, as strided views are): the last keys start
     past element 2**31. Needles sit on those keys and on some low ones."""
@@ -114,19 +121,21 @@ def test_key_rows_past_2_31_elements(cp, dtype, causal):
     keys = [2**16 + n if n < 5 else 997 * n for n in range(len(rows))]
     assert all(j < _seen(i, Nq, Nk, causal) for i, j in zip(rows, keys))
     _plant_needles(cp, q, k, v, (0, 0), rows, keys, seed=14)
-    O, L = flash_attention(q, k, v, causal=causal, return_lse=True)
-    _check_rows(cp, O, L, q, k, v, (0, 0), rows, causal, _rounding(q, k, v, causal))
+    options = FP32_OPTIONS[kernel]
+    O, L = flash_attention(q, k, v, causal=causal, return_lse=True, **options)
+    _check_rows(cp, O, L, q, k, v, (0, 0), rows, causal, _rounding(q, k, v, causal, options))
 
 
-@pytest.mark.parametrize("lead, N, d, dtype", [
-    ((1, 2**18 + 1), 64, 128, "float16"),      # heads past the grid limit and past 2**31 elements
-    ((2**16 + 1, 4), 64, 128, "float16"),      # batch likewise
-    ((1, 2**22 + 1), 16, 32, "float32"),
-    ((2**16 + 1, 64), 16, 32, "float32"),
+@pytest.mark.parametrize("lead, N, d, kernel, dtype", [
+    ((1, 2**18 + 1), 64, 128, "cuda", "float16"),   # heads past the grid limit and past 2**31 elements
+    ((2**16 + 1, 4), 64, 128, "cuda", "float16"),   # batch likewise
+    ((1, 2**22 + 1), 16, 32, "cuda", "float32"),
+    ((2**16 + 1, 64), 16, 32, "cuda-simt", "float32"),
 ])
-def test_heads_and_batch_past_2_31_elements(cp, lead, N, d, dtype):
+def test_heads_and_batch_past_2_31_elements(cp, lead, N, d, kernel, dtype):
     q, k, v = (_random(cp, lead + (N, d), dtype, seed=s) for s in (11, 12, 13))
-    O, L = flash_attention(q, k, v, return_lse=True)
+    options = FP32_OPTIONS[kernel]
+    O, L = flash_attention(q, k, v, return_lse=True, **options)
     per = N * d
     assert q.size > 2**31
     flat = {0, math.prod(lead) - 1, 2**31 // per - 1, 2**31 // per, -(-2**31 // per)}
@@ -134,7 +143,7 @@ def test_heads_and_batch_past_2_31_elements(cp, lead, N, d, dtype):
         if size > GRID_LIMIT:
             inner = math.prod(lead[dim + 1:])
             flat |= {m * inner for m in (GRID_LIMIT - 1, GRID_LIMIT, GRID_LIMIT + 1)}
-    rounding = _rounding(q, k, v, False)
+    rounding = _rounding(q, k, v, False, options)
     for f in sorted(flat):
         index = tuple(int(i) for i in np.unravel_index(f, lead))
         host = [cp.asnumpy(x[index]) for x in (q, k, v, O, L)]
