@@ -27,15 +27,18 @@ static void fa_free(void *p) { free(p); }
 /* exp(x) for a whole row, vectorizable (libm's expf is a call the compiler cannot vectorize).
  * Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, a degree-7 polynomial for e^r (Cephes
  * coefficients), 2^n by building the exponent bits. Within 2 ulp of the exact value for
- * x in [-87.33, 0] (tests/test_c_twin.py checks it on a dense sweep); below that (and -inf,
- * the masked scores) it returns 0, NaN stays NaN. The kernel only passes x <= 0: scores
- * minus their running max. */
+ * x in [-87.33, 88) (tests/test_c_twin.py checks it on dense sweeps); below that (and -inf,
+ * the masked scores) it returns 0, from 88 on +inf, and NaN stays NaN. The kernel passes
+ * x <= 0, scores minus their running max, except in a row holding NaN (which ends NaN); the
+ * clamps keep the float-to-int conversion in range for any x (past int32 it is undefined). */
 FA_HOT int flash_exp_f32(const float *x, float *y, int64_t n, float base)
 {
     const float lo = -87.33654f; /* log(FLT_MIN): 2^n stays a normal number above it */
+    const float hi = 88.f;       /* e^88 < FLT_MAX: 2^n stays finite below it */
     for (int64_t c = 0; c < n; ++c) {
         const float t = x[c] - base;
-        const float tc = t > lo ? t : lo; /* NaN takes the clamp here, and its own value below */
+        const float tl = t > lo ? t : lo; /* NaN takes the clamp here, and its own value below */
+        const float tc = tl < hi ? tl : hi;
         const float fn = (tc * 1.44269504f + 12582912.f) - 12582912.f; /* round(t / ln2) */
         const float r = (tc - fn * 0.693359375f) + fn * 2.12194440e-4f;
         float p = 1.9875691500e-4f;
@@ -47,7 +50,7 @@ FA_HOT int flash_exp_f32(const float *x, float *y, int64_t n, float base)
         p = p * r * r + r + 1.f;
         union { int32_t i; float f; } two_n = {((int32_t)fn + 127) << 23};
         const float e = p * two_n.f;
-        y[c] = t > lo ? e : (t != t ? t : 0.f);
+        y[c] = t > lo ? (t < hi ? e : INFINITY) : (t != t ? t : 0.f);
     }
     return FLASH_OK;
 }

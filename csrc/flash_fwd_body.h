@@ -196,11 +196,14 @@ FA_HOT int FLASH_FWD(const real *Q, const real *K, const real *V, real *O, float
 
             for (int64_t r = 0; r < rows; ++r) {
                 /* line 12: Oi = diag(li)^-1 Oi;  line 13: Li = mi + log(li);
-                 * lines 14-15: write Oi and Li. A fully masked row has li = 0. */
-                const real inv_l = li[r] > 0 ? 1 / li[r] : 0;
+                 * lines 14-15: write Oi and Li. A row with every key masked (or every score
+                 * -inf) has li = 0: O = 0 and L = -inf, chosen, not computed, since Oi may
+                 * hold 0 * inf = NaN. A NaN li (NaN in the row's inputs) stays NaN. */
+                const int empty = li[r] == 0;
+                const real inv_l = empty ? 0 : 1 / li[r];
                 for (int64_t k = 0; k < d; ++k)
-                    Obh[(row0 + r) * d + k] = Oi[r * dp + k] * inv_l;
-                Lbh[row0 + r] = li[r] > 0 ? (float)(mi[r] + LOG(li[r])) : -INFINITY;
+                    Obh[(row0 + r) * d + k] = empty ? 0 : Oi[r * dp + k] * inv_l;
+                Lbh[row0 + r] = empty ? -INFINITY : (float)(mi[r] + LOG(li[r]));
             }
         }
     }

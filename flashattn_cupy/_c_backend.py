@@ -30,7 +30,8 @@ def run(problem, plan, q, k, v):
     on that many threads; every head is computed the same way whatever the slicing."""
     require()
     shape = q.shape
-    q, k, v = (np.ascontiguousarray(x).reshape(-1, x.shape[-2], problem.d) for x in (q, k, v))
+    # C-contiguous and aligned: the C twin reads them through float / double pointers
+    q, k, v = (np.require(x, requirements="CA").reshape(-1, x.shape[-2], problem.d) for x in (q, k, v))
     O = np.empty(q.shape, dtype=q.dtype)
     L = np.empty(q.shape[:-1], dtype=np.float32)
     kernel, ctype = getattr(lib, plan.kernel), _CTYPE[problem.dtype]

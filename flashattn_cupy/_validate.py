@@ -109,6 +109,12 @@ def validate(q, k, v, *, causal, softmax_scale, return_lse, backend,
                              "copy them to one device first")
 
     for name, x in (("q", q), ("k", k), ("v", v)):
+        if isinstance(x, np.ma.MaskedArray):
+            raise TypeError(f"{name} is a numpy.ma.MaskedArray, whose mask flash_attention would "
+                            f"ignore; pass a plain array ({name}.filled(value) or numpy.asarray({name}))")
+        if not np.dtype(x.dtype).isnative:
+            raise TypeError(f"{name} has non-native byte order (dtype {np.dtype(x.dtype).str}); "
+                            f"convert it with {name}.astype({name}.dtype.newbyteorder('='))")
         if x.ndim < 2:
             raise ValueError(f"{name} must have shape (..., N, d) with at least 2 dims, "
                              f"got shape {tuple(x.shape)}")
@@ -125,10 +131,15 @@ def validate(q, k, v, *, causal, softmax_scale, return_lse, backend,
     if k.shape[-1] != d:
         raise ValueError(f"q and k must have the same head dim d, got {d} and {k.shape[-1]}")
     if d > MAX_HEAD_DIM:
-        raise ValueError(f"head dim d must be at most {MAX_HEAD_DIM}, got {d}")
+        raise ValueError(f"head dim d (the last dim of q, k and v) must be at most {MAX_HEAD_DIM}, "
+                         f"got {d}")
     Nq, Nk = q.shape[-2], k.shape[-2]
     if max(Nq, Nk) > _INT32_MAX:
-        raise ValueError(f"sequence lengths must be below 2**31, got Nq={Nq}, Nk={Nk}")
+        raise ValueError(f"the sequence lengths of q and k must be below 2**31, got Nq={Nq}, Nk={Nk}")
+    lead = tuple(q.shape[:-2])
+    if lead and max(math.prod(lead[:-1]), lead[-1]) > _INT32_MAX:   # the kernels' int counters
+        raise ValueError(f"the leading dims of q, k and v {lead} must give heads (the last) and "
+                         "batch (the product of the others) below 2**31 each")
 
     dtypes = {name: np.dtype(x.dtype).name for name, x in (("q", q), ("k", k), ("v", v))}
     if len(set(dtypes.values())) > 1:
@@ -155,7 +166,10 @@ def validate(q, k, v, *, causal, softmax_scale, return_lse, backend,
     if softmax_scale is None:
         scale = 1.0 / math.sqrt(d)
     elif isinstance(softmax_scale, numbers.Real) and not isinstance(softmax_scale, (bool, np.bool_)):
-        scale = float(softmax_scale)
+        try:
+            scale = float(softmax_scale)
+        except OverflowError:   # an int beyond any float
+            scale = math.inf
         if not (math.isfinite(scale) and abs(scale) <= _FLOAT32_MAX):
             raise ValueError(f"softmax_scale must be a finite float32 number, got {softmax_scale!r}")
     else:

@@ -18,20 +18,22 @@ def causal_mask(Nq: int, Nk: int) -> np.ndarray:
 def attention(q, k, v, *, causal: bool = False, softmax_scale: float | None = None):
     """(O, L) in float64 for NumPy inputs of shape (..., N, d) of any float dtype.
 
-    L is the natural-log logsumexp of the scaled scores. A row with every key masked gives
-    O = 0 and L = -inf.
+    L is the natural-log logsumexp of the scaled scores. A row with every key masked (or every
+    score -inf) gives O = 0 and L = -inf. Otherwise NaN and inf go through IEEE arithmetic:
+    a NaN or +inf score makes the row's O and L NaN, and 0 * inf or 0 * NaN in P V is NaN.
     """
     q, k, v = (np.asarray(x).astype(np.float64) for x in (q, k, v))
     d = q.shape[-1]
     scale = 1.0 / np.sqrt(d) if softmax_scale is None else float(softmax_scale)
-    S = scale * (q @ np.swapaxes(k, -1, -2))
-    if causal:
-        S = np.where(causal_mask(q.shape[-2], k.shape[-2]), -np.inf, S)
-    m = S.max(axis=-1, keepdims=True)
-    m_safe = np.where(np.isneginf(m), 0.0, m)
-    P = np.exp(S - m_safe)
-    l = P.sum(axis=-1, keepdims=True)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        O = np.where(l > 0, (P @ v) / l, 0.0)
-        L = np.where(l > 0, m_safe + np.log(l), -np.inf)[..., 0]
+    with np.errstate(divide="ignore", invalid="ignore"):   # inf - inf, 0 * inf: NaN, as said
+        S = scale * (q @ np.swapaxes(k, -1, -2))
+        if causal:
+            S = np.where(causal_mask(q.shape[-2], k.shape[-2]), -np.inf, S)
+        m = S.max(axis=-1, keepdims=True)
+        m_safe = np.where(np.isneginf(m), 0.0, m)
+        P = np.exp(S - m_safe)
+        l = P.sum(axis=-1, keepdims=True)
+        empty = l == 0   # no key to attend to; a NaN l is not empty and stays NaN
+        O = np.where(empty, 0.0, (P @ v) / l)
+        L = np.where(empty, -np.inf, m_safe + np.log(l))[..., 0]
     return O, L

@@ -106,8 +106,9 @@ def test_num_threads_gives_bitwise_the_same_result(rng, lead, num_threads, causa
 
 def test_vectorized_exp_accuracy():
     """flash_exp_f32 (the C twin's exp for Pij) is within 2 ulp of exp on [-87.33, 0], the range
-    it is used on (scores minus their max); below it flushes to 0 (|error| < FLT_MIN), -inf gives
-    exactly 0, NaN stays NaN, and the base is subtracted first."""
+    it is used on (scores minus their max), and on [0, 88); below it flushes to 0 (|error| <
+    FLT_MIN), -inf gives exactly 0, from 88 on +inf, NaN stays NaN, and the base is subtracted
+    first."""
     from flashattn_cupy._c_backend import ffi, lib
 
     def exp(x, base=0.0):
@@ -115,11 +116,13 @@ def test_vectorized_exp_accuracy():
         lib.flash_exp_f32(ffi.from_buffer("float[]", x), ffi.from_buffer("float[]", y), x.size, base)
         return y
 
-    x = np.linspace(-87.33, 0, 2_000_001, dtype=np.float32)
-    exact = np.exp(x.astype(np.float64))
-    ulps = np.abs(exp(x) - exact) / np.spacing(exact.astype(np.float32)).astype(np.float64)
-    assert ulps.max() <= 2.0, f"max error {ulps.max():.2f} ulp at x = {x[ulps.argmax()]}"
-    special = np.array([-np.inf, -1e30, -100.0, -87.4, 0.0, np.nan], dtype=np.float32)
+    for x in (np.linspace(-87.33, 0, 2_000_001, dtype=np.float32),
+              np.linspace(0, 87.999, 200_001, dtype=np.float32)):
+        exact = np.exp(x.astype(np.float64))
+        ulps = np.abs(exp(x) - exact) / np.spacing(exact.astype(np.float32)).astype(np.float64)
+        assert ulps.max() <= 2.0, f"max error {ulps.max():.2f} ulp at x = {x[ulps.argmax()]}"
+    special = np.array([-np.inf, -1e30, -100.0, -87.4, 0.0, np.nan, 88.0, 1e30, np.inf], dtype=np.float32)
     got = exp(special)
     assert got[:4].tolist() == [0.0, 0.0, 0.0, 0.0] and got[4] == 1.0 and np.isnan(got[5])
+    assert np.isposinf(got[6:]).all()
     np.testing.assert_array_equal(exp(x[::1000] + 3.0, 3.0), exp(x[::1000] + 3.0 - 3.0))

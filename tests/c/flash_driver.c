@@ -1,0 +1,80 @@
+/* flash_driver.c: runs the C twin on cases read from stdin, for tests/test_sanitizers.py, which
+ * builds it with csrc/flash_fwd.c under AddressSanitizer and UBSan and checks the outputs.
+ *
+ * Every buffer is its own malloc of exactly the bytes the call may touch, so a read or write
+ * one element past any of them lands in ASan's red zone. A record on stdin is
+ *   int64 op, BH, Nq, Nk, d, Br, Bc, causal; double scale; then the inputs
+ * op 0: flash_fwd_f32 on float Q [BH][Nq][d], K and V [BH][Nk][d]; writes O, then float L [BH][Nq]
+ * op 1: flash_fwd_f64, the same with double Q, K, V, O
+ * op 2: flash_exp_f32 on BH floats with base = scale; writes the BH results
+ * Exit status: 0 at end of input, 2 for a short or malformed record, 3 if a call fails
+ * (sizes are >= 1: the Python side sends only valid calls). */
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "flash_fwd.h"
+
+static void *read_exact(size_t bytes)
+{
+    void *p = malloc(bytes);
+    if (!p || fread(p, 1, bytes, stdin) != bytes) {
+        fprintf(stderr, "flash_driver: short input (%zu bytes wanted)\n", bytes);
+        exit(2);
+    }
+    return p;
+}
+
+static void write_exact(const void *p, size_t bytes)
+{
+    if (fwrite(p, 1, bytes, stdout) != bytes) {
+        fprintf(stderr, "flash_driver: short write\n");
+        exit(2);
+    }
+}
+
+int main(void)
+{
+    int64_t h[8];
+    while (fread(h, sizeof h, 1, stdin) == 1) {
+        const int64_t op = h[0], BH = h[1], Nq = h[2], Nk = h[3], d = h[4], Br = h[5], Bc = h[6];
+        const int causal = (int)h[7];
+        double scale;
+        if (fread(&scale, sizeof scale, 1, stdin) != 1 || op < 0 || op > 2 || BH < 0) {
+            fprintf(stderr, "flash_driver: malformed record\n");
+            return 2;
+        }
+        int status;
+        if (op == 2) {
+            float *x = read_exact(sizeof(float) * BH), *y = malloc(sizeof(float) * BH);
+            status = flash_exp_f32(x, y, BH, (float)scale);
+            if (status == FLASH_OK)
+                write_exact(y, sizeof(float) * BH);
+            free(x);
+            free(y);
+        } else {
+            const size_t size = op == 0 ? sizeof(float) : sizeof(double);
+            void *Q = read_exact(size * BH * Nq * d), *K = read_exact(size * BH * Nk * d);
+            void *V = read_exact(size * BH * Nk * d);
+            void *O = malloc(size * BH * Nq * d);
+            float *L = malloc(sizeof(float) * BH * Nq);
+            status = op == 0 ? flash_fwd_f32(Q, K, V, O, L, BH, Nq, Nk, d, Br, Bc, (float)scale, causal)
+                             : flash_fwd_f64(Q, K, V, O, L, BH, Nq, Nk, d, Br, Bc, scale, causal);
+            if (status == FLASH_OK) {
+                write_exact(O, size * BH * Nq * d);
+                write_exact(L, sizeof(float) * BH * Nq);
+            }
+            free(Q);
+            free(K);
+            free(V);
+            free(O);
+            free(L);
+        }
+        if (status != FLASH_OK) {
+            fprintf(stderr, "flash_driver: op %lld returned %d\n", (long long)op, status);
+            return 3;
+        }
+        fflush(stdout);
+    }
+    return 0;
+}

@@ -1,0 +1,214 @@
+#!/usr/bin/env python3
+"""Every CUDA kernel variant the planner emits for this GPU, under compute-sanitizer's memcheck,
+racecheck, initcheck and synccheck, with a summary per tool.
+
+    python tests/sanitize_gpu.py                        # a plain run, then the four tools
+    python tests/sanitize_gpu.py --tools memcheck,racecheck --log-dir logs
+    python tests/sanitize_gpu.py --list --arch 90 --smem-limit 232448   # the calls only, no GPU
+
+compute-sanitizer is taken from --sanitizer, PATH, $CUDA_HOME/bin, /usr/local/cuda/bin or the pip
+wheel nvidia-cuda-sanitizer-api-cu12 (or nvidia-cuda-sanitizer-api for CUDA 13). Under
+each tool one Python process (this file with --worker) makes one flash_attention call per point
+of a grid: for every kernel variant the planner emits for this device's shared-memory limit and
+arch (every head-dim bound D, dtype, causal flag and float32 mode, as fp32_kernel / allow_tf32;
+the worker asks plan_for which variant each call runs, and fails if one is missed), head dims D,
+D - 24 (a multiple of 8) and D - 31 (odd), shapes with ragged tiles ((77, 203), and (203, 77),
+whose first 126 causal rows see no key), in three layouts: contiguous, (B, N, H, d) memory
+viewed as (B, H, N, d), and data starting one element past an aligned address (element-wise
+loads). The worker turns CuPy's memory pool off, so every array is its own cudaMalloc and
+memcheck (with --padding) sees an access past any end; it makes its inputs on the host, so the
+kernels run are ours; it checks every result against the float64 reference, and copies every
+output back in full, so initcheck sees any element left unwritten. Exit status 0 only when the
+plain run and every tool are clean.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+TOOLS = ("memcheck", "racecheck", "initcheck", "synccheck")
+TOOL_OPTIONS = {"memcheck": ["--padding", "512"]}
+# (d below the head-dim bound D, layout, shapes (Nq, Nk)): no tile size divides 77 or 203, and
+# causal (203, 77) leaves rows that see no key
+CASES = ((0, "contiguous", ((77, 203), (203, 77))), (24, "transposed", ((203, 77),)),
+         (31, "unaligned", ((77, 203),)))
+# planner.plan's fp32 modes as flash_attention's options
+API_FP32 = {"auto": {}, "3xtf32": {"fp32_kernel": "3xtf32"}, "tf32": {"allow_tf32": True},
+            "simt": {"fp32_kernel": "simt"}}
+
+
+def calls(smem_limit: int, arch: int):
+    """The grid, as (kernel, dtype, causal, d, Nq, Nk, layout, options): for every variant the
+    planner emits here (every head-dim bound, dtype, causal flag and float32 mode), each case."""
+    from flashattn_cupy import planner
+    grid, seen = [], set()
+    for D in range(planner.HEAD_DIM_STEP, planner.MAX_HEAD_DIM + 1, planner.HEAD_DIM_STEP):
+        for dtype in planner.CUDA_TYPES:
+            for causal in (False, True):
+                for mode in planner.FP32_MODES if dtype == "float32" else ("auto",):
+                    if mode == "3xtf32" and arch < 80:
+                        continue
+                    kernel = planner.plan(1, 1, D, dtype=dtype, causal=causal, smem_limit=smem_limit,
+                                          arch=arch, fp32=mode).kernel
+                    if kernel in seen:
+                        continue
+                    seen.add(kernel)
+                    grid += [(kernel, dtype, causal, D - below, Nq, Nk, layout, API_FP32[mode])
+                             for below, layout, shapes in CASES for Nq, Nk in shapes]
+    return grid
+
+
+def kernels_reached(smem_limit: int, arch: int) -> tuple[set, set]:
+    """(the kernels the grid's calls are planned to run, every variant the planner emits here)."""
+    from flashattn_cupy import planner
+    reached = set()
+    for _, dtype, causal, d, Nq, Nk, _, options in calls(smem_limit, arch):
+        fp32 = "tf32" if options.get("allow_tf32") else options.get("fp32_kernel", "auto")
+        reached.add(planner.plan(Nq, Nk, d, dtype=dtype, causal=causal, batch=2, heads=3,
+                                 smem_limit=smem_limit, arch=arch, fp32=fp32).kernel)
+    return reached, set(planner.cuda_variants(smem_limit, arch))
+
+
+def _arrays(cp, rng, dtype, d, Nq, Nk, layout):
+    """q, k, v on the GPU, made on the host (so no kernel of CuPy's runs), lead dims (2, 3)."""
+    import ml_dtypes
+    import numpy as np
+    host_type = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
+    out = []
+    for N in (Nq, Nk, Nk):
+        x = rng.standard_normal((2, 3, N, d)).astype(host_type)
+        if layout == "transposed":
+            out.append(cp.asarray(np.ascontiguousarray(x.swapaxes(1, 2))).swapaxes(1, 2))
+        elif layout == "unaligned":
+            buf = cp.empty(x.size + 1, dtype=x.dtype)
+            buf[1:].set(x.ravel())
+            out.append(buf[1:].reshape(x.shape))
+        else:
+            out.append(cp.asarray(x))
+    return out
+
+
+def worker() -> int:
+    import numpy as np
+    sys.path.insert(0, str(HERE))
+    from flashattn_cupy import _device, flash_attention, plan_for, planner
+    from tolerances import assert_attention_close, kernel_rounding
+    cp = _device.cupy()
+    cp.cuda.set_allocator(None)                 # each array its own cudaMalloc
+    cp.cuda.set_pinned_memory_allocator(None)
+    smem_limit, arch = _device.smem_limit(), _device.compute_capability()
+    rng = np.random.default_rng(0)
+    ran, failures = set(), []
+    grid = calls(smem_limit, arch)
+    for _, dtype, causal, d, Nq, Nk, layout, options in grid:
+        q, k, v = _arrays(cp, rng, dtype, d, Nq, Nk, layout)
+        plan = plan_for(q, k, v, causal=causal, **options)
+        ran.add(plan.kernel)
+        O, L = flash_attention(q, k, v, causal=causal, return_lse=True, **options)
+        try:
+            assert_attention_close(cp.asnumpy(O), cp.asnumpy(L), *(cp.asnumpy(x) for x in (q, k, v)),
+                                   causal=causal, **kernel_rounding(plan))
+        except AssertionError as exc:
+            failures.append(f"{plan.kernel} d={d} Nq={Nq} Nk={Nk} {layout} causal={causal}: {exc}")
+    missed = set(planner.cuda_variants(smem_limit, arch)) - ran
+    print(f"worker: {len(grid)} calls, {len(ran)} kernel variants "
+          f"(shared-memory limit {smem_limit} B, sm_{arch}); wrong results: {len(failures)}; "
+          f"variants not reached: {len(missed)}")
+    for line in failures + [f"not reached: {name}" for name in sorted(missed)]:
+        print("  " + line)
+    return 1 if failures or missed else 0
+
+
+def find_sanitizer(given: str | None) -> str | None:
+    """compute-sanitizer from the argument, PATH, the CUDA toolkit, or a pip wheel
+    (nvidia-cuda-sanitizer-api-cu12, or -api for CUDA 13: nvidia/cuda_sanitizer_api/bin)."""
+    import importlib.util
+    roots = [os.environ.get("CUDA_HOME"), "/usr/local/cuda"]
+    spec = importlib.util.find_spec("nvidia")
+    wheels = [Path(p) / "cuda_sanitizer_api" for p in (spec.submodule_search_locations or [])] if spec else []
+    candidates = [given, shutil.which("compute-sanitizer"),
+                  *(Path(r) / "bin" / "compute-sanitizer" for r in roots + wheels if r)]
+    return next((str(c) for c in candidates if c and Path(c).is_file()), None)
+
+
+def summarize(output: str) -> tuple[int, int] | None:
+    """(errors, warnings) from a compute-sanitizer log; None if it printed no summary."""
+    errors = [int(n) for n in re.findall(r"ERROR SUMMARY: (\d+) error", output)]
+    races = re.findall(r"RACECHECK SUMMARY: \d+ hazards? displayed \((\d+) errors?, (\d+) warnings?\)", output)
+    if not errors and not races:
+        return None
+    return sum(errors) + sum(int(e) for e, _ in races), sum(int(w) for _, w in races)
+
+
+def run_tools(sanitizer: str, tools, log_dir: Path, timeout: int) -> int:
+    log_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    worker_cmd = [sys.executable, str(Path(__file__).resolve()), "--worker"]
+    rows, status = [], 0
+    for tool in ("plain",) + tuple(tools):
+        cmd = worker_cmd if tool == "plain" else \
+            [sanitizer, "--tool", tool, "--print-limit", "20", *TOOL_OPTIONS.get(tool, []), *worker_cmd]
+        start = time.perf_counter()
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+            output, code = done.stdout + done.stderr, done.returncode
+        except subprocess.TimeoutExpired as exc:
+            output, code = f"{exc.stdout or ''}{exc.stderr or ''}\ntimed out after {timeout} s", -1
+        seconds = time.perf_counter() - start
+        (log_dir / f"{tool}.log").write_text(output)
+        worker_line = next((line for line in output.splitlines() if line.startswith("worker:")), "worker: no report")
+        counts = (0, 0) if tool == "plain" else summarize(output)
+        clean = code == 0 and counts == (0, 0)
+        status |= not clean
+        found = "no summary" if counts is None else f"{counts[0]} errors, {counts[1]} warnings"
+        rows.append(f"{tool:10} {'clean' if clean else 'FAILED':7} {found:24} {seconds:7.1f} s   {worker_line}")
+        print(rows[-1], flush=True)
+    print(f"\nsummary (logs in {log_dir}):")
+    print("\n".join(rows))
+    return status
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tools", default=",".join(TOOLS), help="comma-separated, from " + ", ".join(TOOLS))
+    parser.add_argument("--sanitizer", help="path of compute-sanitizer")
+    parser.add_argument("--log-dir", default="sanitize-logs", help="where each tool's full output goes")
+    parser.add_argument("--timeout", type=int, default=3600, help="seconds per tool")
+    parser.add_argument("--list", action="store_true", help="print the calls and the variants they reach; no GPU run")
+    parser.add_argument("--arch", type=int, help="with --list: compute capability, e.g. 90 (default: this GPU's)")
+    parser.add_argument("--smem-limit", type=int, help="with --list: opt-in shared memory per block in bytes")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        return worker()
+    tools = [t for t in args.tools.split(",") if t]
+    if any(t not in TOOLS for t in tools):
+        parser.error(f"--tools takes {', '.join(TOOLS)}")
+    if args.list:
+        if args.arch is None or args.smem_limit is None:
+            from flashattn_cupy import _device
+            args.arch = args.arch or _device.compute_capability()
+            args.smem_limit = args.smem_limit or _device.smem_limit()
+        reached, variants = kernels_reached(args.smem_limit, args.arch)
+        for call in calls(args.smem_limit, args.arch):
+            print(*call)
+        print(f"{len(reached & variants)} of {len(variants)} variants reached; missed: {sorted(variants - reached)}")
+        return 0 if variants <= reached else 1
+    sanitizer = find_sanitizer(args.sanitizer)
+    if sanitizer is None:
+        print("compute-sanitizer not found (PATH, $CUDA_HOME/bin, /usr/local/cuda/bin, pip's nvidia/"
+              "cuda_sanitizer_api/bin): pip install nvidia-cuda-sanitizer-api-cu12, or pass --sanitizer PATH",
+              file=sys.stderr)
+        return 2
+    return run_tools(sanitizer, tools, Path(args.log_dir), args.timeout)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
