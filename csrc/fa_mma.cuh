@@ -111,7 +111,10 @@ __device__ __forceinline__ void make_operand(operand<N>& x) {
         for (int i = 0; i < N; ++i) {
             const float f = __uint_as_float(x.hi[i]);
             x.hi[i] = to_tf32(f);
-            if constexpr (PASSES == 3) x.lo[i] = to_tf32(f - __uint_as_float(x.hi[i]));
+            if constexpr (PASSES == 3) {   // inf - inf would make the remainder NaN: it is 0
+                const float r = f - __uint_as_float(x.hi[i]);
+                x.lo[i] = to_tf32(r == r ? r : 0.f);   // a NaN f keeps its NaN in hi
+            }
         }
     }
 }

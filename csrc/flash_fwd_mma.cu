@@ -336,11 +336,13 @@ flash_fwd_mma(const T* __restrict__ Q, const T* __restrict__ K, const T* __restr
         for (int r = 0; r < 2; ++r) {
             l[mt][r] += __shfl_xor_sync(0xffffffffu, l[mt][r], 1);
             l[mt][r] += __shfl_xor_sync(0xffffffffu, l[mt][r], 2);
-            const float inv = l[mt][r] > 0.f ? 1.f / l[mt][r] : 0.f;
+            const bool none = l[mt][r] == 0.f;   // every key masked: O = 0 chosen, not 0 * (o = NaN)
+            const float inv = 1.f / l[mt][r];
 #pragma unroll
             for (int dt = 0; dt < ND; ++dt) {
                 bits* dst = Ow + (mt * 16 + g + 8 * r) * DP + dt * 8 + 2 * t;
-                const float lo = o[mt][dt][2 * r] * inv, hi = o[mt][dt][2 * r + 1] * inv;
+                const float lo = none ? 0.f : o[mt][dt][2 * r] * inv;
+                const float hi = none ? 0.f : o[mt][dt][2 * r + 1] * inv;
                 if constexpr (F32)
                     *reinterpret_cast<fa_f2*>(dst) = fa_f2{lo, hi};
                 else
@@ -368,7 +370,7 @@ flash_fwd_mma(const T* __restrict__ Q, const T* __restrict__ K, const T* __restr
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
                 const int row = warp * WR + mt * 16 + g + 8 * r;
-                if (row < rows) Lbh[row] = l[mt][r] > 0.f ? m[mt][r] * LN2 + logf(l[mt][r]) : neg_inf;
+                if (row < rows) Lbh[row] = l[mt][r] == 0.f ? neg_inf : m[mt][r] * LN2 + logf(l[mt][r]);
             }
         }
         __syncthreads();   // smem is reused by the next (batch, head)

@@ -136,12 +136,12 @@ flash_fwd_simt(const T* __restrict__ Q, const T* __restrict__ K, const T* __rest
             const int r = idx / D, c = idx % D;
             if (r < rows && c < d) {
                 const float l = li[r];
-                Obh[r * o_sn + c] = from_float<T>(l > 0.f ? Oi[idx] / l : 0.f);
+                Obh[r * o_sn + c] = from_float<T>(l == 0.f ? 0.f : Oi[idx] / l);   // chosen, not 0 * NaN
             }
         }
         float* Lbh = L + ((long long)b * H + h) * Nq + row0;
         for (int r = tid; r < rows; r += NT)
-            Lbh[r] = li[r] > 0.f ? mi[r] * LN2 + logf(li[r]) : neg_inf;
+            Lbh[r] = li[r] == 0.f ? neg_inf : mi[r] * LN2 + logf(li[r]);   // a NaN row stays NaN
         __syncthreads();  // smem is reused by the next (batch, head)
     }
 }
