@@ -132,7 +132,7 @@ def test_refused_numpy_only(rng, name, build, exc, names, words):
 def test_numpy_mixed_with_cupy(rng, cp, cupy_args):
     def build(q, k, v):
         return tuple(cp.asarray(x) if n in cupy_args else x for n, x in zip("qkv", (q, k, v))), {}
-    _refused(build, TypeError, "q k v", "all NumPy arrays or all CuPy arrays", *inputs(rng, (2,), 8, 8, 16))
+    _refused(build, TypeError, "q k v", "must all be NumPy arrays or all CuPy arrays", *inputs(rng, (2,), 8, 8, 16))
 
 
 @pytest.mark.gpu
