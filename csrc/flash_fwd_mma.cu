@@ -137,7 +137,6 @@ flash_fwd_mma(const T* __restrict__ Q, const T* __restrict__ K, const T* __restr
             __syncthreads();
         }
 
-
         float o[MT][ND][4] = {};                      // line 5: Oi = 0, mi = -inf, li = 0
         float m[MT][2], l[MT][2];
 #pragma unroll
