@@ -41,6 +41,7 @@ def run_c(N: int, d: int, causal: bool, seed: int, dtype: str) -> None:
         return
     q, k, v = _inputs(N, d, dtype, seed)
     plan = plan_for(q, k, v, causal=causal, backend="c")
+    assert plan is not None   # only backend="reference" runs without a plan
     print(f"N={N}, d={d}, Br={plan.Br}, Bc={plan.Bc}, causal={causal}, {dtype}")
     start = time.perf_counter()
     O, L = flash_attention(q, k, v, causal=causal, return_lse=True, backend="c")
@@ -65,6 +66,7 @@ def run_cuda(N: int, d: int, causal: bool, seed: int, dtype: str) -> None:
     q, k, v = _inputs(N, d, dtype, seed)
     qd, kd, vd = (cp.asarray(x) for x in (q, k, v))
     plan = plan_for(qd, kd, vd, causal=causal)
+    assert plan is not None
     print(f"Device: {_device.describe(qd.device.id)}")
     print(f"N={N}, d={d}, Br={plan.Br}, Bc={plan.Bc}, causal={causal}, {np.dtype(dtype).name}")
     print(f"Grid: {plan.grid[0] * plan.grid[1] * plan.grid[2]} blocks {plan.grid} x {plan.threads} threads, "

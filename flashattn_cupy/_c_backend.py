@@ -31,7 +31,7 @@ def run(problem, plan, q, k, v):
     require()
     shape = q.shape
     # C-contiguous and aligned: the C twin reads them through float / double pointers
-    q, k, v = (np.require(x, requirements="CA").reshape(-1, x.shape[-2], problem.d) for x in (q, k, v))
+    q, k, v = (np.require(x, requirements=("C", "A")).reshape(-1, x.shape[-2], problem.d) for x in (q, k, v))
     O = np.empty(q.shape, dtype=q.dtype)
     L = np.empty(q.shape[:-1], dtype=np.float32)
     kernel, ctype = getattr(lib, plan.kernel), _CTYPE[problem.dtype]

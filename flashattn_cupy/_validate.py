@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -31,9 +32,9 @@ _INT32_MAX = 2**31 - 1
 class Problem:
     """A validated call: what to compute, where, and what array type to hand back."""
 
-    q: object
-    k: object
-    v: object
+    q: Any          # NumPy or CuPy arrays
+    k: Any
+    v: Any
     backend: str        # "c", "cuda" or "reference"
     on_gpu: bool        # the caller passed CuPy arrays (and gets CuPy arrays back)
     dtype: str

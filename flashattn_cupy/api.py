@@ -1,14 +1,18 @@
 """flash_attention: one entry point for NumPy and CuPy arrays, C and CUDA backends."""
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from . import _device, _interop, planner, reference
+from ._typing import Array, Backend, Fp32Kernel
 from ._validate import Problem, validate
 
 
-def flash_attention(q, k, v, *, causal=False, softmax_scale=None, return_lse=False,
-                    backend="auto", num_threads=1, allow_tf32=False, fp32_kernel="auto"):
+def flash_attention(q: Array, k: Array, v: Array, *, causal: bool = False, softmax_scale: float | None = None,
+                    return_lse: bool = False, backend: Backend = "auto", num_threads: int = 1,
+                    allow_tf32: bool = False, fp32_kernel: Fp32Kernel = "auto") -> Any:
     """FlashAttention-2 forward: O = softmax(softmax_scale * q k^T) v, without the N x N matrix.
 
     q: (..., Nq, d); k, v: (..., Nk, d) with the same leading (batch, heads) dims, 1 <= d <= 256.
@@ -42,8 +46,9 @@ def flash_attention(q, k, v, *, causal=False, softmax_scale=None, return_lse=Fal
         return (export(O), export(L)) if return_lse else export(O)
 
 
-def plan_for(q, k, v, *, causal=False, softmax_scale=None, backend="auto", num_threads=1,
-             allow_tf32=False, fp32_kernel="auto"):
+def plan_for(q: Array, k: Array, v: Array, *, causal: bool = False, softmax_scale: float | None = None,
+             backend: Backend = "auto", num_threads: int = 1, allow_tf32: bool = False,
+             fp32_kernel: Fp32Kernel = "auto") -> planner.Plan | None:
     """The Plan flash_attention would run for these arguments (None for "reference")."""
     with _interop.caller_arrays(q, k, v) as (q, k, v, _):
         problem = validate(q, k, v, causal=causal, softmax_scale=softmax_scale, return_lse=False,

@@ -17,6 +17,8 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from typing import Any
+
 import numpy as np
 
 from . import flash_attention, plan_for
@@ -185,7 +187,7 @@ def _sdpa_gpu(q, k, v, causal):
 # (xformers) kernel; for fp16/bf16 it is FlashAttention-2 ("flash").
 TARGET_RIVAL = {"float32": "sdpa-efficient", "float16": "sdpa-flash", "bfloat16": "sdpa-flash"}
 # Rows beyond the three dtypes: float32 through our other fp32 kernels (same inputs, same rivals).
-FP32_ROWS = {"float32-simt": dict(fp32_kernel="simt"), "tf32": dict(allow_tf32=True)}
+FP32_ROWS: dict[str, dict[str, Any]] = {"float32-simt": dict(fp32_kernel="simt"), "tf32": dict(allow_tf32=True)}
 GPU_ROWS = ("float32", "float32-simt", "tf32", "float16", "bfloat16")
 NAIVE_MAX_N = 4096   # naive attention materializes B·H·N² scores: skip it beyond this
 
@@ -221,9 +223,10 @@ def bench_gpu(quick: bool, dtypes=GPU_ROWS) -> list[str]:
                     target = rate.get(TARGET_RIVAL[dtype])
                     cells = [f"{rate[n]:.2f}" if n in rate else "" for n in names]
                     ratios = [f"{rate['ours'] / r:.3f}" if r else "" for r in (target, best_sdpa)]
-                    kernel = plan_for(q, k, v, causal=causal, **options).kernel
+                    plan = plan_for(q, k, v, causal=causal, **options)
+                    assert plan is not None
                     lines.append(f"| {row} | {d} | {B}×{H}×{N} | {causal} | " + " | ".join(cells + ratios)
-                                 + f" | `{kernel}` |")
+                                 + f" | `{plan.kernel}` |")
                     print(lines[-1], file=sys.stderr, flush=True)
                     del q, k, v, fns
                     cp.get_default_memory_pool().free_all_blocks()

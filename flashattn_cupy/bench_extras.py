@@ -101,8 +101,9 @@ def head_dims() -> list[str]:
                            for _ in range(3))
                 t = _gpu_time(lambda: flash_attention(q, k, v), 10)
                 cells.append(f"{4 * N * N * d * 64 / t / 1e12:.1f}")
-            kernel = plan_for(q, k, v).kernel
-            lines.append(f"| {dtype} | {d} | " + " | ".join(cells) + f" | `{kernel}` |")
+            plan = plan_for(q, k, v)
+            assert plan is not None
+            lines.append(f"| {dtype} | {d} | " + " | ".join(cells) + f" | `{plan.kernel}` |")
     return lines
 
 

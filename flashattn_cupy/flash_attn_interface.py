@@ -11,17 +11,21 @@ C twin copies to contiguous, as it does for every input). What flash-attn has an
 from __future__ import annotations
 
 import numbers
+from typing import Any
 
 from . import _interop
+from ._typing import Array, Backend
 from .api import flash_attention
 
 # What is not implemented yet, and where it is planned: the messages name it.
 _PLANNED = "planned with GQA/varlen/softcap/ALiBi support (issue 8)"
 
 
-def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
-                    softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False,
-                    *, return_lse=False, backend="auto"):
+def flash_attn_func(q: Array, k: Array, v: Array, dropout_p: float = 0.0, softmax_scale: float | None = None,
+                    causal: bool = False, window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                    alibi_slopes: Array | None = None, deterministic: bool = False,
+                    return_attn_probs: bool = False, *, return_lse: bool = False,
+                    backend: Backend = "auto") -> Any:
     """Attention over (batch, seqlen, nheads, headdim) tensors, as flash_attn.flash_attn_func.
 
     q: (batch, seqlen_q, nheads, headdim); k, v: (batch, seqlen_k, nheads_k, headdim), with

@@ -63,7 +63,7 @@ class Plan:
     Bc: int
     causal: bool
     threads: int = 1             # CUDA: threads per block; C: Python threads sharing the heads
-    grid: tuple = (1, 1, 1)
+    grid: tuple[int, int, int] = (1, 1, 1)
     smem_bytes: int = 0          # CUDA: dynamic shared memory; C: working-set bytes
     smem_limit: int = 0
 

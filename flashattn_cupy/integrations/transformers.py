@@ -17,6 +17,9 @@ attention sinks and position biases; each is refused with a ValueError naming it
 """
 from __future__ import annotations
 
+from typing import Any
+
+from .._typing import Array
 from ..flash_attn_interface import flash_attn_func
 
 # transformers treats names containing "flash" as requests for its own or a Hub kernel
@@ -25,8 +28,9 @@ _REFUSED = {"sliding_window": "sliding-window attention", "softcap": "softcappin
             "s_aux": "attention sinks", "position_bias": "position biases"}
 
 
-def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
-                      is_causal=None, **kwargs):
+def attention_forward(module: Any, query: Array, key: Array, value: Array, attention_mask: Array | None,
+                      dropout: float = 0.0, scaling: float | None = None, is_causal: bool | None = None,
+                      **kwargs: Any) -> tuple[Array, None]:
     """transformers' attention-function signature: query (batch, heads, seqlen_q, d), key and
     value (batch, kv_heads, seqlen_k, d); returns ((batch, seqlen_q, heads, d), None)."""
     for keyword, feature in _REFUSED.items():
@@ -43,7 +47,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     return out, None
 
 
-def _is_no_op(mask) -> bool:
+def _is_no_op(mask: Array | None) -> bool:
     """None, or a mask that masks nothing (additive and all 0, or boolean and all True)."""
     if mask is None:
         return True
