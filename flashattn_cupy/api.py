@@ -49,7 +49,11 @@ def flash_attention(q: Array, k: Array, v: Array, *, causal: bool = False, softm
 def plan_for(q: Array, k: Array, v: Array, *, causal: bool = False, softmax_scale: float | None = None,
              backend: Backend = "auto", num_threads: int = 1, allow_tf32: bool = False,
              fp32_kernel: Fp32Kernel = "auto") -> planner.Plan | None:
-    """The Plan flash_attention would run for these arguments (None for "reference")."""
+    """The Plan flash_attention would run for these arguments (None for "reference").
+
+    q: (..., Nq, d); k, v: (..., Nk, d): arrays of any kind flash_attention takes, which are
+    validated as it does but not computed on (no kernel is compiled or launched).
+    """
     with _interop.caller_arrays(q, k, v) as (q, k, v, _):
         problem = validate(q, k, v, causal=causal, softmax_scale=softmax_scale, return_lse=False,
                            backend=backend, num_threads=num_threads, allow_tf32=allow_tf32,

@@ -132,7 +132,8 @@ def plan(Nq: int, Nk: int, d: int, *, dtype: str = "float32", causal: bool = Fal
          fp32: str = "auto") -> Plan:
     """Choose the tiles and launch shape for one call.
 
-    backend "c" runs the batch * heads problems on min(num_threads, batch * heads) Python
+    The call's shapes: q (batch, heads, Nq, d), k and v (batch, heads, Nk, d); dtype is q's
+    ("float32", "float64", "float16" or "bfloat16"). backend "c" runs the batch * heads problems on min(num_threads, batch * heads) Python
     threads, each calling the single-threaded C twin on a contiguous slice of them.
     backend "cuda" needs the device's shared-memory limit per block (the opt-in maximum) and
     its compute capability as an int (75 for sm_75); when None they are read from the current

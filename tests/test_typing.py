@@ -1,6 +1,7 @@
 """The type hints: every public function is annotated, the hints agree with what the code
 checks at run time, and mypy finds the package consistent (pyproject's [tool.mypy])."""
 import inspect
+import re
 import subprocess
 import sys
 import typing
@@ -28,6 +29,8 @@ def test_public_functions_are_fully_annotated(function):
     missing = [name for name, p in signature.parameters.items() if p.annotation is inspect.Parameter.empty]
     assert not missing, f"{function.__name__}: parameters without a type: {missing}"
     assert signature.return_annotation is not inspect.Signature.empty, f"{function.__name__} has no return type"
+    if function is not fa_transformers.register:   # the others take arrays or their sizes
+        assert re.search(r"\((\.\.\.|batch), ", function.__doc__), f"{function.__name__}'s docstring gives no shapes"
 
 
 def test_literal_types_list_what_the_validator_accepts():
