@@ -97,13 +97,17 @@ def main(argv=None) -> int:
     if argv[:1] == ["info"]:
         from . import info
         return info.main(argv[1:])
+    if argv[:1] == ["clear-cache"]:
+        from . import kernel_cache
+        return kernel_cache.main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="python -m flashattn_cupy",
         description="FlashAttention-2 forward demo: the C twin on the CPU, then the CUDA kernel "
                     "when a GPU is usable (skipped with a message otherwise). Inputs are seeded "
                     "standard-normal (N, d) matrices; errors are against the float64 reference. "
                     "`python -m flashattn_cupy bench --device cpu|gpu` runs the benchmarks instead, "
-                    "`python -m flashattn_cupy info` says what this installation can run.")
+                    "`python -m flashattn_cupy info` says what this installation can run, "
+                    "`python -m flashattn_cupy clear-cache` removes our kernels from CuPy's cache.")
     parser.add_argument("--n", type=int, default=None,
                         help="sequence length N (default: 256 for C and 512 for CUDA, as in the seed)")
     parser.add_argument("--d", type=int, default=64, help="head dimension, 1..256 (default 64)")

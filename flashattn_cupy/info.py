@@ -1,21 +1,20 @@
 """`python -m flashattn_cupy info`: what this installation can run, and what it would run.
 
 Versions, each backend and why it is unavailable, the GPUs (compute capability, shared memory
-per block), NVRTC and CuPy, CuPy's kernel cache, and the planner's choice for a sample shape:
+per block), NVRTC and CuPy, CuPy's kernel cache and our variants in it, and the planner's choice for a sample shape:
 on this machine's GPU, or, with none, on reference devices (the seed's 48 KB Turing, an A100,
 an H100). Nothing here compiles or launches a kernel.
 """
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from . import __version__, _device, planner
+from . import __version__, _device, kernel_cache, planner
 
 KB = 1024
 # (label, opt-in shared memory per block, compute capability) planned for when there is no GPU
@@ -33,20 +32,6 @@ def backends() -> dict[str, str]:
     except _device.BackendUnavailableError as exc:
         c_why = str(exc)
     return {"c": c_why, "cuda": _device.gpu_unavailable_reason(), "reference": ""}
-
-
-def cache_dir() -> Path:
-    """Where CuPy keeps compiled kernels (its CUPY_CACHE_DIR, by default ~/.cupy/kernel_cache)."""
-    return Path(os.environ.get("CUPY_CACHE_DIR", Path.home() / ".cupy" / "kernel_cache"))
-
-
-def _cache_line() -> str:
-    path = cache_dir()
-    if not path.is_dir():
-        return f"{path} (not created yet: no kernel compiled on this machine)"
-    files = [p for p in path.iterdir() if p.is_file()]
-    size = sum(p.stat().st_size for p in files) / 2**20
-    return f"{path} ({len(files)} files, {size:.1f} MB)" if files else f"{path} (empty)"
 
 
 def _gpu_lines(cp) -> list[str]:
@@ -68,7 +53,7 @@ def report(N: int = 4096, d: int = 64, dtype: str = "float16", causal: bool = Fa
     lines.append("")
     if not available["cuda"]:
         lines += _gpu_lines(_device.cupy())
-    lines.append(f"Kernel cache: {_cache_line()}")
+    lines += kernel_cache.report_lines()
     lines += ["", f"Plans for Nq = Nk = {N}, d = {d}, causal = {causal}:"]
     if not available["c"]:
         c_dtype = dtype if dtype in planner.C_TYPES else "float32"

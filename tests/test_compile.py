@@ -5,7 +5,7 @@ nvidia-cuda-nvrtc-cu12, nvidia-cuda-runtime-cu12), and compiling to a cubin for 
 arch never touches a driver. The source and options are the ones kernels.py hands to CuPy."""
 import pytest
 
-from flashattn_cupy import kernels, planner
+from flashattn_cupy import kernel_cache, kernels, planner
 
 KB = 1024
 # (arch, shared-memory limits of real devices of that arch the planner must serve)
@@ -30,4 +30,5 @@ def test_every_variant_compiles(arch):
         program = Program(kernels.source(kernels.SOURCES[family]), "c++", options)
         cubin = program.compile("cubin", name_expressions=wanted)
         assert sorted(cubin.symbol_mapping) == wanted
+        assert kernel_cache.variants(cubin.code) == wanted   # what `info` reads back from CuPy's cache
         assert len(cubin.code) > 0

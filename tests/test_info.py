@@ -5,7 +5,7 @@ import sys
 import pytest
 
 import flashattn_cupy
-from flashattn_cupy import _device, info, planner
+from flashattn_cupy import _device, info, kernel_cache, planner
 
 
 def _info(*args):
@@ -21,7 +21,7 @@ def test_info_command():
     assert "  c: available" in out and "  reference: available" in out
     why = _device.gpu_unavailable_reason()
     assert ("  cuda: available" in out) if not why else (f"  cuda: unavailable: {why}" in out)
-    assert f"Kernel cache: {info.cache_dir()}" in out
+    assert f"Kernel cache: {kernel_cache.cache_dir()}" in out
     assert f"C twin (float32): {planner.plan(4096, 4096, 64, backend='c')}" in out
     assert "Plans for Nq = Nk = 4096, d = 64, causal = False:" in out
 
@@ -48,10 +48,11 @@ def test_without_a_gpu_the_reference_devices_are_planned(monkeypatch):
 
 def test_kernel_cache_is_counted(tmp_path, monkeypatch):
     monkeypatch.setenv("CUPY_CACHE_DIR", str(tmp_path / "cache"))
-    assert "not created yet" in info._cache_line()
+    assert "not created yet" in info.report()
     (tmp_path / "cache").mkdir()
+    assert f"Kernel cache: {tmp_path / 'cache'} (empty)" in info.report()
     (tmp_path / "cache" / "a.cubin").write_bytes(b"x" * 2**20)
-    assert info._cache_line() == f"{tmp_path / 'cache'} (1 files, 1.0 MB)"
+    assert f"Kernel cache: {tmp_path / 'cache'} (1 files, 1.0 MB)\n  none of them is flashattn_cupy's" in info.report()
 
 
 @pytest.mark.gpu
