@@ -85,6 +85,21 @@ def test_cpu_benchmark_command_runs(tmp_path):
     assert table[1:] == [[cell.strip() for cell in row.strip("|").split("|")] for row in rows]
 
 
+def test_speed_plot_example(tmp_path):
+    """examples/plot_benchmarks.py redraws the README's plot from the CSV, and says so when the
+    size asked for is not in it."""
+    pytest.importorskip("matplotlib", reason="matplotlib is not installed (the notebook extra)")
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "plot.png"
+    result = subprocess.run([sys.executable, str(root / "examples" / "plot_benchmarks.py"), "--out", str(out)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert out.read_bytes().startswith(b"\x89PNG") and out.stat().st_size > 10_000
+    result = subprocess.run([sys.executable, str(root / "examples" / "plot_benchmarks.py"), "--shape", "9×9×9",
+                             "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "no rows" in result.stderr
+
+
 def test_shipped_gpu_csv_reads():
     """The notebook's speed plot reads this file: a header naming ours and the rivals, numbers below."""
     root = Path(__file__).resolve().parent.parent

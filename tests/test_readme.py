@@ -14,7 +14,8 @@ import pytest
 
 import flashattn_cupy
 
-README = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text(encoding="utf-8")
 BLOCKS = re.findall(r"^```python\n(.*?)^```$", README, flags=re.MULTILINE | re.DOTALL)
 HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -49,6 +50,14 @@ def test_readme_example_runs(code, tmp_path):
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, f"{code}\n{result.stderr}"
+
+
+def test_readme_opens_with_a_short_example_and_the_speed_plot():
+    opening = README.split("## Set up", 1)[0]
+    assert opening.count("```python") == 1 and len(BLOCKS[0].splitlines()) <= 12
+    images = re.findall(r"!\[[^]]*\]\(([^)]+)\)", opening)
+    assert images == ["examples/bench_gpu_h100.png"]
+    assert (ROOT / images[0]).read_bytes().startswith(b"\x89PNG")
 
 
 def test_api_reference_lists_every_export():
