@@ -3,6 +3,8 @@
  * FlashAttention-2 forward, Algorithm 1 of Dao (2023), unparallelized. For each of BH
  * independent (batch, head) problems with contiguous row-major Q [Nq][d], K [Nk][d],
  * V [Nk][d], it writes O [Nq][d] and the natural-log logsumexp L [Nq] (always float).
+ * Problem bh reads K and V number bh / group: group = 1 gives each Q its own; grouped-query
+ * attention shares one K, V among `group` consecutive Q (K and V hold ceil(BH / group)).
  * A key j is masked for query i when causal and j > i + (Nk - Nq) (bottom-right
  * aligned); a row whose keys are all masked gets O = 0 and L = -inf.
  * Extra memory is O((Br + Bc)*d + Br*Bc): never an Nq x Nk matrix.
@@ -18,14 +20,14 @@
 #define FLASH_ENOMEM -2
 
 int flash_fwd_f32(const float *Q, const float *K, const float *V, float *O, float *L,
-                  int64_t BH, int64_t Nq, int64_t Nk, int64_t d, int64_t Br, int64_t Bc,
-                  float scale, int causal);
+                  int64_t BH, int64_t group, int64_t Nq, int64_t Nk, int64_t d, int64_t Br,
+                  int64_t Bc, float scale, int causal);
 
 /* y = exp(x - base), vectorized, as the float kernel computes Pij; exported for its tests. */
 int flash_exp_f32(const float *x, float *y, int64_t n, float base);
 
 int flash_fwd_f64(const double *Q, const double *K, const double *V, double *O, float *L,
-                  int64_t BH, int64_t Nq, int64_t Nk, int64_t d, int64_t Br, int64_t Bc,
-                  double scale, int causal);
+                  int64_t BH, int64_t group, int64_t Nq, int64_t Nk, int64_t d, int64_t Br,
+                  int64_t Bc, double scale, int causal);
 
 #endif

@@ -97,10 +97,10 @@ static inline void TILE_PV(real *restrict Oi, const real *restrict alpha, const 
 }
 
 FA_HOT int FLASH_FWD(const real *Q, const real *K, const real *V, real *O, float *L,
-                     int64_t BH, int64_t Nq, int64_t Nk, int64_t d, int64_t Br, int64_t Bc,
-                     real scale, int causal)
+                     int64_t BH, int64_t group, int64_t Nq, int64_t Nk, int64_t d, int64_t Br,
+                     int64_t Bc, real scale, int causal)
 {
-    if (BH < 1 || Nq < 1 || Nk < 1 || d < 1 || Br < 1 || Bc < 1)
+    if (BH < 1 || group < 1 || Nq < 1 || Nk < 1 || d < 1 || Br < 1 || Bc < 1)
         return FLASH_EBADARG;
 
     /* The on-chip memory of the paper: O((Br + Bc) d + Br Bc) elements per call. */
@@ -129,7 +129,8 @@ FA_HOT int FLASH_FWD(const real *Q, const real *K, const real *V, real *O, float
     const int64_t Tc = (Nk + Bc - 1) / Bc;
 
     for (int64_t bh = 0; bh < BH; ++bh) {
-        const real *Qbh = Q + bh * Nq * d, *Kbh = K + bh * Nk * d, *Vbh = V + bh * Nk * d;
+        const int64_t kv = bh / group; /* GQA: `group` consecutive query heads share K, V */
+        const real *Qbh = Q + bh * Nq * d, *Kbh = K + kv * Nk * d, *Vbh = V + kv * Nk * d;
         real *Obh = O + bh * Nq * d;
         float *Lbh = L + bh * Nq;
 

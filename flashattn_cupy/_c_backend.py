@@ -26,21 +26,27 @@ def require() -> None:
 
 def run(problem, plan, q, k, v):
     """(O, L) as NumPy arrays from NumPy q, k, v; O has q's shape and dtype, L float32.
-    The batch * heads problems are cut into plan.threads contiguous slices, one C call each,
-    on that many threads; every head is computed the same way whatever the slicing."""
+    The batch * heads problems are cut into plan.threads contiguous slices, one C call each
+    (two where a slice starts inside a group of q heads sharing k and v), on that many threads;
+    every head is computed the same way whatever the slicing. k and v are not repeated for GQA:
+    the C twin reads one k/v head for each `group` consecutive q heads."""
     require()
     shape = q.shape
     # C-contiguous and aligned: the C twin reads them through float / double pointers
     q, k, v = (np.require(x, requirements=("C", "A")).reshape(-1, x.shape[-2], problem.d) for x in (q, k, v))
     O = np.empty(q.shape, dtype=q.dtype)
     L = np.empty(q.shape[:-1], dtype=np.float32)
-    kernel, ctype = getattr(lib, plan.kernel), _CTYPE[problem.dtype]
+    kernel, ctype, G = getattr(lib, plan.kernel), _CTYPE[problem.dtype], problem.group
     buf = lambda x, t=ctype: ffi.from_buffer(f"{t}[]", x)  # noqa: E731
 
-    def heads(lo, hi):   # one C call on heads lo..hi-1: contiguous slices of every array
-        return kernel(buf(q[lo:hi]), buf(k[lo:hi]), buf(v[lo:hi]), buf(O[lo:hi]), buf(L[lo:hi], "float"),
-                      hi - lo, problem.Nq, problem.Nk, problem.d, plan.Br, plan.Bc,
+    def call(lo, hi):   # q heads lo..hi-1, from k/v head lo // G on: lo starts its group, or hi ends it
+        return kernel(buf(q[lo:hi]), buf(k[lo // G:]), buf(v[lo // G:]), buf(O[lo:hi]), buf(L[lo:hi], "float"),
+                      hi - lo, G, problem.Nq, problem.Nk, problem.d, plan.Br, plan.Bc,
                       problem.scale, int(problem.causal))
+
+    def heads(lo, hi):   # q heads lo..hi-1: the rest of lo's group, then whole groups
+        cut = min(hi, -(-lo // G) * G)
+        return [call(a, b) for a, b in ((lo, cut), (cut, hi)) if a < b]
 
     BH, threads = q.shape[0], plan.threads
     bounds = [BH * t // threads for t in range(threads + 1)]   # sizes differ by at most one
@@ -48,7 +54,7 @@ def run(problem, plan, q, k, v):
     # measured slower on a 2-core VM: the scheduler often put both workers on one core.
     with ThreadPoolExecutor(max(threads - 1, 1)) as pool:   # no thread starts for threads = 1
         rest = [pool.submit(heads, lo, hi) for lo, hi in zip(bounds[1:-1], bounds[2:])]
-        statuses = [heads(bounds[0], bounds[1])] + [future.result() for future in rest]
+        statuses = heads(bounds[0], bounds[1]) + [s for future in rest for s in future.result()]
     if lib.FLASH_ENOMEM in statuses:
         raise MemoryError(f"the C backend could not allocate its tiles ({plan})")
     if any(status != lib.FLASH_OK for status in statuses):

@@ -38,7 +38,7 @@ class Problem:
     backend: str        # "c", "cuda" or "reference"
     on_gpu: bool        # the caller passed CuPy arrays (and gets CuPy arrays back)
     dtype: str
-    lead: tuple         # leading (batch, heads, ...) dims shared by q, k, v
+    lead: tuple         # q's leading (batch..., heads) dims; k and v share all but heads
     Nq: int
     Nk: int
     d: int
@@ -46,14 +46,22 @@ class Problem:
     causal: bool
     num_threads: int = 1  # C backend: Python threads to share the batch * heads problems
     fp32: str = "auto"  # float32 on CUDA: "auto", "3xtf32", "simt" or "tf32" (planner.plan's fp32)
+    group: int = 1      # q heads per k/v head (GQA/MQA when > 1): q head h reads k/v head h // group
 
     @property
-    def heads(self) -> int:   # the last leading dim; kernels take the others as one batch dim
-        return self.lead[-1] if self.lead else 1
+    def heads(self) -> int:
+        return kernel_dims(self.lead, self.group)[1]
 
     @property
     def batch(self) -> int:
-        return math.prod(self.lead[:-1])
+        return kernel_dims(self.lead, self.group)[0]
+
+
+def kernel_dims(lead: tuple, group: int) -> tuple[int, int]:
+    """(batch, heads) as the kernels count them. heads: the last leading dim, or with GQA the
+    q heads of one k/v head; batch: every other leading dim, flattened (with GQA, k/v heads too)."""
+    heads = group if group > 1 else (lead[-1] if lead else 1)
+    return math.prod(lead) // heads, heads
 
 
 def _array_kind(name: str, x) -> str:
@@ -122,9 +130,7 @@ def validate(q, k, v, *, causal, softmax_scale, return_lse, backend,
         if 0 in x.shape:
             raise ValueError(f"{name} has an empty dimension (shape {tuple(x.shape)}); "
                              "every dimension must be >= 1")
-    if q.shape[:-2] != k.shape[:-2] or k.shape[:-2] != v.shape[:-2]:
-        raise ValueError("q, k and v must have the same leading (batch, heads) dims, got shapes "
-                         f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    group = _query_group(q, k, v)
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape (..., Nk, d), "
                          f"got k {tuple(k.shape)} and v {tuple(v.shape)}")
@@ -138,7 +144,7 @@ def validate(q, k, v, *, causal, softmax_scale, return_lse, backend,
     if max(Nq, Nk) > _INT32_MAX:
         raise ValueError(f"the sequence lengths of q and k must be below 2**31, got Nq={Nq}, Nk={Nk}")
     lead = tuple(q.shape[:-2])
-    if lead and max(math.prod(lead[:-1]), lead[-1]) > _INT32_MAX:   # the kernels' int counters
+    if max(kernel_dims(lead, group)) > _INT32_MAX:   # the kernels' int counters
         raise ValueError(f"the leading dims of q, k and v {lead} must give heads (the last) and "
                          "batch (the product of the others) below 2**31 each")
 
@@ -178,4 +184,20 @@ def validate(q, k, v, *, causal, softmax_scale, return_lse, backend,
 
     fp32 = _fp32_mode(allow_tf32, fp32_kernel, backend, dtype)
     return Problem(q, k, v, backend, on_gpu, dtype, tuple(q.shape[:-2]), Nq, Nk, d, scale, causal,
-                   num_threads=int(num_threads), fp32=fp32)
+                   num_threads=int(num_threads), fp32=fp32, group=group)
+
+
+def _query_group(q, k, v) -> int:
+    """q heads per k/v head. Heads are dim -3, the last leading dim; every other leading dim must
+    match, and k and v may have fewer heads than q (GQA, or MQA with one) if they divide q's."""
+    shapes = f"got shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+    if q.ndim != k.ndim or q.shape[:-3] != k.shape[:-3] or k.shape[:-2] != v.shape[:-2]:
+        raise ValueError("q, k and v must have the same leading (batch, heads) dims, except that k "
+                         f"and v may have fewer heads (dim -3) than q; {shapes}")
+    if q.ndim < 3:
+        return 1
+    heads, kv_heads = q.shape[-3], k.shape[-3]
+    if heads % kv_heads:
+        raise ValueError(f"q has {heads} heads (dim -3) and k, v have {kv_heads}: for grouped-query "
+                         f"attention q's heads must be a multiple of k's and v's; {shapes}")
+    return heads // kv_heads

@@ -16,6 +16,10 @@ def flash_attention(q: Array, k: Array, v: Array, *, causal: bool = False, softm
     """FlashAttention-2 forward: O = softmax(softmax_scale * q k^T) v, without the N x N matrix.
 
     q: (..., Nq, d); k, v: (..., Nk, d) with the same leading (batch, heads) dims, 1 <= d <= 256.
+        Grouped-query and multi-query attention: k and v may have fewer heads (dim -3, the last
+        leading dim) than q, Hkv dividing q's H; query head h reads key/value head
+        h // (H // Hkv), as in flash-attn and SDPA's enable_gqa. k and v are never repeated (the
+        CUDA kernels see them with a zero head stride; the C twin reads each for its group).
     causal: mask key j for query i when j > i + (Nk - Nq) (bottom-right aligned); a row with
         every key masked gives O = 0 and L = -inf.
     softmax_scale: defaults to 1 / sqrt(d).

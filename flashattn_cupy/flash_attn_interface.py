@@ -18,7 +18,7 @@ from ._typing import Array, Backend
 from .api import flash_attention
 
 # What is not implemented yet, and where it is planned: the messages name it.
-_PLANNED = "planned with GQA/varlen/softcap/ALiBi support (issue 8)"
+_PLANNED = "planned with sliding windows, softcap, ALiBi and varlen (issue 8)"
 
 
 def flash_attn_func(q: Array, k: Array, v: Array, dropout_p: float = 0.0, softmax_scale: float | None = None,
@@ -30,8 +30,8 @@ def flash_attn_func(q: Array, k: Array, v: Array, dropout_p: float = 0.0, softma
 
     q: (batch, seqlen_q, nheads, headdim); k, v: (batch, seqlen_k, nheads_k, headdim), with
         nheads a multiple of nheads_k (GQA/MQA: query head h reads key/value head
-        h // (nheads // nheads_k); the key/value heads are repeated, a copy, until the kernels
-        take GQA natively). Any array flash_attention takes: torch, JAX, CuPy, NumPy, DLPack.
+        h // (nheads // nheads_k), as flash_attention does, without repeating k and v).
+        Any array flash_attention takes: torch, JAX, CuPy, NumPy, DLPack.
     dropout_p: must be 0.0 (dropout is not supported).
     softmax_scale: defaults to 1 / sqrt(headdim).
     causal: bottom-right aligned mask (key j is masked for query i when j > i + seqlen_k - seqlen_q);
@@ -50,7 +50,7 @@ def flash_attn_func(q: Array, k: Array, v: Array, dropout_p: float = 0.0, softma
     causal = _check_flash_attn_args(dropout_p, causal, window_size, softcap, alibi_slopes,
                                     deterministic, return_attn_probs, return_lse)
     with _interop.caller_arrays(q, k, v) as (q, k, v, export):
-        k, v = _shared_kv_heads(q, k, v)
+        _check_shapes(q, k, v)
         # (batch, seqlen, heads, d) -> (batch, heads, seqlen, d): views, no copies
         O, L = flash_attention(q.swapaxes(1, 2), k.swapaxes(1, 2), v.swapaxes(1, 2), causal=causal,
                                softmax_scale=softmax_scale, return_lse=True, backend=backend)
@@ -101,8 +101,8 @@ def _check_flash_attn_args(dropout_p, causal, window_size, softcap, alibi_slopes
     return causal
 
 
-def _shared_kv_heads(q, k, v):
-    """k and v with q's number of heads (GQA/MQA repeats each key/value head for its group)."""
+def _check_shapes(q, k, v) -> None:
+    """flash-attn's shape rules, in its words (flash_attention checks them again, as (..., N, d))."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.ndim != 4:
             raise ValueError(f"flash_attn_func takes {name} of shape (batch, seqlen, nheads, headdim), "
@@ -113,5 +113,3 @@ def _shared_kv_heads(q, k, v):
     heads, kv_heads = q.shape[2], k.shape[2]
     if heads % kv_heads:
         raise ValueError(f"nheads of q ({heads}) must be a multiple of nheads of k and v ({kv_heads})")
-    group = heads // kv_heads
-    return (k, v) if group == 1 else (k.repeat(group, axis=2), v.repeat(group, axis=2))

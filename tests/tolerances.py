@@ -55,7 +55,7 @@ def bounds(q, k, v, *, softmax_scale=None, compute="float32", out="float32", qk=
            v_round=None):
     """(tol_O, tol_L) for inputs q, k, v (NumPy, any float dtype); qk, p, v_round: the types
     q and k, P, and V are rounded to before their products (None: not rounded)."""
-    q, k, v = (np.asarray(x).astype(np.float64) for x in (q, k, v))
+    q, k, v = reference.grouped(*(np.asarray(x).astype(np.float64) for x in (q, k, v)))
     d, Nk = q.shape[-1], k.shape[-2]
     scale = 1.0 / np.sqrt(d) if softmax_scale is None else float(softmax_scale)
     A = abs(scale) * float((np.abs(q) @ np.swapaxes(np.abs(k), -1, -2)).max())

@@ -58,8 +58,8 @@ int main(void)
             void *V = read_exact(size * BH * Nk * d);
             void *O = malloc(size * BH * Nq * d);
             float *L = malloc(sizeof(float) * BH * Nq);
-            status = op == 0 ? flash_fwd_f32(Q, K, V, O, L, BH, Nq, Nk, d, Br, Bc, (float)scale, causal)
-                             : flash_fwd_f64(Q, K, V, O, L, BH, Nq, Nk, d, Br, Bc, scale, causal);
+            status = op == 0 ? flash_fwd_f32(Q, K, V, O, L, BH, 1, Nq, Nk, d, Br, Bc, (float)scale, causal)
+                             : flash_fwd_f64(Q, K, V, O, L, BH, 1, Nq, Nk, d, Br, Bc, scale, causal);
             if (status == FLASH_OK) {
                 write_exact(O, size * BH * Nq * d);
                 write_exact(L, sizeof(float) * BH * Nq);
