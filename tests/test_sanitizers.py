@@ -34,6 +34,7 @@ SHAPES = [   # (BH, Nq, Nk, d)
     (2, 203, 113, 111), (1, 64, 64, 64), (1, 65, 63, 128), (1, 31, 33, 129), (1, 9, 300, 256),
     (1, 250, 10, 255),
 ]
+GROUPED = [(4, 2, 33, 65, 40), (6, 6, 17, 31, 59), (3, 3, 1, 7, 3)]   # (BH, group, Nq, Nk, d): GQA, MQA
 EXTRA_TILES = [(1, 1), (3, 5), (8, 8), (16, 16), (17, 33), (64, 64), (128, 64), (128, 32)]
 
 
@@ -51,7 +52,7 @@ def driver(tmp_path_factory):
 
 def _record(op, q, k, v, Br, Bc, causal, scale):
     BH, Nq, d = q.shape
-    head = struct.pack("<8qd", op, BH, Nq, k.shape[1], d, Br, Bc, int(causal), scale)
+    head = struct.pack("<9qd", op, BH, BH // k.shape[0], Nq, k.shape[1], d, Br, Bc, int(causal), scale)
     return head + b"".join(np.ascontiguousarray(x).tobytes() for x in (q, k, v))
 
 
@@ -72,6 +73,11 @@ def _attention_cases():
             for Br, Bc in {(chosen.Br, chosen.Bc), EXTRA_TILES[n % 8], EXTRA_TILES[(n + 3) % 8]}:
                 for causal in (False, True):
                     yield q, k, v, Br, Bc, causal, 1 / np.sqrt(d)
+    for BH, group, Nq, Nk, d in GROUPED:   # k and v hold BH / group heads, each read by its group
+        for dtype in (np.float32, np.float64):
+            q, k, v = inputs(rng, (BH,), Nq, Nk, d, dtype=dtype)
+            for Br, Bc in ((16, 16), (3, 5)):
+                yield q, k[::group], v[::group], Br, Bc, True, 1 / np.sqrt(d)
 
 
 def _split(out, q, offset):
@@ -114,7 +120,7 @@ def test_nonfinite_inputs_under_asan_and_ubsan(driver):
 
 def test_exp_under_ubsan(driver):
     x = np.array([-np.inf, -1e30, -100, -87.4, -1, 0, 1, 50, 88, 100, 1e30, np.inf, np.nan], np.float32)
-    records = [struct.pack("<8qd", 2, x.size, 0, 0, 0, 0, 0, 0, base) + x.tobytes() for base in (0.0, 3.0, -np.inf)]
+    records = [struct.pack("<9qd", 2, x.size, 1, 0, 0, 0, 0, 0, 0, base) + x.tobytes() for base in (0.0, 3.0, -np.inf)]
     y = np.frombuffer(_run(driver, records), np.float32).reshape(3, -1)
     with np.errstate(over="ignore", invalid="ignore"):
         for got, base in zip(y, (0.0, 3.0, -np.inf)):

@@ -3,8 +3,9 @@
  *
  * Every buffer is its own malloc of exactly the bytes the call may touch, so a read or write
  * one element past any of them lands in ASan's red zone. A record on stdin is
- *   int64 op, BH, Nq, Nk, d, Br, Bc, causal; double scale; then the inputs
- * op 0: flash_fwd_f32 on float Q [BH][Nq][d], K and V [BH][Nk][d]; writes O, then float L [BH][Nq]
+ *   int64 op, BH, group, Nq, Nk, d, Br, Bc, causal; double scale; then the inputs
+ * op 0: flash_fwd_f32 on float Q [BH][Nq][d], K and V [KV][Nk][d] with KV = ceil(BH / group);
+ *       writes O, then float L [BH][Nq]
  * op 1: flash_fwd_f64, the same with double Q, K, V, O
  * op 2: flash_exp_f32 on BH floats with base = scale; writes the BH results
  * Exit status: 0 at end of input, 2 for a short or malformed record, 3 if a call fails
@@ -35,12 +36,13 @@ static void write_exact(const void *p, size_t bytes)
 
 int main(void)
 {
-    int64_t h[8];
+    int64_t h[9];
     while (fread(h, sizeof h, 1, stdin) == 1) {
-        const int64_t op = h[0], BH = h[1], Nq = h[2], Nk = h[3], d = h[4], Br = h[5], Bc = h[6];
-        const int causal = (int)h[7];
+        const int64_t op = h[0], BH = h[1], group = h[2], Nq = h[3], Nk = h[4], d = h[5], Br = h[6];
+        const int64_t Bc = h[7], KV = group > 0 ? (BH + group - 1) / group : 0;
+        const int causal = (int)h[8];
         double scale;
-        if (fread(&scale, sizeof scale, 1, stdin) != 1 || op < 0 || op > 2 || BH < 0) {
+        if (fread(&scale, sizeof scale, 1, stdin) != 1 || op < 0 || op > 2 || BH < 0 || group < 1) {
             fprintf(stderr, "flash_driver: malformed record\n");
             return 2;
         }
@@ -54,12 +56,12 @@ int main(void)
             free(y);
         } else {
             const size_t size = op == 0 ? sizeof(float) : sizeof(double);
-            void *Q = read_exact(size * BH * Nq * d), *K = read_exact(size * BH * Nk * d);
-            void *V = read_exact(size * BH * Nk * d);
+            void *Q = read_exact(size * BH * Nq * d), *K = read_exact(size * KV * Nk * d);
+            void *V = read_exact(size * KV * Nk * d);
             void *O = malloc(size * BH * Nq * d);
             float *L = malloc(sizeof(float) * BH * Nq);
-            status = op == 0 ? flash_fwd_f32(Q, K, V, O, L, BH, 1, Nq, Nk, d, Br, Bc, (float)scale, causal)
-                             : flash_fwd_f64(Q, K, V, O, L, BH, 1, Nq, Nk, d, Br, Bc, scale, causal);
+            status = op == 0 ? flash_fwd_f32(Q, K, V, O, L, BH, group, Nq, Nk, d, Br, Bc, (float)scale, causal)
+                             : flash_fwd_f64(Q, K, V, O, L, BH, group, Nq, Nk, d, Br, Bc, scale, causal);
             if (status == FLASH_OK) {
                 write_exact(O, size * BH * Nq * d);
                 write_exact(L, sizeof(float) * BH * Nq);
