@@ -88,3 +88,28 @@ def assert_attention_close(O, L, q, k, v, *, causal=False, softmax_scale=None,
     assert err_O <= tol_O, f"max |O - O_ref| = {err_O:.3e} > bound {tol_O:.3e}"
     assert err_L <= tol_L, f"max |L - L_ref| = {err_L:.3e} > bound {tol_L:.3e}"
     return err_O, err_L
+
+
+def merge_bounds(part_a, part_b, L_a, L_b, vmax, *, compute="float32", out="float32"):
+    """(tol_O, tol_L) for merge_attention of parts a and b (each within its own (tol_O, tol_L) of
+    the exact attention over its keys) against the exact attention over both key sets.
+
+    The exact merge is O = w O_a + (1 - w) O_b with w = 1 / (1 + exp(L_b - L_a)), and
+    L = log(exp(L_a) + exp(L_b)). Errors the parts bring: O moves by at most the larger part
+    error, plus dw |O_a - O_b| with |dw| <= (dL_a + dL_b) / 4 (w' <= 1/4) and |O_a - O_b| <=
+    2 max|v|; L, a logsumexp, moves by at most the larger dL (it is 1-Lipschitz in the max norm).
+    The merge's own rounding (unit u of the compute type; rows with a finite L): L_b - L_a is
+    rounded to within u D, D = max |L_a - L_b|; exp, the sum s of the two weights and the
+    divisions by it add about 4 u, so the weights are within u (D + 4) relatively and O within
+    that of max|v|, plus 2 u for its sum and its own rounding to `out`. log(s), s in [1, 2], is
+    off by u (D + 4) too, and m + log(s) is rounded to compute and then float32: 2^-24 |L| each.
+    """
+    (tol_O_a, tol_L_a), (tol_O_b, tol_L_b) = part_a, part_b
+    finite = np.isfinite(L_a) & np.isfinite(L_b)
+    D = float(np.abs(L_a - L_b)[finite].max()) if finite.any() else 0.0
+    Lmax = float(np.abs(np.concatenate([L_a[np.isfinite(L_a)], L_b[np.isfinite(L_b)]])).max(initial=0.0))
+    u = UNIT_ROUNDOFF[compute]
+    tol_O = (max(tol_O_a, tol_O_b) + (tol_L_a + tol_L_b) / 2 * vmax
+             + (u * (D + 6) + UNIT_ROUNDOFF[out]) * vmax)
+    tol_L = max(tol_L_a, tol_L_b) + u * (D + 4) + (u + UNIT_ROUNDOFF["float32"]) * (Lmax + 1)
+    return tol_O, tol_L
