@@ -58,16 +58,16 @@ def run(problem, plan, device_id: int):
         if problem.group == 1:
             _launch(problem, plan, device_id, q, k, v, O, L, problem.batch)
             return O, L
-        views = _grouped(q, k, v, O, L, problem.group, cp)
-        if all(_batch_stride(x) is not None for x in views[:4]):
-            _launch(problem, plan, device_id, *views, problem.batch)
+        qg, kg, vg, Og, Lg = _grouped(q, k, v, O, L, problem.group, cp)
+        if all(_batch_stride(x) is not None for x in (qg, kg, vg, Og)):
+            _launch(problem, plan, device_id, qg, kg, vg, Og, Lg, problem.batch)
         else:
             # the batch dims do not collapse with the k/v heads (e.g. (batch, seqlen, heads, d)
             # memory): one launch per batch index over its k/v heads, still reading k and v in place
-            kv_heads = views[1].shape[-4]
+            kv_heads = kg.shape[-4]
             per_index = dataclasses.replace(plan, grid=plan.grid[:2] + (min(kv_heads, GRID_YZ_MAX),))
-            for index in np.ndindex(views[0].shape[:-4]):
-                _launch(problem, per_index, device_id, *(x[index] for x in views), kv_heads)
+            for i in np.ndindex(qg.shape[:-4]):
+                _launch(problem, per_index, device_id, qg[i], kg[i], vg[i], Og[i], Lg[i], kv_heads)
     return O, L
 
 
