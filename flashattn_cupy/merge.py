@@ -8,17 +8,16 @@ devices (ring attention). NumPy and CuPy alike: the code is written over the arr
 """
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
 from . import _device
+from ._typing import Array
 
 _O_DTYPES = ("float16", "bfloat16", "float32", "float64")
 _L_DTYPES = ("float32", "float64")
 
 
-def merge_attention(O_a: Any, L_a: Any, O_b: Any, L_b: Any) -> tuple[Any, Any]:
+def merge_attention(O_a: Array, L_a: Array, O_b: Array, L_b: Array) -> tuple[Array, Array]:
     """(O, L) of attention over two disjoint key sets, from each set's attention and logsumexp.
 
     O_a, O_b: (..., Nq, d) of one float dtype; L_a, L_b: (..., Nq) float32 (or float64), natural
