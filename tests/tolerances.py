@@ -55,10 +55,8 @@ def bounds(q, k, v, *, softmax_scale=None, compute="float32", out="float32", qk=
            v_round=None):
     """(tol_O, tol_L) for inputs q, k, v (NumPy, any float dtype); qk, p, v_round: the types
     q and k, P, and V are rounded to before their products (None: not rounded)."""
-    q, k, v = reference.grouped(*(np.asarray(x).astype(np.float64) for x in (q, k, v)))
     d, Nk = q.shape[-1], k.shape[-2]
-    scale = 1.0 / np.sqrt(d) if softmax_scale is None else float(softmax_scale)
-    A = abs(scale) * float((np.abs(q) @ np.swapaxes(np.abs(k), -1, -2)).max())
+    A = score_bound(q, k, v, softmax_scale)
     u = UNIT_ROUNDOFF[compute]
     u_of = lambda name: UNIT_ROUNDOFF[name] if name else 0.0  # noqa: E731
     eps = 2 * ((d + 4) * u + 2 * u_of(qk)) * A + (Nk + 4) * u
@@ -66,6 +64,13 @@ def bounds(q, k, v, *, softmax_scale=None, compute="float32", out="float32", qk=
     tol_O = 2 * eps * vmax + (u_of(out) + u_of(p) + u_of(v_round)) * vmax
     tol_L = eps + UNIT_ROUNDOFF["float32"] * (A + np.log(Nk))
     return tol_O, tol_L
+
+
+def score_bound(q, k, v, softmax_scale=None) -> float:
+    """A = |scale| * max_ij sum_k |q_ik| |k_jk|: no score of these inputs is larger in magnitude."""
+    q, k, _ = reference.grouped(*(np.asarray(x).astype(np.float64) for x in (q, k, v)))
+    scale = 1.0 / np.sqrt(q.shape[-1]) if softmax_scale is None else float(softmax_scale)
+    return abs(scale) * float((np.abs(q) @ np.swapaxes(np.abs(k), -1, -2)).max())
 
 
 def assert_attention_close(O, L, q, k, v, *, causal=False, softmax_scale=None,
@@ -104,12 +109,38 @@ def merge_bounds(part_a, part_b, L_a, L_b, vmax, *, compute="float32", out="floa
     that of max|v|, plus 2 u for its sum and its own rounding to `out`. log(s), s in [1, 2], is
     off by u (D + 4) too, and m + log(s) is rounded to compute and then float32: 2^-24 |L| each.
     """
-    (tol_O_a, tol_L_a), (tol_O_b, tol_L_b) = part_a, part_b
     finite = np.isfinite(L_a) & np.isfinite(L_b)
     D = float(np.abs(L_a - L_b)[finite].max()) if finite.any() else 0.0
     Lmax = float(np.abs(np.concatenate([L_a[np.isfinite(L_a)], L_b[np.isfinite(L_b)]])).max(initial=0.0))
+    return _merge_bounds(part_a, part_b, D, Lmax, vmax, compute=compute, out=out)
+
+
+def _merge_bounds(part_a, part_b, D, Lmax, vmax, *, compute, out):
+    """merge_bounds with D >= max |L_a - L_b| and Lmax >= max |L| given."""
+    (tol_O_a, tol_L_a), (tol_O_b, tol_L_b) = part_a, part_b
     u = UNIT_ROUNDOFF[compute]
     tol_O = (max(tol_O_a, tol_O_b) + (tol_L_a + tol_L_b) / 2 * vmax
              + (u * (D + 6) + UNIT_ROUNDOFF[out]) * vmax)
     tol_L = max(tol_L_a, tol_L_b) + u * (D + 4) + (u + UNIT_ROUNDOFF["float32"]) * (Lmax + 1)
     return tol_O, tol_L
+
+
+def ring_bounds(q, k, v, parts, *, softmax_scale=None, compute="float32", out="float32"):
+    """(tol_O, tol_L) for attention computed as up to `parts` parts over disjoint key sets, each
+    by the kernel, merged one at a time into a running (O, L) (ring attention: a row meets at
+    most one part per key chunk), against the exact attention over all keys.
+
+    Each part's keys are a subset of k, so its bounds() (A, Nk and max|v| only grow with the key
+    set) are at most the whole problem's. Every L met on the way is a logsumexp over a nonempty
+    key subset S: min_S s_j <= L_S <= max_S s_j + log |S|, so |L| <= A + log Nk =: Lmax and
+    |L_a - L_b| <= 2 A + log Nk =: D, data-derived and order-free. The first part merged into
+    the empty (O = 0, L = -inf) start is taken exactly; each later one is merge_bounds' step.
+    """
+    # the parts and the running O stay in the compute type (out=compute) until the last rounding
+    part = bounds(q, k, v, softmax_scale=softmax_scale, compute=compute, out=compute)
+    Lmax = score_bound(q, k, v, softmax_scale) + np.log(k.shape[-2])
+    vmax = float(np.abs(v).max())
+    tol = part
+    for _ in range(parts - 1):
+        tol = _merge_bounds(tol, part, 2 * Lmax, Lmax, vmax, compute=compute, out=compute)
+    return tol[0] + UNIT_ROUNDOFF[out] * vmax, tol[1]   # O rounded once to its dtype at the end
