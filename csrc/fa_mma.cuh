@@ -1,8 +1,9 @@
 // fa_mma.cuh: the warp-level tensor-core primitives of flash_fwd_mma.cu, as inline PTX.
 // Inline PTX rather than mma.h/cuda_pipeline.h keeps NVRTC free of toolkit headers (it runs
 // from pip wheels). ARCH selects the instruction set a kernel is built on, not the device
-// it runs on: 80 = mma m16n8k16 + cp.async (sm_80+), 75 = mma m16n8k8 + plain loads (Turing).
-// An ARCH 75 kernel runs on any later GPU too, which is how its path is tested on an H100.
+// it runs on: 80 = mma m16n8k16 (fp16/bf16) or m16n8k8 TF32 (fp32), with cp.async (sm_80+);
+// 75 = mma m16n8k8 fp16 with plain loads (Turing). An ARCH 75 kernel runs on any later GPU too,
+// which is how its path is tested on an H100.
 #pragma once
 #include "fa_dtypes.cuh"
 
