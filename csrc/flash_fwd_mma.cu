@@ -191,6 +191,33 @@ flash_fwd_mma(const T* __restrict__ Q, const T* __restrict__ K, const T* __restr
 #pragma unroll
                             for (int e = 0; e < 4; ++e) s[mt][nt][e] += part[mt][nt][e];
                 }
+                if (any_nan(s)) {   // a non-finite input (fa_mma.cuh, any_nan): NaNs redone in one pass,
+#pragma unroll              // two key tiles at a time (few registers: this path is cold)
+                    for (int p = 0; p < NS / 2; ++p) {
+                        float one[MT][2][4] = {};
+#pragma unroll
+                        for (int kk = 0; kk < KS; ++kk) {
+                            operand<4> kb;
+                            ldmatrix_x4<false>(kb.hi, k_lane + p * 16 * ROW + kk * 32);
+                            make_operand<T, 1>(kb);
+#pragma unroll
+                            for (int mt = 0; mt < MT; ++mt) {
+                                operand<4> qa;
+                                ldmatrix_x4<false>(qa.hi, q_lane + mt * 16 * ROW + kk * 32);
+                                make_operand<T, 1>(qa);
+                                mma_op<T, ARCH, 1>(one[mt][0], qa, kb, 0);
+                                mma_op<T, ARCH, 1>(one[mt][1], qa, kb, 2);
+                            }
+                        }
+#pragma unroll
+                        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                            for (int e = 0; e < 4; ++e) {
+                                take_nan_from(s[mt][2 * p][e], one[mt][0][e]);
+                                take_nan_from(s[mt][2 * p + 1][e], one[mt][1][e]);
+                            }
+                    }
+                }
             }
             // Edge tiles only: keys past Nk or past this warp's diagonal -> -inf.
             if (col0 + BC > Nk || (CAUSAL && col0 + BC - 1 > row0 + warp * WR + shift)) {
@@ -287,14 +314,7 @@ flash_fwd_mma(const T* __restrict__ Q, const T* __restrict__ K, const T* __restr
                     for (int kt = 0; kt < NS; ++kt) {
                         operand<4> pa[MT];
 #pragma unroll
-                        for (int mt = 0; mt < MT; ++mt) {
-                            const float (&c)[4] = s[mt][kt];
-                            pa[mt].hi[0] = __float_as_uint(c[0]);
-                            pa[mt].hi[1] = __float_as_uint(c[2]);
-                            pa[mt].hi[2] = __float_as_uint(c[1]);
-                            pa[mt].hi[3] = __float_as_uint(c[3]);
-                            make_operand<T, PASSES>(pa[mt]);
-                        }
+                        for (int mt = 0; mt < MT; ++mt) pa[mt] = p_operand<T, PASSES>(s[mt][kt]);
 #pragma unroll
                         for (int dt = 0; dt < DCH && dc + dt < ND; ++dt) {
                             operand<2> vb;
@@ -314,6 +334,26 @@ flash_fwd_mma(const T* __restrict__ Q, const T* __restrict__ K, const T* __restr
                     for (int dc = 0; dc < ND; dc += DCH) {
                         float part[MT][DCH][4] = {};
                         pv_steps(part, dc);
+                        if (any_nan(part)) {   // as for Sij, one column tile at a time
+#pragma unroll
+                            for (int dt = 0; dt < DCH && dc + dt < ND; ++dt) {
+                                float one[MT][4] = {};
+#pragma unroll
+                                for (int kt = 0; kt < NS; ++kt) {
+                                    operand<2> vb;
+                                    vb.hi[0] = __float_as_uint(v_f32[kt * 8 * DP + (dc + dt) * 8]);
+                                    vb.hi[1] = __float_as_uint(v_f32[(kt * 8 + 1) * DP + (dc + dt) * 8]);
+                                    make_operand<T, 1>(vb);
+#pragma unroll
+                                    for (int mt = 0; mt < MT; ++mt)
+                                        mma_op<T, ARCH, 1>(one[mt], p_operand<T, 1>(s[mt][kt]), vb, 0);
+                                }
+#pragma unroll
+                                for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                                    for (int e = 0; e < 4; ++e) take_nan_from(part[mt][dt][e], one[mt][e]);
+                            }
+                        }
 #pragma unroll
                         for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
