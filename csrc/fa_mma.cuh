@@ -112,35 +112,13 @@ __device__ __forceinline__ void make_operand(operand<N>& x) {
         for (int i = 0; i < N; ++i) {
             const float f = __uint_as_float(x.hi[i]);
             x.hi[i] = to_tf32(f);
-            if constexpr (PASSES == 3) {   // inf - inf would make the remainder NaN: it is 0 (any_nan)
+            if constexpr (PASSES == 3) {   // inf - inf would make the remainder NaN: it is 0
                 const float r = f - __uint_as_float(x.hi[i]);
                 x.lo[i] = to_tf32(r == r ? r : 0.f);   // a NaN f keeps its NaN in hi
             }
         }
     }
 }
-
-// Whether any of the warp's accumulators holds a NaN (the same answer in every lane). 3xTF32's
-// correction products break IEEE's non-finite rules: for x = inf the remainder is 0 (inf - inf
-// is read as 0), so lo' * hi(x) = 0 * inf = NaN, and a remainder's sign is not its value's, so
-// lo' * inf can be -inf beside hi' * inf = +inf. Finite inputs never give NaN there; where NaN
-// appears the kernel redoes the tile with the TF32 products alone and takes their value for
-// each NaN (take_nan_from): its kind (inf, -inf, NaN) is the exact product's, since a dot product with an
-// infinite term is infinite (or NaN) whatever the small terms add. A finite 3-pass value had no
-// infinite term, so it stays, bit for bit.
-template <int A, int B>
-__device__ __forceinline__ bool any_nan(const float (&acc)[A][B][4]) {
-    bool nan = false;
-#pragma unroll
-    for (int i = 0; i < A; ++i)
-#pragma unroll
-        for (int j = 0; j < B; ++j)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) nan |= acc[i][j][e] != acc[i][j][e];
-    return __any_sync(0xffffffffu, nan);
-}
-
-__device__ __forceinline__ void take_nan_from(float& x, float one) { x = x != x ? one : x; }
 
 // c += a b over registers j, j + 1 of b, in 1 or 3 passes (the small products first).
 template <typename T, int ARCH, int PASSES, int N>

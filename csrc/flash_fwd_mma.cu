@@ -19,11 +19,13 @@
 // for which every finite score gives exp2(±tiny) = 1 exactly, as with scale 0.
 //
 // Compile-time: T (fa_half, fa_bfloat16, float), the head-dim bound D (d <= D, zero-padded),
-// warps NW, m-tiles per warp MT, key tile BC, CAUSAL, ARCH (fa_mma.cuh: 80 = sm_80 instructions
-// with cp.async, 75 = Turing's) and PASSES (1, or 3 for 3xTF32). Per call: sizes, element
-// strides of Q, K, V, O (last dim contiguous), scale. The planner (flashattn_cupy/planner.py,
+// warps NW, m-tiles per warp MT, key tile BC, MASK (fa_mask.cuh: none, window, window + score
+// mods), ARCH (fa_mma.cuh: 80 = sm_80 instructions with cp.async, 75 = Turing's) and PASSES
+// (1, or 3 for 3xTF32). Per call (fa_mask.cuh): the ALiBi slopes and varlen offsets, sizes,
+// window, element strides, scale and softcap. The planner (flashattn_cupy/planner.py,
 // mma_smem_bytes) mirrors the shared-memory layout below.
 #include "fa_mma.cuh"
+#include "fa_mask.cuh"
 
 struct alignas(16) fa_u128 { unsigned x, y, z, w; };
 struct alignas(8) fa_f2 { float x, y; };
@@ -61,16 +63,18 @@ __device__ __forceinline__ void load_tile(typename fa_elem<T>::bits* dst, const 
     }
 }
 
-template <typename T, int D, int NW, int MT, int BC, bool CAUSAL, int ARCH, int PASSES>
+template <typename T, int D, int NW, int MT, int BC, int MASK, int ARCH, int PASSES>
 __global__ void __launch_bounds__(NW * 32)
 flash_fwd_mma(const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V,
+              const float* __restrict__ alibi, const int* __restrict__ cu_q, const int* __restrict__ cu_k,
               T* __restrict__ O, float* __restrict__ L,
-              int B, int H, int Nq, int Nk, int d,
+              int B, int H, int group, int Nq, int Nk, int d, int win_left, int win_right,
               long long q_sb, long long q_sh, long long q_sn,
               long long k_sb, long long k_sh, long long k_sn,
               long long v_sb, long long v_sh, long long v_sn,
               long long o_sb, long long o_sh, long long o_sn,
-              float scale)
+              long long l_sb, long long l_sh,
+              float scale, float softcap)
 {
     using E = fa_elem<T>;
     constexpr bool F32 = sizeof(T) == 4;
@@ -96,17 +100,13 @@ flash_fwd_mma(const T* __restrict__ Q, const T* __restrict__ K, const T* __restr
     bits* Vs = Ks + BC * DP;                    // [BC][DP]
 
     const float neg_inf = __int_as_float(0xff800000);
-    const float sl2 = fmaxf(fabsf(scale) * LOG2E, 1.17549435e-38f);
+    // Scores are kept raw and the scale folds into the exponent's FMA; with score mods they are
+    // turned into the log2 domain one by one instead (fa_mask.cuh, score_mod), so the factor is 1.
+    const float sl2 = MASK == FA_MODS ? 1.f : fmaxf(fabsf(scale) * LOG2E, 1.17549435e-38f);
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
-    // Causal: later Q tiles see more keys; launch them first so the tail is short.
-    const int tile = CAUSAL ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
-    const int row0 = tile * BR, rows = min(BR, Nq - row0);
-    const int shift = Nk - Nq;   // causal: query i sees keys j <= i + shift
-    int Tc = (Nk + BC - 1) / BC;
-    if (CAUSAL) {
-        const long long last_key = (long long)row0 + rows - 1 + shift;
-        Tc = last_key < 0 ? 0 : min(Tc, (int)(last_key / BC) + 1);
-    }
+    // Masked: later Q tiles see more keys (causal); launch them first so the tail is short.
+    const int tile = MASK ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+    const int row0 = tile * BR;
     const bool q_vec = vec_ok(Q, q_sb, q_sh, q_sn, d), k_vec = vec_ok(K, k_sb, k_sh, k_sn, d);
     const bool v_vec = vec_ok(V, v_sb, v_sh, v_sn, d), o_vec = vec_ok(O, o_sb, o_sh, o_sn, d);
     // This lane's ldmatrix row addresses (bytes, shared space) for the A operand from Qi, the
@@ -122,13 +122,20 @@ flash_fwd_mma(const T* __restrict__ Q, const T* __restrict__ K, const T* __restr
     // Grid-stride over (batch, head): gridDim.y/z are capped at 65535 by the planner.
     for (int b = blockIdx.z; b < B; b += gridDim.z)
     for (int h = blockIdx.y; h < H; h += gridDim.y) {
-        const T* Qbh = Q + b * q_sb + h * q_sh + row0 * q_sn;
-        const T* Kbh = K + b * k_sb + h * k_sh;
-        const T* Vbh = V + b * v_sb + h * v_sh;
+        const fa_seq sq = fa_seq::of(b, row0, Nq, Nk, cu_q, cu_k);
+        if (sq.rows <= 0) continue;   // varlen: a shorter sequence has no row in this tile
+        const int rows = min(BR, sq.rows), nk = sq.nk;
+        const fa_window win = fa_window::of(sq, win_left, win_right);
+        int j0 = 0, j1 = (nk + BC - 1) / BC;   // the key tiles some row of this Q tile sees
+        if (MASK) win.tiles(row0, rows, BC, j0, j1);
+        const float slope = MASK == FA_MODS && alibi ? alibi[(long long)b * H + h] : 0.f;
+        const T* Qbh = Q + b * q_sb + h * q_sh + (sq.q0 + row0) * q_sn;
+        const T* Kbh = K + b * k_sb + (h / group) * k_sh + sq.k0 * k_sn;   // GQA: group q heads a k/v head
+        const T* Vbh = V + b * v_sb + (h / group) * v_sh + sq.k0 * v_sn;
 
-        // Line 4: Qi, and K0 behind it.
+        // Line 4: Qi, and K(j0) behind it.
         load_tile<T, BR, D, DP, NT, ARCH>(Qs, Qbh, q_sn, rows, d, q_vec);
-        if (Tc > 0) load_tile<T, BC, D, DP, NT, ARCH>(Ks, Kbh, k_sn, Nk, d, k_vec);
+        if (j0 < j1) load_tile<T, BC, D, DP, NT, ARCH>(Ks, Kbh + (long long)j0 * BC * k_sn, k_sn, nk - j0 * BC, d, k_vec);
         if constexpr (ARCH >= 80) { cp_async_commit(); cp_async_wait_all(); }
         __syncthreads();
         if (scale < 0.f) {   // s * scale = (-s) * |scale|: negate Qi (sign bits) once
@@ -142,12 +149,12 @@ flash_fwd_mma(const T* __restrict__ Q, const T* __restrict__ K, const T* __restr
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) m[mt][0] = m[mt][1] = neg_inf, l[mt][0] = l[mt][1] = 0.f;
 
-        for (int j = 0; j < Tc; ++j) {   // line 6
+        for (int j = j0; j < j1; ++j) {   // line 6
             const int col0 = j * BC;
             if constexpr (ARCH >= 80) cp_async_wait_all();
             __syncthreads();   // Kj has landed; every warp is done with V(j-1)
             // Line 7 (V half): Vj streams in during Sij = Qi Kj^T.
-            load_tile<T, BC, D, DP, NT, ARCH>(Vs, Vbh + col0 * v_sn, v_sn, Nk - col0, d, v_vec);
+            load_tile<T, BC, D, DP, NT, ARCH>(Vs, Vbh + col0 * v_sn, v_sn, nk - col0, d, v_vec);
             if constexpr (ARCH >= 80) cp_async_commit();
 
             // Line 8: Sij = Qi Kj^T (Qi fragments from shared memory, both m-tiles per Kj
@@ -191,36 +198,21 @@ flash_fwd_mma(const T* __restrict__ Q, const T* __restrict__ K, const T* __restr
 #pragma unroll
                             for (int e = 0; e < 4; ++e) s[mt][nt][e] += part[mt][nt][e];
                 }
-                if (any_nan(s)) {   // a non-finite input (fa_mma.cuh, any_nan): NaNs redone in one pass,
-#pragma unroll              // two key tiles at a time (few registers: this path is cold)
-                    for (int p = 0; p < NS / 2; ++p) {
-                        float one[MT][2][4] = {};
-#pragma unroll
-                        for (int kk = 0; kk < KS; ++kk) {
-                            operand<4> kb;
-                            ldmatrix_x4<false>(kb.hi, k_lane + p * 16 * ROW + kk * 32);
-                            make_operand<T, 1>(kb);
-#pragma unroll
-                            for (int mt = 0; mt < MT; ++mt) {
-                                operand<4> qa;
-                                ldmatrix_x4<false>(qa.hi, q_lane + mt * 16 * ROW + kk * 32);
-                                make_operand<T, 1>(qa);
-                                mma_op<T, ARCH, 1>(one[mt][0], qa, kb, 0);
-                                mma_op<T, ARCH, 1>(one[mt][1], qa, kb, 2);
-                            }
-                        }
-#pragma unroll
-                        for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                            for (int e = 0; e < 4; ++e) {
-                                take_nan_from(s[mt][2 * p][e], one[mt][0][e]);
-                                take_nan_from(s[mt][2 * p + 1][e], one[mt][1][e]);
-                            }
-                    }
-                }
             }
-            // Edge tiles only: keys past Nk or past this warp's diagonal -> -inf.
-            if (col0 + BC > Nk || (CAUSAL && col0 + BC - 1 > row0 + warp * WR + shift)) {
+            // Score mods (softcap, ALiBi) on every score; then, on edge tiles only (keys past nk
+            // or outside some row's window, for this warp's rows), the mask: -inf.
+            const int wrow0 = row0 + warp * WR;
+            if constexpr (MASK == FA_MODS) {
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int nt = 0; nt < NS; ++nt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e)
+                        s[mt][nt][e] = score_mod(s[mt][nt][e], fabsf(scale), softcap, slope,
+                                                 win.diag(wrow0 + mt * 16 + g + e / 2 * 8) - (col0 + nt * 8 + 2 * t + e % 2));
+            }
+            if (col0 + BC > nk || (MASK && !win.covers(wrow0, WR, col0, BC))) {
 #pragma unroll
                 for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -228,15 +220,15 @@ flash_fwd_mma(const T* __restrict__ Q, const T* __restrict__ K, const T* __restr
 #pragma unroll
                     for (int e = 0; e < 4; ++e) {
                         const int key = col0 + nt * 8 + 2 * t + e % 2;
-                        const int row = row0 + warp * WR + mt * 16 + g + e / 2 * 8;
-                        if (key >= Nk || (CAUSAL && key > row + shift)) s[mt][nt][e] = neg_inf;
+                        const int row = wrow0 + mt * 16 + g + e / 2 * 8;
+                        if (key >= nk || (MASK && !win.sees(row, key))) s[mt][nt][e] = neg_inf;
                     }
             }
 
             if constexpr (ARCH >= 80) cp_async_wait_all();
             __syncthreads();   // Vj has landed; every warp is done with Kj
-            if (j + 1 < Tc) {  // line 7 (K half) of the next step, during Pij Vj
-                load_tile<T, BC, D, DP, NT, ARCH>(Ks, Kbh + (col0 + BC) * k_sn, k_sn, Nk - col0 - BC, d, k_vec);
+            if (j + 1 < j1) {  // line 7 (K half) of the next step, during Pij Vj
+                load_tile<T, BC, D, DP, NT, ARCH>(Ks, Kbh + (col0 + BC) * k_sn, k_sn, nk - col0 - BC, d, k_vec);
                 if constexpr (ARCH >= 80) cp_async_commit();
             }
 
@@ -314,7 +306,7 @@ flash_fwd_mma(const T* __restrict__ Q, const T* __restrict__ K, const T* __restr
                     for (int kt = 0; kt < NS; ++kt) {
                         operand<4> pa[MT];
 #pragma unroll
-                        for (int mt = 0; mt < MT; ++mt) pa[mt] = p_operand<T, PASSES>(s[mt][kt]);
+                        for (int mt = 0; mt < MT; ++mt) pa[mt] = p_operand<T, PASSES>(s[mt][kt]);   // finite
 #pragma unroll
                         for (int dt = 0; dt < DCH && dc + dt < ND; ++dt) {
                             operand<2> vb;
@@ -334,26 +326,6 @@ flash_fwd_mma(const T* __restrict__ Q, const T* __restrict__ K, const T* __restr
                     for (int dc = 0; dc < ND; dc += DCH) {
                         float part[MT][DCH][4] = {};
                         pv_steps(part, dc);
-                        if (any_nan(part)) {   // as for Sij, one column tile at a time
-#pragma unroll
-                            for (int dt = 0; dt < DCH && dc + dt < ND; ++dt) {
-                                float one[MT][4] = {};
-#pragma unroll
-                                for (int kt = 0; kt < NS; ++kt) {
-                                    operand<2> vb;
-                                    vb.hi[0] = __float_as_uint(v_f32[kt * 8 * DP + (dc + dt) * 8]);
-                                    vb.hi[1] = __float_as_uint(v_f32[(kt * 8 + 1) * DP + (dc + dt) * 8]);
-                                    make_operand<T, 1>(vb);
-#pragma unroll
-                                    for (int mt = 0; mt < MT; ++mt)
-                                        mma_op<T, ARCH, 1>(one[mt], p_operand<T, 1>(s[mt][kt]), vb, 0);
-                                }
-#pragma unroll
-                                for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                                    for (int e = 0; e < 4; ++e) take_nan_from(part[mt][dt][e], one[mt][e]);
-                            }
-                        }
 #pragma unroll
                         for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -389,7 +361,8 @@ flash_fwd_mma(const T* __restrict__ Q, const T* __restrict__ K, const T* __restr
             }
         }
         __syncwarp();
-        T* Obh = O + b * o_sb + h * o_sh + row0 * o_sn;
+        const long long q0 = fa_seq::first_row(b, cu_q);   // read again: no register held for it
+        T* Obh = O + b * o_sb + h * o_sh + (q0 + row0) * o_sn;
         constexpr int CH = D / E::VEC;   // 16-byte chunks a row
         for (int i = lane; i < WR * CH; i += 32) {
             const int r = warp * WR + i / CH, c = i % CH * E::VEC;
@@ -403,7 +376,7 @@ flash_fwd_mma(const T* __restrict__ Q, const T* __restrict__ K, const T* __restr
             }
         }
         if (t == 0) {
-            float* Lbh = L + ((long long)b * H + h) * Nq + row0;
+            float* Lbh = L + b * l_sb + h * l_sh + q0 + row0;
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt)
 #pragma unroll

@@ -6,21 +6,25 @@
 // in the log2 domain (Q is pre-scaled by scale * log2(e)) so the exponentials are exp2f.
 //
 // Compile-time: T (float, fa_half, fa_bfloat16), tile sizes BR, BC, the head-dim bound D
-// (d <= D; columns d..D-1 are zero-padded), the thread count NT and CAUSAL. Per call: the
-// sizes, the element strides of Q, K, V, O (the last dimension is contiguous), the scale.
+// (d <= D; columns d..D-1 are zero-padded), the thread count NT and MASK (fa_mask.cuh: none,
+// window, window + score mods). Per call (fa_mask.cuh): the ALiBi slopes and varlen offsets,
+// sizes, window, element strides of Q, K, V, O (last dimension contiguous) and L, scale, softcap.
 // The planner (flashattn_cupy/planner.py) mirrors the shared-memory layout below exactly.
 #include "fa_dtypes.cuh"
+#include "fa_mask.cuh"
 
-template <typename T, int BR, int BC, int D, int NT, bool CAUSAL>
+template <typename T, int BR, int BC, int D, int NT, int MASK>
 __global__ void __launch_bounds__(NT)
 flash_fwd_simt(const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V,
+               const float* __restrict__ alibi, const int* __restrict__ cu_q, const int* __restrict__ cu_k,
                T* __restrict__ O, float* __restrict__ L,
-               int B, int H, int Nq, int Nk, int d,
+               int B, int H, int group, int Nq, int Nk, int d, int win_left, int win_right,
                long long q_sb, long long q_sh, long long q_sn,
                long long k_sb, long long k_sh, long long k_sn,
                long long v_sb, long long v_sh, long long v_sn,
                long long o_sb, long long o_sh, long long o_sn,
-               float scale)
+               long long l_sb, long long l_sh,
+               float scale, float softcap)
 {
     static_assert(NT % 32 == 0, "whole warps");
     constexpr int DK = D + 1;   // Kj rows padded: a warp reading column k of 32 rows hits 32 banks
@@ -38,24 +42,25 @@ flash_fwd_simt(const T* __restrict__ Q, const T* __restrict__ K, const T* __rest
     float* alpha = li + BR;          // [BR] exp2(mi_old - mi_new) of the tile in hand
 
     const float neg_inf = __int_as_float(0xff800000);
-    const float qscale = scale * LOG2E;
+    // Scores in the log2 domain: Q carries scale * log2(e); with score mods Q carries the scale
+    // and score_mod (fa_mask.cuh) moves each modded score to the log2 domain.
+    const float qscale = MASK == FA_MODS ? scale : scale * LOG2E;
     const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
     const int row0 = blockIdx.x * BR;
-    const int rows = min(BR, Nq - row0);
-
-    // Causal: keys past the last row's diagonal are masked for the whole tile; stop there.
-    int Tc = (Nk + BC - 1) / BC;
-    if (CAUSAL) {
-        const long long last_key = (long long)row0 + rows - 1 + (Nk - Nq);
-        Tc = last_key < 0 ? 0 : min(Tc, (int)(last_key / BC) + 1);
-    }
 
     // Grid-stride over (batch, head): gridDim.y/z are capped at 65535 by the planner.
     for (int b = blockIdx.z; b < B; b += gridDim.z)
     for (int h = blockIdx.y; h < H; h += gridDim.y) {
-        const T* Qbh = Q + b * q_sb + h * q_sh + row0 * q_sn;
-        const T* Kbh = K + b * k_sb + h * k_sh;
-        const T* Vbh = V + b * v_sb + h * v_sh;
+        const fa_seq sq = fa_seq::of(b, row0, Nq, Nk, cu_q, cu_k);
+        if (sq.rows <= 0) continue;   // varlen: a shorter sequence has no row in this tile
+        const int rows = min(BR, sq.rows), nk = sq.nk;
+        const fa_window win = fa_window::of(sq, win_left, win_right);
+        int j0 = 0, j1 = (nk + BC - 1) / BC;   // the key tiles some row of this tile sees
+        if (MASK) win.tiles(row0, rows, BC, j0, j1);
+        const float slope = MASK == FA_MODS && alibi ? alibi[(long long)b * H + h] : 0.f;
+        const T* Qbh = Q + b * q_sb + h * q_sh + (sq.q0 + row0) * q_sn;
+        const T* Kbh = K + b * k_sb + (h / group) * k_sh + sq.k0 * k_sn;   // GQA: group q heads a k/v head
+        const T* Vbh = V + b * v_sb + (h / group) * v_sh + sq.k0 * v_sn;
 
         // Line 4: load Qi (pre-scaled), zero past the last row and past d.
         for (int idx = tid; idx < BR * D; idx += NT) {
@@ -68,27 +73,28 @@ flash_fwd_simt(const T* __restrict__ Q, const T* __restrict__ K, const T* __rest
             li[r] = 0.f;
         }
 
-        for (int j = 0; j < Tc; ++j) {  // line 6
+        for (int j = j0; j < j1; ++j) {  // line 6
             const int col0 = j * BC;
             __syncthreads();  // the previous tile's Pij Vj is done with Kj, Vj, Sij
             // Line 7: load Kj, Vj, zero past the last key and past d.
             for (int idx = tid; idx < BC * D; idx += NT) {
                 const int r = idx / D, c = idx % D;
-                const bool in = col0 + r < Nk && c < d;
+                const bool in = col0 + r < nk && c < d;
                 const long long key = col0 + r;
                 Kj[r * DK + c] = in ? to_float(Kbh[key * k_sn + c]) : 0.f;
                 Vj[r * D + c] = in ? to_float(Vbh[key * v_sn + c]) : 0.f;
             }
             __syncthreads();
 
-            // Line 8: Sij = Qi Kj^T (log2 domain); out-of-range and causally masked keys -inf.
+            // Line 8: Sij = Qi Kj^T (log2 domain), score mods; keys out of range or window -inf.
             for (int idx = tid; idx < BR * BC; idx += NT) {
                 const int r = idx / BC, c = idx % BC;
                 float s = 0.f;
 #pragma unroll 8
                 for (int k = 0; k < D; ++k) s += Qi[r * D + k] * Kj[c * DK + k];
                 const int key = col0 + c;
-                const bool masked = key >= Nk || (CAUSAL && key > row0 + r + (Nk - Nq));
+                if (MASK == FA_MODS) s = score_mod(s, 1.f, softcap, slope, win.diag(row0 + r) - key);
+                const bool masked = key >= nk || (MASK && !win.sees(row0 + r, key));
                 Sij[r * BCP + c] = masked ? neg_inf : s;
             }
             __syncthreads();
@@ -131,7 +137,7 @@ flash_fwd_simt(const T* __restrict__ Q, const T* __restrict__ K, const T* __rest
 
         // Lines 12-15: Oi / li and Li = mi + log(li) in natural log, written once.
         // A row with every key masked has li = 0: O = 0, L = -inf.
-        T* Obh = O + b * o_sb + h * o_sh + row0 * o_sn;
+        T* Obh = O + b * o_sb + h * o_sh + (sq.q0 + row0) * o_sn;
         for (int idx = tid; idx < BR * D; idx += NT) {
             const int r = idx / D, c = idx % D;
             if (r < rows && c < d) {
@@ -139,7 +145,7 @@ flash_fwd_simt(const T* __restrict__ Q, const T* __restrict__ K, const T* __rest
                 Obh[r * o_sn + c] = from_float<T>(l == 0.f ? 0.f : Oi[idx] / l);   // chosen, not 0 * NaN
             }
         }
-        float* Lbh = L + ((long long)b * H + h) * Nq + row0;
+        float* Lbh = L + b * l_sb + h * l_sh + sq.q0 + row0;
         for (int r = tid; r < rows; r += NT)
             Lbh[r] = li[r] == 0.f ? neg_inf : mi[r] * LN2 + logf(li[r]);   // a NaN row stays NaN
         __syncthreads();  // smem is reused by the next (batch, head)

@@ -2,13 +2,10 @@
 Nothing here synchronizes the host; the kernel comes from kernels.get (compiled once)."""
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 
 from . import kernels
 from ._device import cupy
-from .planner import GRID_YZ_MAX
 
 
 def _unit_stride(x, cp):
@@ -38,46 +35,80 @@ def _strides(x, cp):
     return x, (sb, sh, x.strides[-2] // x.itemsize)
 
 
-def _grouped(q, k, v, O, L, group, cp):
-    """GQA as views: q, O (..., Hkv * group, N, d) and L (..., Hkv * group, N) split to
-    (..., Hkv, group, ...); k, v (..., Hkv, Nk, d) broadcast to (..., Hkv, group, Nk, d) with a
-    zero stride, so the kernels' head index runs over the group and their batch over the rest."""
-    split = lambda x, tail: x.reshape(x.shape[:-tail - 1] + (-1, group) + x.shape[-tail:])  # noqa: E731
-    k, v = (cp.broadcast_to(_unit_stride(x, cp)[..., None, :, :], x.shape[:-2] + (group,) + x.shape[-2:])
-            for x in (k, v))
-    return split(q, 2), k, v, split(O, 2), split(L, 1)
+def window_args(window, Nq: int, Nk: int) -> tuple[int, int]:
+    """The kernels' (left, right) from the problem's window ((-1, -1) unbounded): an unbounded
+    side clamped to Nk (left) or Nq (right), which covers every row (csrc/fa_mask.cuh)."""
+    left, right = window
+    return (Nk if left < 0 else min(left, Nk)), (Nq if right < 0 else min(right, Nq))
+
+
+def features(problem):
+    """(window, softcap, alibi) of a validated problem, (-1, -1) / 0.0 / None when absent."""
+    return (getattr(problem, "window", (-1, 0) if problem.causal else (-1, -1)),
+            float(getattr(problem, "softcap", 0.0)), getattr(problem, "alibi", None))
 
 
 def run(problem, plan, device_id: int):
-    """(O, L) as CuPy arrays on device_id: O like q (contiguous), L float32 (..., Nq)."""
+    """(O, L) as CuPy arrays on device_id: O like q (contiguous), L float32 (..., Nq). GQA needs
+    no copies: the kernels read k/v head h // group for q head h."""
     cp = cupy()
     with cp.cuda.Device(device_id):
         q, k, v = (cp.asarray(x) for x in (problem.q, problem.k, problem.v))
         O = cp.empty(q.shape, dtype=q.dtype)
         L = cp.empty(q.shape[:-1], dtype=cp.float32)
-        if problem.group == 1:
-            _launch(problem, plan, device_id, q, k, v, O, L, problem.batch)
-            return O, L
-        qg, kg, vg, Og, Lg = _grouped(q, k, v, O, L, problem.group, cp)
-        if all(_batch_stride(x) is not None for x in (qg, kg, vg, Og)):
-            _launch(problem, plan, device_id, qg, kg, vg, Og, Lg, problem.batch)
-        else:
-            # the batch dims do not collapse with the k/v heads (e.g. (batch, seqlen, heads, d)
-            # memory): one launch per batch index over its k/v heads, still reading k and v in place
-            kv_heads = kg.shape[-4]
-            per_index = dataclasses.replace(plan, grid=plan.grid[:2] + (min(kv_heads, GRID_YZ_MAX),))
-            for i in np.ndindex(qg.shape[:-4]):
-                _launch(problem, per_index, device_id, qg[i], kg[i], vg[i], Og[i], Lg[i], kv_heads)
+        (q, qs), (k, ks), (v, vs) = (_strides(x, cp) for x in (q, k, v))
+        os_ = _strides(O, cp)[1]   # O and L are ours: contiguous
+        window, softcap, alibi = features(problem)
+        H = problem.heads
+        launch(plan, device_id, q, k, v, O, L, qs, ks, vs, os_, (H * problem.Nq, problem.Nq),
+               batch=problem.batch, heads=H, group=problem.group, Nq=problem.Nq, Nk=problem.Nk,
+               d=problem.d, window=window_args(window, problem.Nq, problem.Nk), scale=problem.scale,
+               softcap=softcap, alibi=alibi)
     return O, L
 
 
-def _launch(problem, plan, device_id, q, k, v, O, L, batch):
-    cp = cupy()
-    (q, qs), (k, ks), (v, vs) = (_strides(x, cp) for x in (q, k, v))
-    os_ = _strides(O, cp)[1]   # O and L are ours: collapsing batch dims, contiguous rows
+def launch(plan, device_id, q, k, v, O, L, qs, ks, vs, os_, ls, *, batch, heads, group, Nq, Nk, d,
+           window, scale, softcap=0.0, alibi=None, cu_q=None, cu_k=None):
+    """One launch of plan's kernel: arrays, their element strides (b, h, n) (L's (b, h)), sizes,
+    the kernels' window pair, scale, softcap; alibi (float32, one slope per (b, h), contiguous)
+    and the varlen offsets cu_q, cu_k (int32, batch + 1 each) or None."""
     i32, i64 = np.int32, np.int64
-    args = (q, k, v, O, L,
-            i32(batch), i32(problem.heads), i32(problem.Nq), i32(problem.Nk), i32(problem.d),
-            *map(i64, qs), *map(i64, ks), *map(i64, vs), *map(i64, os_),
-            np.float32(problem.scale))
+    null = np.uint64(0)   # a null pointer (the kernels test for it)
+    args = (q, k, v, null if alibi is None else alibi, null if cu_q is None else cu_q,
+            null if cu_k is None else cu_k, O, L,
+            i32(batch), i32(heads), i32(group), i32(Nq), i32(Nk), i32(d), *map(i32, window),
+            *map(i64, qs), *map(i64, ks), *map(i64, vs), *map(i64, os_), *map(i64, ls),
+            np.float32(scale), np.float32(softcap))
     kernels.get(plan, device_id)(plan.grid, (plan.threads,), args, shared_mem=plan.smem_bytes)
+
+
+def run_varlen(problem, device_id: int):
+    """(O, L) for a packed variable-length batch (flashattn_cupy.varlen's problem): q (total_q, H,
+    d), k, v (total_k, Hkv, d), sequence s at rows cu_seqlens_q[s]:cu_seqlens_q[s + 1] (and
+    likewise for k, v). One launch over (tiles of the longest sequence, heads, sequences); tiles
+    past a sequence's end return at once, so nothing is padded. O like q, L (H, total_q) float32."""
+    from . import _device, planner
+    cp = cupy()
+    with cp.cuda.Device(device_id):
+        q, k, v = (_unit_stride(cp.asarray(x), cp) for x in (problem.q, problem.k, problem.v))
+        (total_q, H, d), kv_heads = q.shape, k.shape[1]
+        O = cp.empty(q.shape, dtype=q.dtype)
+        L = cp.empty((H, total_q), dtype=cp.float32)
+        Nq, Nk = int(problem.max_seqlen_q), int(problem.max_seqlen_k)
+        if total_q == 0 or Nq == 0:
+            return O, L
+        cu_q, cu_k = (cp.asarray(c, dtype=cp.int32) for c in (problem.cu_seqlens_q, problem.cu_seqlens_k))
+        window, softcap, alibi = features(problem)
+        plan = planner.cached_plan(Nq, max(Nk, 1), d, dtype=problem.dtype, causal=getattr(problem, "causal", False),
+                                   batch=cu_q.size - 1, heads=H, backend="cuda",
+                                   smem_limit=_device.smem_limit(device_id),
+                                   arch=_device.compute_capability(device_id),
+                                   fp32=getattr(problem, "fp32", "auto"), window=window != (-1, -1),
+                                   score_mod=softcap > 0 or alibi is not None)
+        # (b, h, n) element strides with b the sequence: its rows start at cu[b] (the kernels add it)
+        rows = lambda x: (0, x.strides[1] // x.itemsize, x.strides[0] // x.itemsize)  # noqa: E731
+        launch(plan, device_id, q, k, v, O, L, rows(q), rows(k), rows(v), rows(O), (0, total_q),
+               batch=cu_q.size - 1, heads=H, group=H // kv_heads, Nq=Nq, Nk=Nk, d=d,
+               window=window_args(window, Nq, Nk), scale=problem.scale, softcap=softcap,
+               alibi=alibi, cu_q=cu_q, cu_k=cu_k)
+    return O, L

@@ -58,9 +58,9 @@ class Problem:
 
 
 def kernel_dims(lead: tuple, group: int) -> tuple[int, int]:
-    """(batch, heads) as the kernels count them. heads: the last leading dim, or with GQA the
-    q heads of one k/v head; batch: every other leading dim, flattened (with GQA, k/v heads too)."""
-    heads = group if group > 1 else (lead[-1] if lead else 1)
+    """(batch, heads) as the kernels count them: heads, q's last leading dim (with GQA each k/v
+    head serves `group` consecutive ones); batch, every other leading dim, flattened."""
+    heads = lead[-1] if lead else 1
     return math.prod(lead) // heads, heads
 
 

@@ -4,8 +4,8 @@
 CuPy names each cache file by a SHA-1 of the source, options and compiler versions
 (<hash>.cubin, plus <hash>.cubin.cu under CUPY_CACHE_SAVE_CUDA_SOURCE=1), so a file's name says
 nothing of what it holds. Its content does: a cubin's symbol table keeps every kernel's mangled
-name, e.g. _Z13flash_fwd_mmaIfLi64ELi4ELi2ELi64ELb0ELi80ELi3EEv... for
-flash_fwd_mma<float, 64, 4, 2, 64, false, 80, 3>, and the template arguments read back into the
+name, e.g. _Z13flash_fwd_mmaIfLi64ELi4ELi2ELi64ELi0ELi80ELi3EEv... for
+flash_fwd_mma<float, 64, 4, 2, 64, 0, 80, 3>, and the template arguments read back into the
 planner's name expression. That holds for every layout CuPy 14 writes (a hash, then the cubin,
 or, from 14.2, the mangled names and then the cubin). Files holding none of our kernels are
 never touched, except by clear(everything=True).

@@ -36,6 +36,9 @@ GRID_YZ_MAX = 65535                 # CUDA's limit on gridDim.y and gridDim.z
 # later GPUs.
 MMA_DTYPES = {75: ("float16",), 80: ("float16", "bfloat16", "float32")}
 FP32_MODES = ("auto", "3xtf32", "tf32", "simt")
+# The kernels' MASK template argument (csrc/fa_mask.cuh): 0 nothing masked, 1 a window (causal
+# is one), 2 a window and the score mods (softcap, ALiBi), each off when its value says so.
+MASKS = (0, 1, 2)
 # (largest D, (warps, m-tiles per warp, Bc) candidates, best first): Br = 16 * m-tiles * warps.
 # Two m-tiles a warp halve the shared-memory reads per MMA; the first choices come from a sweep
 # on an H100 (fp16, N = 1k and 4k): 128 x 128 at d = 64 and 128 x 64 at d = 128 (FA2's
@@ -62,6 +65,7 @@ class Plan:
     Br: int
     Bc: int
     causal: bool
+    mask: int = 0                # CUDA: the kernels' MASK (MASKS: none, window, window + score mods)
     threads: int = 1             # CUDA: threads per block; C: Python threads sharing the heads
     grid: tuple[int, int, int] = (1, 1, 1)
     smem_bytes: int = 0          # CUDA: dynamic shared memory; C: working-set bytes
@@ -129,7 +133,7 @@ def simt_tiles(D: int, smem_limit: int) -> tuple[int, int, int]:
 def plan(Nq: int, Nk: int, d: int, *, dtype: str = "float32", causal: bool = False,
          batch: int = 1, heads: int = 1, backend: str = "cuda",
          smem_limit: int | None = None, arch: int | None = None, num_threads: int = 1,
-         fp32: str = "auto") -> Plan:
+         fp32: str = "auto", window: bool = False, score_mod: bool = False) -> Plan:
     """Choose the tiles and launch shape for one call.
 
     The call's shapes: q (batch, heads, Nq, d), k and v (batch, heads, Nk, d); dtype is q's
@@ -140,6 +144,8 @@ def plan(Nq: int, Nk: int, d: int, *, dtype: str = "float32", causal: bool = Fal
     CuPy device. Passing a smaller arch plans for an older GPU: such a plan runs on newer ones.
     fp32 (float32 only): "auto" (3xTF32 tensor cores on sm_80+, else "simt"), "3xtf32",
     "tf32" (falls back to "simt" before sm_80) or "simt" (the CUDA-core kernel).
+    window: a sliding window masks keys (causal is one; for CUDA the mask variant runs either);
+    score_mod: softcap or ALiBi change the scores (the CUDA variant that applies them).
     """
     if not (1 <= d <= MAX_HEAD_DIM):
         raise ValueError(f"head dim d must be in 1..{MAX_HEAD_DIM}, got {d}")
@@ -168,7 +174,7 @@ def plan(Nq: int, Nk: int, d: int, *, dtype: str = "float32", causal: bool = Fal
     if fp32 == "3xtf32" and dtype == "float32" and arch < 80:
         raise ValueError(f"fp32='3xtf32' needs TF32 tensor cores (sm_80 or later), not sm_{arch}")
     D = head_dim_bound(d)
-    flag = "true" if causal else "false"
+    mask = 2 if score_mod else 1 if causal or window else 0
     isa = mma_arch(arch, dtype)
     itemsize = 4 if dtype == "float32" else 2
     tiles = mma_tiles(D, smem_limit, itemsize) if isa is not None else None
@@ -178,15 +184,15 @@ def plan(Nq: int, Nk: int, d: int, *, dtype: str = "float32", causal: bool = Fal
         warps, mt, Bc, Br = tiles
         threads = 32 * warps
         passes = 1 if dtype != "float32" or fp32 == "tf32" else 3
-        name = (f"flash_fwd_mma<{CUDA_TYPES[dtype]}, {D}, {warps}, {mt}, {Bc}, {flag}, {isa}, "
+        name = (f"flash_fwd_mma<{CUDA_TYPES[dtype]}, {D}, {warps}, {mt}, {Bc}, {mask}, {isa}, "
                 f"{passes}>")
         smem = mma_smem_bytes(Br, Bc, D, itemsize)
     else:
         Br, Bc, threads = simt_tiles(D, smem_limit)
-        name = f"flash_fwd_simt<{CUDA_TYPES[dtype]}, {Br}, {Bc}, {D}, {threads}, {flag}>"
+        name = f"flash_fwd_simt<{CUDA_TYPES[dtype]}, {Br}, {Bc}, {D}, {threads}, {mask}>"
         smem = simt_smem_bytes(Br, Bc, D)
     grid = (math.ceil(Nq / Br), min(heads, GRID_YZ_MAX), min(batch, GRID_YZ_MAX))
-    return Plan("cuda", name, dtype, d, D, Br, Bc, causal, threads, grid, smem, smem_limit)
+    return Plan("cuda", name, dtype, d, D, Br, Bc, causal, mask, threads, grid, smem, smem_limit)
 
 
 # The API's entry point: plan() memoized, so a small call does not pay for planning again.
@@ -200,10 +206,10 @@ def cuda_variants(smem_limit: int, arch: int) -> list[str]:
     names = set()
     for D in range(HEAD_DIM_STEP, MAX_HEAD_DIM + 1, HEAD_DIM_STEP):
         for dtype in CUDA_TYPES:
-            for causal in (False, True):
+            for mask in MASKS:
                 for fp32 in (FP32_MODES if dtype == "float32" else ("auto",)):
                     if fp32 == "3xtf32" and arch < 80:
                         continue
-                    names.add(plan(1, 1, D, dtype=dtype, causal=causal, smem_limit=smem_limit,
-                                   arch=arch, fp32=fp32).kernel)
+                    names.add(plan(1, 1, D, dtype=dtype, window=mask >= 1, score_mod=mask == 2,
+                                   smem_limit=smem_limit, arch=arch, fp32=fp32).kernel)
     return sorted(names)

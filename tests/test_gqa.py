@@ -4,13 +4,12 @@ Query head h reads key/value head h // group. Each backend is checked against th
 reference (which broadcasts k and v over the group) and, bitwise, against itself on k and v
 repeated to q's heads: the same numbers reach the same code, so only a wrong head can differ.
 """
-import contextlib
 import dataclasses
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
+import kernel_model
 from backends import BACKEND_DTYPES, np_dtype, run
 from cases import inputs
 from flashattn_cupy import _c_backend, _cuda_backend, flash_attention, kernels, plan_for, planner, reference
@@ -95,50 +94,16 @@ def test_c_twin_reads_k_and_v_in_place(rng, monkeypatch):
                       (2 * head, 2 * head, 2, 4), (3 * head, 3 * head, 4, 4)]
 
 
-_byte_bounds = getattr(np, "byte_bounds", None) or np.lib.array_utils.byte_bounds   # NumPy 1 or 2
-
-
-def _numpy_as_cupy(monkeypatch, launches):
-    """_cuda_backend on NumPy arrays, with a kernel that reads and writes memory exactly as the CUDA
-    kernels do (q[b, h, n, c] at sb*b + sh*h + sn*n + c; L contiguous), from the launch's own
-    arguments: the views and launches of the GQA path, checked without a GPU."""
-    shim = SimpleNamespace(**{name: getattr(np, name) for name in ("asarray", "empty", "float32",
-                                                                   "ascontiguousarray", "broadcast_to")},
-                           cuda=SimpleNamespace(Device=lambda _: contextlib.nullcontext()))
-
-    def kernel(grid, block, args, shared_mem):
-        q, k, v, O, L, B, H, Nq, Nk, d, *strides, scale = args
-        assert grid[1:] == (min(H, planner.GRID_YZ_MAX), min(B, planner.GRID_YZ_MAX))
-        assert L.flags.c_contiguous and L.size == B * H * Nq
-        launches.append((q, k, v, int(B), int(H)))
-        def view(x, s):   # refuses to address memory outside the array x is a view of
-            y = np.lib.stride_tricks.as_strided(x, (B, H, x.shape[-2], d),
-                                                [int(n) * x.itemsize for n in s] + [x.itemsize])
-            owner = x if x.base is None else x.base
-            (lo, hi), (owner_lo, owner_hi) = (_byte_bounds(a) for a in (y, owner))
-            assert owner_lo <= lo and hi <= owner_hi, "the launch reads outside its array"
-            return y
-
-        Qv, Kv, Vv, Ov = (view(x, strides[3 * i:3 * i + 3]) for i, x in enumerate((q, k, v, O)))
-        O_ref, L_ref = reference.attention(Qv, Kv, Vv, softmax_scale=float(scale))
-        Ov[...] = O_ref
-        L.reshape(B, H, Nq)[...] = L_ref
-
-    monkeypatch.setattr(_cuda_backend, "cupy", lambda: shim)
-    monkeypatch.setattr(kernels, "get", lambda plan, device_id: kernel)
-
-
 @pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
 @pytest.mark.parametrize("lead, kv_heads", [((2, 6), 2), ((3, 4), 1), ((6,), 3), ((2, 6), 6)])
 def test_cuda_path_views_and_launches(rng, monkeypatch, layout, lead, kv_heads):
-    """(batch, heads, N, d) memory is one launch; (batch, N, heads, d) memory (flash-attn's
-    layout, batch > 1 and several k/v heads) one launch per batch index. Either way k and v reach
-    the kernel as views of the caller's arrays, and O, L are right."""
+    """Any layout is one launch whose k and v are views of the caller's arrays, with the group
+    as an argument (kernel_model.py reads the launch as the kernels do), and O, L are right."""
     q, k, v = _gqa_inputs(rng, lead, kv_heads, 21, 33, 8)
     if layout == "bnhd":   # the same values, in memory ordered (..., N, heads, d)
         q, k, v = (np.ascontiguousarray(np.swapaxes(x, -2, -3)).swapaxes(-2, -3) for x in (q, k, v))
     launches = []
-    _numpy_as_cupy(monkeypatch, launches)
+    kernel_model.use(monkeypatch, launches)
     problem = dataclasses.replace(validate(q, k, v, causal=False, softmax_scale=None, return_lse=True,
                                            backend="c"), backend="cuda")
     plan = planner.plan(problem.Nq, problem.Nk, problem.d, batch=problem.batch, heads=problem.heads,
@@ -147,13 +112,10 @@ def test_cuda_path_views_and_launches(rng, monkeypatch, layout, lead, kv_heads):
     O_ref, L_ref = reference.attention(q, k, v)
     np.testing.assert_allclose(O, O_ref, rtol=0, atol=1e-6)
     np.testing.assert_allclose(L, L_ref, rtol=0, atol=1e-5)
-    group = lead[-1] // kv_heads
-    one_launch = layout == "bhnd" or len(lead) == 1 or kv_heads == 1 or group == 1
-    assert len(launches) == (1 if one_launch else lead[0])
-    for q_in, k_in, v_in, B, H in launches:
-        assert H == (group if group > 1 else lead[-1])
-        # views of the caller's arrays (a copy, repeated or not, would share no memory with them)
-        assert np.shares_memory(q_in, q) and np.shares_memory(k_in, k) and np.shares_memory(v_in, v)
+    [launch] = launches
+    assert (launch["H"], launch["group"]) == (lead[-1], lead[-1] // kv_heads)
+    # views of the caller's arrays (a copy, repeated or not, would share no memory with them)
+    assert all(np.shares_memory(launch[name], x) for name, x in zip("qkv", (q, k, v)))
 
 
 @pytest.mark.parametrize("q_shape, k_shape, words", [
@@ -197,10 +159,8 @@ def test_cuda_kernels_read_k_and_v_in_place(rng, cp, monkeypatch, layout):
     if layout == "bnhd":   # the GPU arrays in that layout too, whatever cp.asarray does with it
         qc, kc, vc = (cp.ascontiguousarray(x.swapaxes(-2, -3)).swapaxes(-2, -3) for x in (qc, kc, vc))
     O, L = flash_attention(qc, kc, vc, causal=True, return_lse=True)
-    launches = [seen[i:i + 4] for i in range(0, len(seen), 4)]   # q, k, v, O per launch
-    assert len(launches) == (1 if layout == "bhnd" else 3)
-    for (_, _), (k_same, k_ptr), (v_same, v_ptr), _ in launches:
-        assert k_same and v_same
-        assert kc.data.ptr <= k_ptr < kc.data.ptr + kc.nbytes and vc.data.ptr <= v_ptr < vc.data.ptr + vc.nbytes
+    (_, _), (k_same, k_ptr), (v_same, v_ptr), _ = seen   # q, k, v, O of the one launch
+    assert k_same and v_same
+    assert kc.data.ptr <= k_ptr < kc.data.ptr + kc.nbytes and vc.data.ptr <= v_ptr < vc.data.ptr + vc.nbytes
     assert_attention_close(cp.asnumpy(O), cp.asnumpy(L), q, k, v, causal=True,
                            **kernel_rounding(plan_for(qc, kc, vc, causal=True)))

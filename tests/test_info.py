@@ -40,7 +40,7 @@ def test_without_a_gpu_the_reference_devices_are_planned(monkeypatch):
     out = info.report(N=512, d=64, dtype="float32")
     assert "  cuda: unavailable: CuPy found no CUDA GPU" in out
     # the seed's configuration on its 48 KB device, and what the planner picks for an H100
-    assert "planned for sm_75, 48 KB (the seed's budget): cuda flash_fwd_simt<float, 32, 32, 64, 256, false>" in out
+    assert "planned for sm_75, 48 KB (the seed's budget): cuda flash_fwd_simt<float, 32, 32, 64, 256, 0>" in out
     h100 = planner.plan(512, 512, 64, dtype="float32", smem_limit=227 * 1024, arch=90)
     assert f"planned for sm_90, 227 KB (H100): {h100}" in out
     assert "CUDA: takes float32, float16, bfloat16, not float64" in info.report(dtype="float64")

@@ -38,7 +38,7 @@ def test_every_plan_fits(limit, dtype, arch):
             assert d <= p.head_dim_bound <= 256 and p.head_dim_bound % 32 == 0
             assert p.threads % 32 == 0 and p.threads <= 1024
             assert p.grid == (math.ceil(1000 / p.Br), 5, 3)
-            assert f"{'true' if causal else 'false'}" in p.kernel
+            assert p.mask == int(causal)
 
 
 @pytest.mark.parametrize("arch, dtype, fp32, family, passes", [
@@ -111,6 +111,21 @@ def test_plan_errors(kwargs, words):
 
 def test_variants_cover_every_head_dim_bound():
     names = planner.cuda_variants(48 * KB, 75)
-    assert len(names) == 8 * 3 * 2   # head-dim bounds x dtypes x causal (fp32: SIMT only)
-    assert "flash_fwd_simt<float, 32, 32, 64, 256, false>" in names
-    assert "flash_fwd_mma<fa_bfloat16, 128, 4, 2, 64, true, 80, 1>" in planner.cuda_variants(227 * KB, 90)
+    assert len(names) == 8 * 3 * 3   # head-dim bounds x dtypes x masks (fp32: SIMT only)
+    assert "flash_fwd_simt<float, 32, 32, 64, 256, 0>" in names
+    assert "flash_fwd_mma<fa_bfloat16, 128, 4, 2, 64, 1, 80, 1>" in planner.cuda_variants(227 * KB, 90)
+
+
+@pytest.mark.parametrize("causal, window, score_mod, mask", [
+    (False, False, False, 0), (True, False, False, 1), (False, True, False, 1), (True, True, False, 1),
+    (False, False, True, 2), (True, True, True, 2),
+])
+def test_mask_variant(causal, window, score_mod, mask):
+    """MASK (csrc/fa_mask.cuh): 0 nothing masked, 1 a window (causal is one), 2 also score mods."""
+    for dtype, fp32 in (("float16", "auto"), ("float32", "3xtf32"), ("float32", "simt")):
+        p = plan(100, 100, 64, dtype=dtype, causal=causal, window=window, score_mod=score_mod,
+                 smem_limit=227 * KB, arch=90, fp32=fp32)
+        assert p.mask == mask and p.causal == causal
+        # the MASK template argument: the simt kernel's last, the mma kernel's sixth
+        args = p.kernel.split("<")[1].rstrip(">").split(", ")
+        assert int(args[-1] if "simt" in p.kernel else args[5]) == mask

@@ -1,0 +1,69 @@
+// fa_mask.cuh: which keys a query row sees, and what its scores become, for every kernel.
+//
+// A kernel's (batch, head) index b reads one sequence: fixed-length (rows 0..Nq-1 of Q, keys
+// 0..Nk-1), or varlen (cu_q, cu_k given: rows cu_q[b]..cu_q[b+1]-1 of the packed tensors).
+// Row i of a sequence with nq queries and nk keys sees key j when
+//     i + shift - left <= j <= i + shift + right,    shift = nk - nq (bottom-right aligned),
+// the sliding window; causal is right = 0 and left = nk (unbounded). The caller clamps an
+// unbounded side to nk (left) or nq (right), enough for any row, and in int range.
+// Score mods (MASK = FA_MODS): x = scale * q.k, then softcap * tanh(x / softcap) when softcap > 0
+// (Gemma 2), then - slope * |i + shift - j| (ALiBi), as the flash-attn package defines them.
+#pragma once
+
+enum { FA_NONE = 0, FA_WINDOW = 1, FA_MODS = 2 };   // the kernels' MASK: what is applied
+
+struct fa_seq {
+    long long q0, k0;   // the sequence's first row in Q / O and in K / V (varlen; else 0)
+    int nq, nk;         // its queries and keys
+    int rows;           // its rows from the tile's first on (<= 0: none)
+
+    __device__ static long long first_row(int b, const int* cu) { return cu ? cu[b] : 0; }
+
+    __device__ static fa_seq of(int b, int row0, int Nq, int Nk, const int* cu_q, const int* cu_k) {
+        fa_seq s;
+        s.q0 = first_row(b, cu_q);
+        s.k0 = first_row(b, cu_k);
+        s.nq = cu_q ? cu_q[b + 1] - cu_q[b] : Nq;
+        s.nk = cu_k ? cu_k[b + 1] - cu_k[b] : Nk;
+        s.rows = s.nq - row0;
+        return s;
+    }
+};
+
+struct fa_window {
+    long long shift;
+    int left, right, nk;
+
+    __device__ static fa_window of(const fa_seq& s, int left, int right) {
+        return fa_window{(long long)s.nk - s.nq, left, right, s.nk};
+    }
+    // The key aligned with row i (its causal diagonal), in 64 bits: i + shift spans (-nq, nk).
+    __device__ long long diag(int row) const { return row + shift; }
+    __device__ bool sees(int row, int key) const {
+        const long long off = diag(row) - key;
+        return off <= left && -off <= right;
+    }
+    // [j0, j1): the key tiles of BC keys that rows row0..row0+rows-1 see; others are skipped,
+    // so a window's cost follows its width. j1 comes in as the tile count of nk keys.
+    __device__ void tiles(int row0, int rows, int BC, int& j0, int& j1) const {
+        const long long first = diag(row0) - left, last = diag(row0 + rows - 1) + right;
+        if (last < 0 || first >= nk || first > last) {
+            j1 = j0;
+            return;
+        }
+        j0 = first <= 0 ? 0 : (int)(first / BC);
+        j1 = (int)(last / BC + 1 < j1 ? last / BC + 1 : j1);
+    }
+    // Every row wrow0..wrow0+WR-1 sees every key col0..col0+BC-1: no per-score mask needed.
+    __device__ bool covers(int wrow0, int WR, int col0, int BC) const {
+        return col0 >= diag(wrow0 + WR - 1) - left && col0 + BC - 1 <= diag(wrow0) + right;
+    }
+};
+
+// The modded score in the log2 domain, from s with s * scale the scaled score; off = i + shift - j.
+__device__ __forceinline__ float score_mod(float s, float scale, float softcap, float slope, long long off) {
+    float x = s * scale;
+    if (softcap > 0.f) x = softcap * tanhf(x / softcap);
+    x -= slope * fabsf((float)off);
+    return x * 1.4426950408889634f;
+}
