@@ -1,20 +1,25 @@
 """Ring attention's schedule on the CPU: world sizes 1-8 simulated in one process (LocalRing)
 over the C backend, each rank's slice unsharded and checked against the float64 reference
-with the bound argued in tolerances.ring_bounds, and against flash_attention on one device."""
+with the bound argued in tolerances.ring_bounds, and against flash_attention on one device;
+the double buffering (start/wait) checked through LocalRing with a spy."""
+import threading
+
 import numpy as np
 import pytest
 
 from cases import inputs
 from flashattn_cupy import flash_attention, reference
-from flashattn_cupy.distributed import LocalRing, ring_attention, ring_schedule, shard, unshard
+from flashattn_cupy.distributed import LocalRing, ring, ring_attention, ring_schedule, shard, unshard
 from tolerances import bounds, ring_bounds
 
 LAYOUTS = ("contiguous", "zigzag")
 
 
-def _ring(q, k, v, world, *, layout, causal, **kwargs):
-    """Shard q, k, v over world simulated ranks, run the ring, and unshard (O, L)."""
+def _ring(q, k, v, world, *, layout, causal, wrap=None, **kwargs):
+    """Shard q, k, v over world simulated ranks, run the ring, and unshard (O, L). wrap(group)
+    stands in for each rank's group when given."""
     def rank_main(group):
+        group = group if wrap is None else wrap(group)
         r = group.rank
         q_r, k_r, v_r = (shard(x, world, r, layout=layout) for x in (q, k, v))
         return ring_attention(q_r, k_r, v_r, causal=causal, return_lse=True, group=group, layout=layout,
@@ -204,3 +209,111 @@ def test_ranks_with_unequal_slices_are_refused(rng):
         return ring_attention(q[..., :n, :], k[..., :n, :], v[..., :n, :], group=group)
     with pytest.raises(ValueError, match="every rank must hold slices of one shape"):
         LocalRing(3).run(rank_main)
+
+
+class _ExchangeOnly:
+    """A group with exchange alone, as a user's communicator may be: no start/wait, no agree."""
+
+    def __init__(self, group):
+        self.rank, self.world_size, self.exchange = group.rank, group.world_size, group.exchange
+
+
+class _Spy:
+    """A LocalRing rank that records, per rank, the receive buffers in flight (start .. wait)."""
+    in_flight: dict = {}        # rank -> receive buffers of its started, unwaited transfer
+    received_into: dict = {}    # rank -> every start's receive buffers, in order
+    local = threading.local()   # the rank whose thread calls
+
+    def __init__(self, group):
+        self._group, self.rank, self.world_size, self.agree = group, group.rank, group.world_size, group.agree
+        _Spy.in_flight[self.rank], _Spy.received_into[self.rank] = [], []
+        _Spy.local.rank = self.rank
+
+    def start(self, send, recv):
+        assert not _Spy.in_flight[self.rank], "a second transfer started before the first was waited for"
+        assert not any(np.may_share_memory(x, b) for x in send for b in recv)
+        _Spy.in_flight[self.rank] = list(recv)
+        _Spy.received_into[self.rank].append(recv)
+        return self._group.start(send, recv)
+
+    def wait(self, handle):
+        self._group.wait(handle)
+        _Spy.in_flight[self.rank] = []
+
+
+@pytest.mark.parametrize("world", [2, 3, 5])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_the_buffer_received_into_is_never_the_one_computed_on(rng, monkeypatch, world, layout):
+    """Each step's kernels read K/V that no transfer is writing: through a spy on LocalRing's
+    start/wait and on flash_attention, every kernel call of steps 0 .. world - 2 runs while the
+    next step's transfer is in flight (the overlap), into a buffer that shares no memory with the
+    call's inputs; the receive buffers alternate between two (reused, not reallocated); and the
+    results are bit for bit those of a group with exchange alone (no overlap)."""
+    q, k, v = inputs(rng, (2, 2), 2 * world * 6, 2 * world * 6, 16)
+    calls: dict = {r: [] for r in range(world)}   # rank -> per kernel call: a transfer in flight?
+
+    def spy_flash_attention(*args, **kwargs):
+        rank = _Spy.local.rank
+        busy = _Spy.in_flight[rank]
+        assert not any(np.may_share_memory(x, b) for x in args for b in busy)
+        calls[rank].append(bool(busy))
+        return flash_attention(*args, **kwargs)
+
+    monkeypatch.setattr(ring, "flash_attention", spy_flash_attention)
+    O, L = _ring(q, k, v, world, layout=layout, causal=True, wrap=_Spy)
+    monkeypatch.undo()
+    O_x, L_x = _ring(q, k, v, world, layout=layout, causal=True, wrap=_ExchangeOnly)
+    assert O.tobytes() == O_x.tobytes() and L.tobytes() == L_x.tobytes()
+    for r in range(world):
+        last_step = len(ring_schedule(world, r, q.shape[-2] // world, k.shape[-2] // world, causal=True,
+                                      layout=layout)[-1])
+        assert calls[r] == [True] * (len(calls[r]) - last_step) + [False] * last_step
+        bufs = _Spy.received_into[r]
+        assert len(bufs) == world - 1
+        for t in range(world - 2):
+            assert not any(np.may_share_memory(a, b) for a in bufs[t] for b in bufs[t + 1])
+            if t + 2 < world - 1:
+                assert all(a is b for a, b in zip(bufs[t], bufs[t + 2]))
+
+
+def test_exchange_only_groups_work_and_refuse_unequal_slices(rng):
+    """A user's group with exchange alone runs the same ring (after each step, no overlap) and
+    still refuses neighbours with slices of other shapes."""
+    q, k, v = inputs(rng, (2,), 24, 24, 8)
+    _check(q, k, v, 3, "zigzag", True)
+    O, L = _ring(q, k, v, 3, layout="zigzag", causal=True)
+    O_x, L_x = _ring(q, k, v, 3, layout="zigzag", causal=True, wrap=_ExchangeOnly)
+    assert O.tobytes() == O_x.tobytes() and L.tobytes() == L_x.tobytes()
+
+    def rank_main(group):
+        n = 6 + 2 * group.rank
+        return ring_attention(q[..., :n, :], k[..., :n, :], v[..., :n, :], group=_ExchangeOnly(group))
+    with pytest.raises(ValueError, match="received .* from its neighbour; every rank must hold slices of one"):
+        LocalRing(3).run(rank_main)
+
+
+def test_ranks_called_with_other_flags_are_refused(rng):
+    """agree: every rank learns of a difference before any transfer (over NCCL, the ranks that
+    matched would otherwise wait for a transfer that never comes)."""
+    q, k, v = inputs(rng, (2,), 24, 24, 8)
+    raised = []
+
+    def rank_main(group):
+        try:
+            ring_attention(q, k, v, group=group, causal=group.rank != 1)
+        except ValueError as e:
+            raised.append(group.rank)
+            assert "called with different arguments" in str(e) and "causal=" in str(e)
+    LocalRing(3).run(rank_main)
+    assert sorted(raised) == [0, 1, 2]
+
+
+def test_local_ring_catches_a_caller_that_writes_while_a_transfer_is_in_flight():
+    def rank_main(group):
+        x = np.zeros(4, np.float32)
+        recv = (np.empty_like(x),)
+        handle = group.start((x,), recv)
+        x[0] = 1.0                                    # NCCL could still be sending x
+        group.wait(handle)
+    with pytest.raises(RuntimeError, match="changed a sent array between start and wait"):
+        LocalRing(2).run(rank_main)

@@ -1,14 +1,20 @@
 """LocalRing: world ranks of a ring simulated by threads of one process, for tests.
 
 The ranks run in lockstep as over NCCL: each computes its step, then all exchange together.
-An exchange copies the arrays into the receiver's own buffers, as a transport does, so no rank
+A transfer copies the arrays into the receiver's own buffers, as a transport does, so no rank
 ever reads memory another rank can still write; every transfer is logged.
+
+start/wait follow NCCL's contract strictly enough to catch a caller that breaks it: start
+delivers at once (the data lands in the receive buffers while the caller goes on computing, as
+it may on a GPU), and wait checks that, meanwhile, nobody wrote into the sent arrays or the
+receive buffers.
 """
 from __future__ import annotations
 
 import threading
 from typing import Any, Callable
 
+from .ring import check_received
 from .sharding import array_module
 
 
@@ -50,18 +56,52 @@ class LocalRing:
         return results
 
 
+class _Transfer:
+    """A started exchange: what was sent and received, to check at wait."""
+
+    def __init__(self, send: tuple, sent: tuple, recv: tuple, received: tuple):
+        self.send, self.sent, self.recv, self.received = send, sent, recv, received
+
+
 class _LocalRank:
     def __init__(self, ring: LocalRing, rank: int):
         self._ring, self.rank, self.world_size = ring, rank, ring.world_size
         self._step = 0
 
-    def exchange(self, arrays: tuple) -> tuple:
-        ring, world = self._ring, self.world_size
-        ring._mailbox[self.rank] = tuple(array_module(x).array(x, copy=True) for x in arrays)
-        with ring._lock:
-            ring.log.append((self._step, self.rank, (self.rank + 1) % world))
-        ring._barrier.wait()                          # every rank has sent
-        received = ring._mailbox[(self.rank - 1) % world]
-        ring._barrier.wait()                          # every rank has received: mailboxes reusable
+    def _all(self, item: Any) -> list:
+        """Every rank's item, rank by rank: each posts its own, every rank together."""
+        ring = self._ring
+        ring._mailbox[self.rank] = item
+        ring._barrier.wait()                          # every rank has posted
+        items = list(ring._mailbox)
+        ring._barrier.wait()                          # every rank has read: mailboxes reusable
+        return items
+
+    def start(self, send: tuple, recv: tuple) -> _Transfer:
+        sent = tuple(array_module(x).array(x, copy=True) for x in send)
+        with self._ring._lock:
+            self._ring.log.append((self._step, self.rank, (self.rank + 1) % self.world_size))
+        received = self._all(sent)[(self.rank - 1) % self.world_size]
+        check_received(self.rank, recv, received)
+        for buffer, x in zip(recv, received):
+            if buffer.dtype != x.dtype:
+                raise ValueError(f"LocalRing: rank {self.rank} receives {x.dtype} into a {buffer.dtype} buffer")
+            buffer[...] = x
         self._step += 1
-        return received
+        return _Transfer(send, sent, recv, received)
+
+    def wait(self, transfer: _Transfer) -> None:
+        for what, arrays, expected in (("sent", transfer.send, transfer.sent),
+                                       ("receive buffer", transfer.recv, transfer.received)):
+            for x, y in zip(arrays, expected):
+                if x.tobytes() != y.tobytes():
+                    raise RuntimeError(f"LocalRing: rank {self.rank} changed a {what} array between start and "
+                                         "wait; a transport may still be reading or writing it then")
+
+    def exchange(self, arrays: tuple) -> tuple:
+        recv = tuple(array_module(x).empty(x.shape, x.dtype) for x in arrays)
+        self.wait(self.start(arrays, recv))
+        return recv
+
+    def agree(self, value: int) -> bool:
+        return len(set(self._all(value))) == 1

@@ -4,9 +4,15 @@ A rank holds its slices of q, k and v (sharding.py). At each of the world steps 
 blocks the schedule gives (schedule.py) against the K/V in hand with flash_attention, merges
 them into its running (O, L) with merge_attention (exact: attention over disjoint key sets), and
 sends the K/V to rank + 1 while receiving rank - 1's.
+
+With a communicator that can start a transfer and wait for it later (start/wait), the K/V of
+step t + 1 travel while step t computes: double buffering. The K/V in hand are read by the
+kernels and sent on; the next arrive in the other of two receive buffers, never the one being
+read, and step t + 1 waits for them only once step t's kernels are queued.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Any, Protocol
 
@@ -20,7 +26,18 @@ from .sharding import array_module, chunks_per_rank
 
 
 class Group(Protocol):
-    """What ring_attention needs of a communicator."""
+    """What ring_attention needs of a communicator. It may also offer
+
+        start(send: tuple, recv: tuple) -> handle: begin sending the arrays `send` to rank + 1 and
+            receiving rank - 1's into `recv` (arrays of the same shapes and dtypes, contiguous);
+            until wait(handle) the caller neither writes `send` nor touches `recv`;
+        wait(handle) -> None: after it, `recv` holds rank - 1's arrays (for the work queued next,
+            on a GPU);
+        agree(value: int) -> bool: whether every rank passed the same value (called by all);
+
+    ring_attention then overlaps each exchange with a step's compute (start/wait) and refuses
+    ranks called with different shapes on all of them at once (agree) rather than leaving some
+    waiting for a transfer that never comes. NcclGroup and LocalRing offer all three."""
     rank: int
     world_size: int
 
@@ -48,7 +65,8 @@ def ring_attention(q: Array, k: Array, v: Array, *, causal: bool = False, softma
         the keys at and before its own position.
     softmax_scale: defaults to 1 / sqrt(d), as for the whole problem in one call.
     return_lse: also return this rank's slice of L (float32, (..., n_q)).
-    group: the communicator (Group: rank, world_size, exchange); None runs one rank alone.
+    group: the communicator (Group: rank, world_size, exchange, and start/wait/agree where it has
+        them): NcclGroup over NCCL on GPUs, a LocalRing's rank on the CPU; None runs one rank alone.
     layout: how the sequence was sharded, "contiguous" or "zigzag" (balances causal work).
 
     Returns this rank's slice of O (q's dtype and array kind), and of L when return_lse. The
@@ -62,22 +80,80 @@ def ring_attention(q: Array, k: Array, v: Array, *, causal: bool = False, softma
     acc = np.result_type(q.dtype, np.float32)       # merge in fp32 (fp64 for fp64), round once
     O = xp.zeros(q.shape, acc)
     L = xp.full(q.shape[:-1], -np.inf, np.float32)  # no key yet: merging a part in is exact
+    if world > 1 and hasattr(group, "agree") and not group.agree(_signature(q, k, v, causal, layout)):
+        raise ValueError(f"ring_attention: the ranks were called with different arguments (rank {rank}: q "
+                         f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, {q.dtype}, causal={causal}, "
+                         f"layout={layout!r}); {_SAME_SHAPES}")
     steps = ring_schedule(world, rank, q.shape[-2], k.shape[-2], causal=causal, layout=layout)
+    kv = _KVRing(group, xp, k, v)
     for t, blocks in enumerate(steps):
+        if t + 1 < world:
+            kv.send_on()                               # step t + 1's K/V travel while step t computes
+        k, v = kv.in_hand
         for b in blocks:
             O_b, L_b = flash_attention(q[..., b.q, :], k[..., b.k, :], v[..., b.k, :], causal=b.causal,
                                        softmax_scale=scale, return_lse=True)
             O[..., b.q, :], L[..., b.q] = merge_attention(O[..., b.q, :], L[..., b.q], O_b.astype(acc), L_b)
         if t + 1 < world:
-            k_next, v_next = group.exchange((k, v))
-            if k_next.shape != k.shape or v_next.shape != v.shape:
-                raise ValueError(f"ring_attention: rank {rank} holds k, v of shapes {tuple(k.shape)}, "
-                                 f"{tuple(v.shape)} but received {tuple(k_next.shape)}, {tuple(v_next.shape)} "
-                                 "from its neighbour; every rank must hold slices of one shape (shard "
-                                 "the sequence with flashattn_cupy.distributed.shard)")
-            k, v = k_next, v_next
+            kv.receive()
     O = O.astype(q.dtype, copy=False)
     return (O, L) if return_lse else O
+
+
+_SAME_SHAPES = ("every rank must hold slices of one shape and dtype and pass the same causal and layout "
+                "(shard the sequence with flashattn_cupy.distributed.shard)")
+
+
+def _signature(q, k, v, causal: bool, layout: str) -> int:
+    """What every rank must call ring_attention with alike, as one int for Group.agree."""
+    text = repr([(tuple(x.shape), str(x.dtype)) for x in (q, k, v)] + [causal, layout])
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=7).digest(), "little")
+
+
+def check_received(rank: int, sent: tuple, received: tuple) -> None:
+    """ValueError when rank received arrays of other shapes than its own (a neighbour called with
+    other slices): for communicators that move whatever they are given."""
+    if [tuple(x.shape) for x in received] != [tuple(x.shape) for x in sent]:
+        raise ValueError(f"ring_attention: rank {rank} holds k, v of shapes {[tuple(x.shape) for x in sent]} "
+                         f"but received {[tuple(x.shape) for x in received]} from its neighbour; {_SAME_SHAPES}")
+
+
+class _KVRing:
+    """The K/V in hand and, with a group that has start/wait, the next on its way into the one of
+    two receive buffers that is not being read: the in-hand pair is the caller's k, v at step 0 and
+    buffer (t - 1) % 2 at step t, while buffer t % 2 receives. A buffer is written again two steps
+    after it was read, and the group orders that after the reading kernels (its start is called
+    once they are queued). Groups with exchange alone pass the K/V on after the step instead."""
+
+    def __init__(self, group, xp, k, v):
+        self.group, self.xp = group, xp
+        self.in_hand = (k, v)
+        self.overlap = hasattr(group, "start") and hasattr(group, "wait")
+        self._buffers: list = [None, None]
+        self._step = 0
+        self._pending: Any = None
+
+    def send_on(self) -> None:
+        """Start passing the K/V in hand to rank + 1 and receiving rank - 1's (start/wait groups)."""
+        if not self.overlap:
+            return
+        i = self._step % 2
+        if self._buffers[i] is None:                  # one buffer for 2 ranks, two from 3 on
+            self._buffers[i] = tuple(self.xp.empty(x.shape, x.dtype) for x in self.in_hand)
+        recv = self._buffers[i]
+        self._pending = (self.group.start(self.in_hand, recv), recv)
+
+    def receive(self) -> None:
+        """The next K/V in hand: once the transfer started by send_on is done, or by exchange."""
+        if self.overlap:
+            handle, recv = self._pending
+            self.group.wait(handle)
+            self._pending = None
+        else:
+            recv = tuple(self.group.exchange(self.in_hand))
+            check_received(self.group.rank, self.in_hand, recv)
+        self.in_hand = recv
+        self._step += 1
 
 
 def _check_slices(q, k, v, *, causal: bool, layout: str) -> None:
