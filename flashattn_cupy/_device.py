@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
+import sys
 
 INSTALL_HINT = ("install CuPy for your CUDA version with the package's extra: "
                 "pip install 'flashattn_cupy[cuda12]' (CUDA 12) or "
@@ -19,6 +21,9 @@ def is_cupy_array(x) -> bool:
 
 @functools.cache
 def _probe():
+    if "cupy" not in sys.modules and importlib.util.find_spec("cupy") is not None:
+        from .kernel_cache import ensure_cache_dir
+        ensure_cache_dir()        # CuPy's import fails where it cannot create this directory
     try:
         import cupy
     except Exception as exc:  # ImportError, or a broken CUDA install raising at import

@@ -12,8 +12,12 @@ never touched, except by clear(everything=True).
 """
 from __future__ import annotations
 
+import atexit
 import os
 import re
+import shutil
+import tempfile
+import warnings
 from pathlib import Path
 
 from .kernels import SOURCES
@@ -23,9 +27,35 @@ _MANGLED = re.compile(rb"_Z(\d+)(" + b"|".join(re.escape(f.encode()) for f in SO
 _BUILTIN = {"f": "float", "d": "double", "i": "int", "j": "unsigned int", "b": "bool"}
 
 
+class KernelCacheWarning(RuntimeWarning):
+    """CuPy's kernel cache directory could not be used; kernels were compiled without it."""
+
+
 def cache_dir() -> Path:
     """Where CuPy keeps compiled kernels (its CUPY_CACHE_DIR, by default ~/.cupy/kernel_cache)."""
     return Path(os.environ.get("CUPY_CACHE_DIR", Path.home() / ".cupy" / "kernel_cache"))
+
+
+def ensure_cache_dir() -> Path:
+    """CuPy's kernel cache directory, created if missing, for use before CuPy is imported.
+
+    CuPy 14.2 creates the directory when it is imported, and `import cupy` fails if it cannot
+    (a file in the way, a read-only home). Then a temporary directory takes its place for this
+    process (as CUPY_CACHE_DIR, inherited by its children; removed at exit), with a
+    KernelCacheWarning that says how to keep compiled kernels across runs."""
+    path = cache_dir()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    except OSError as e:
+        temporary = Path(tempfile.mkdtemp(prefix="flashattn_cupy_kernel_cache_"))
+        atexit.register(shutil.rmtree, temporary, ignore_errors=True)
+        os.environ["CUPY_CACHE_DIR"] = str(temporary)
+        warnings.warn(f"CuPy's kernel cache directory {path} cannot be created ({type(e).__name__}: {e}); "
+                      f"this process caches compiled kernels in {temporary} instead, removed at exit, so the next "
+                      "run compiles them again. Point CUPY_CACHE_DIR to a writable directory to keep them.",
+                      KernelCacheWarning, stacklevel=2)
+        return temporary
 
 
 def _template_args(mangled: str) -> list[str] | None:

@@ -9,7 +9,9 @@ Each plan's kernel is one template instance, compiled through `cupy.RawModule` w
 from __future__ import annotations
 
 import functools
+import os
 import re
+import warnings
 from importlib import resources
 
 NVRTC_OPTIONS = ("-std=c++17",)   # no fast math: exact -inf masking and full-precision exp2f
@@ -56,10 +58,47 @@ def get(plan, device_id: int):
         from ._device import cupy
         cp = cupy()
         with cp.cuda.Device(device_id):
-            module = cp.RawModule(code=source(SOURCES[family(plan.kernel)]),
-                                  options=NVRTC_OPTIONS, name_expressions=(plan.kernel,))
-            kernel = module.get_function(plan.kernel)
+            kernel = _compile(cp, plan)
             if plan.smem_bytes > 48 * 1024:   # the default cap; more needs the opt-in
                 kernel.max_dynamic_shared_size_bytes = plan.smem_bytes
         _kernels[key] = kernel   # the name fixes Br, Bc, D, hence smem_bytes
+    return kernel
+
+
+def _compile(cp, plan):
+    """plan's kernel, through CuPy's kernel cache. CuPy checks each cache file against the SHA-1
+    stored in it and compiles again over a truncated or garbled one; it raises on a directory it
+    cannot write (read-only; before 14.2 also one it cannot create), a file it cannot read, and
+    a file whose hash holds but whose cubin the driver refuses. Then this process compiles in
+    memory from now on (CUPY_CACHE_IN_MEMORY=1, read by CuPy at each compile, its own kernels'
+    too), with a KernelCacheWarning; an error that compiling in memory meets as well is raised."""
+    def compile_once():
+        module = cp.RawModule(code=source(SOURCES[family(plan.kernel)]), options=NVRTC_OPTIONS,
+                              name_expressions=(plan.kernel,))
+        return module.get_function(plan.kernel)
+
+    try:
+        return compile_once()
+    except (OSError, cp.cuda.driver.CUDADriverError) as e:
+        if os.environ.get("CUPY_CACHE_IN_MEMORY") == "1":
+            raise
+        failure = e
+    previous = os.environ.get("CUPY_CACHE_IN_MEMORY")
+    os.environ["CUPY_CACHE_IN_MEMORY"] = "1"
+    try:
+        kernel = compile_once()
+    except BaseException:                            # the cache was not the trouble
+        if previous is None:
+            del os.environ["CUPY_CACHE_IN_MEMORY"]
+        else:
+            os.environ["CUPY_CACHE_IN_MEMORY"] = previous
+        raise
+    from .kernel_cache import KernelCacheWarning, cache_dir
+    path = cache_dir()
+    warnings.warn(f"CuPy's kernel cache {path} could not be used for {plan.kernel} ({type(failure).__name__}: "
+                  f"{failure}); compiled it in memory instead, as this process now does for every kernel "
+                  "(CUPY_CACHE_IN_MEMORY=1), so each new process compiles again. To keep compiled kernels, make "
+                  f"{path} writable or point CUPY_CACHE_DIR to a writable directory; remove a damaged file with "
+                  "`python -m flashattn_cupy clear-cache` (--all if the file no longer holds a kernel name).",
+                  KernelCacheWarning, stacklevel=2)
     return kernel

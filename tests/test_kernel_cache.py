@@ -5,15 +5,25 @@ test_compile), stored in the two layouts CuPy 14 writes (cupy/cuda/_compiler_cac
 compiler.py: a SHA-1 of the payload in hex, then the cubin; from CuPy 14.2, for modules built
 with name_expressions, a header with the mangled names before the cubin), beside another
 library's kernels and files that are not cubins at all.
+
+And the recovery from a cache that cannot be used, on the CPU: a directory that cannot be
+created (before CuPy's import), and, with a stand-in for CuPy, every failure kernels.get falls
+back from (compiling in memory, with a KernelCacheWarning). test_kernel_cache_damage does it to
+real cache files on the GPU.
 """
+import contextlib
 import hashlib
+import os
+import shutil
 import struct
 import subprocess
 import sys
+import types
+import warnings
 
 import pytest
 
-from flashattn_cupy import info, kernel_cache, kernels, planner
+from flashattn_cupy import _device, info, kernel_cache, kernels, planner
 
 KB = 1024
 MMA = planner.plan(100, 100, 64, dtype="float16", causal=True, smem_limit=163 * KB, arch=80).kernel
@@ -128,3 +138,104 @@ def test_cupy_caches_what_the_planner_named(tmp_path):
     assert ran.returncode == 0, ran.stderr
     kernel = ran.stdout.strip()
     assert [v for v in kernel_cache.scan(tmp_path).values() if v] == [[kernel]]
+
+
+def test_a_cache_dir_that_cannot_be_created_gives_way_to_a_temporary_one(tmp_path, monkeypatch):
+    """CuPy 14.2's import creates CUPY_CACHE_DIR and fails if it cannot (here a file is in the
+    way, which stops root too); flashattn_cupy checks first, before it imports CuPy."""
+    monkeypatch.setenv("CUPY_CACHE_DIR", str(tmp_path / "cache"))
+    assert kernel_cache.ensure_cache_dir() == tmp_path / "cache" and (tmp_path / "cache").is_dir()
+    (tmp_path / "file").write_text("")
+    blocked = tmp_path / "file" / "cache"
+    monkeypatch.setenv("CUPY_CACHE_DIR", str(blocked))
+    with pytest.warns(kernel_cache.KernelCacheWarning) as caught:
+        temporary = kernel_cache.ensure_cache_dir()
+    try:
+        assert temporary.is_dir() and os.environ["CUPY_CACHE_DIR"] == str(temporary) != str(blocked)
+        message = str(caught[0].message)
+        assert f"CuPy's kernel cache directory {blocked} cannot be created (NotADirectoryError" in message
+        assert f"caches compiled kernels in {temporary} instead" in message and "Point CUPY_CACHE_DIR" in message
+    finally:
+        shutil.rmtree(temporary)
+
+
+class _FakeCupy:
+    """What kernels.get touches of CuPy, with a cache that fails until compiling in memory:
+    RawModule.get_function raises `failure` unless CUPY_CACHE_IN_MEMORY=1 (or always)."""
+
+    class cuda:
+        class Device(contextlib.nullcontext):
+            pass
+
+        class driver:
+            class CUDADriverError(RuntimeError):
+                pass
+
+    def __init__(self, failure, always=False):
+        self.failure, self.always, self.compiles = failure, always, []
+
+    def RawModule(self, code, options, name_expressions):
+        fake = self
+
+        class Module:
+            def get_function(self, name):
+                in_memory = os.environ.get("CUPY_CACHE_IN_MEMORY") == "1"
+                fake.compiles.append((name, in_memory))
+                if fake.always or not in_memory:
+                    raise fake.failure
+                return types.SimpleNamespace(name=name)
+        return Module()
+
+
+@pytest.fixture
+def fake_cupy(monkeypatch, tmp_path):
+    monkeypatch.setattr(kernels, "_kernels", {})
+    monkeypatch.delenv("CUPY_CACHE_IN_MEMORY", raising=False)
+    monkeypatch.setenv("CUPY_CACHE_DIR", str(tmp_path))
+
+    def install(failure, always=False):
+        fake = _FakeCupy(failure, always)
+        monkeypatch.setattr(_device, "cupy", lambda: fake)
+        return fake
+    return install
+
+
+SMALL = planner.plan(100, 100, 64, dtype="float16", smem_limit=48 * KB, arch=80)
+OTHER = planner.plan(100, 100, 32, dtype="float16", smem_limit=48 * KB, arch=80)
+
+
+@pytest.mark.parametrize("failure", [
+    PermissionError(13, "Permission denied", "cache/tmpx1y2"),        # a read-only directory
+    IsADirectoryError(21, "Is a directory", "cache/abc.cubin"),      # a file it cannot read
+    _FakeCupy.cuda.driver.CUDADriverError("CUDA_ERROR_INVALID_IMAGE: device kernel image is invalid"),
+], ids=["read-only", "unreadable", "refused-by-the-driver"])
+def test_a_cache_failure_compiles_in_memory_with_a_warning(fake_cupy, tmp_path, failure):
+    fake = fake_cupy(failure)
+    with pytest.warns(kernel_cache.KernelCacheWarning) as caught:
+        kernel = kernels.get(SMALL, 0)
+    assert kernel.name == SMALL.kernel and fake.compiles == [(SMALL.kernel, False), (SMALL.kernel, True)]
+    message = str(caught[0].message)
+    assert f"CuPy's kernel cache {tmp_path} could not be used for {SMALL.kernel} ({type(failure).__name__}" in message
+    assert f"make {tmp_path} writable or point CUPY_CACHE_DIR" in message and "clear-cache" in message
+    assert os.environ["CUPY_CACHE_IN_MEMORY"] == "1"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")               # the rest of the process: in memory, no warning
+        assert kernels.get(OTHER, 0).name == OTHER.kernel
+    assert fake.compiles[2:] == [(OTHER.kernel, True)]
+
+
+def test_an_error_compiling_in_memory_meets_too_is_raised(fake_cupy):
+    fake = fake_cupy(_FakeCupy.cuda.driver.CUDADriverError("CUDA_ERROR_OUT_OF_MEMORY"), always=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(_FakeCupy.cuda.driver.CUDADriverError, match="OUT_OF_MEMORY"):
+            kernels.get(SMALL, 0)
+    assert len(fake.compiles) == 2 and "CUPY_CACHE_IN_MEMORY" not in os.environ   # restored
+    assert kernels._kernels == {}
+
+
+def test_other_errors_are_not_taken_for_the_cache(fake_cupy):
+    fake = fake_cupy(ValueError("an NVRTC compile error, say"))
+    with pytest.raises(ValueError, match="NVRTC"):
+        kernels.get(SMALL, 0)
+    assert fake.compiles == [(SMALL.kernel, False)]
