@@ -13,6 +13,13 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
+        return
+    count = _device.cupy().cuda.runtime.getDeviceCount()
+    if count < 2:
+        skip = pytest.mark.skip(reason=f"needs 2 or more GPUs (multigpu), this machine has {count}")
+        for item in items:
+            if "multigpu" in item.keywords:
+                item.add_marker(skip)
 
 
 @pytest.fixture

@@ -125,10 +125,13 @@ def _merge_bounds(part_a, part_b, D, Lmax, vmax, *, compute, out):
     return tol_O, tol_L
 
 
-def ring_bounds(q, k, v, parts, *, softmax_scale=None, compute="float32", out="float32"):
+def ring_bounds(q, k, v, parts, *, softmax_scale=None, compute="float32", out="float32", kernel=None):
     """(tol_O, tol_L) for attention computed as up to `parts` parts over disjoint key sets, each
     by the kernel, merged one at a time into a running (O, L) (ring attention: a row meets at
-    most one part per key chunk), against the exact attention over all keys.
+    most one part per key chunk), against the exact attention over all keys. The merges compute
+    in `compute`; kernel: the bounds() keywords of the kernel that computes the parts, out among
+    them the dtype it returns them in (on the GPU, kernel_rounding(plan) and out=q's dtype); by
+    default it computes in `compute` and returns that.
 
     Each part's keys are a subset of k, so its bounds() (A, Nk and max|v| only grow with the key
     set) are at most the whole problem's. Every L met on the way is a logsumexp over a nonempty
@@ -136,8 +139,8 @@ def ring_bounds(q, k, v, parts, *, softmax_scale=None, compute="float32", out="f
     |L_a - L_b| <= 2 A + log Nk =: D, data-derived and order-free. The first part merged into
     the empty (O = 0, L = -inf) start is taken exactly; each later one is merge_bounds' step.
     """
-    # the parts and the running O stay in the compute type (out=compute) until the last rounding
-    part = bounds(q, k, v, softmax_scale=softmax_scale, compute=compute, out=compute)
+    # the running O stays in the compute type until the last rounding; each part as the kernel returns it
+    part = bounds(q, k, v, softmax_scale=softmax_scale, **{"compute": compute, "out": compute, **(kernel or {})})
     Lmax = score_bound(q, k, v, softmax_scale) + np.log(k.shape[-2])
     vmax = float(np.abs(v).max())
     tol = part

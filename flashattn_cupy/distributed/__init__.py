@@ -8,9 +8,10 @@ simulates the ranks in one process, for tests and for reading the schedule.
 """
 from .launch import launch, world_from_env
 from .local import LocalRing
+from .nccl import NcclGroup, init_from_env, init_process_group
 from .ring import Group, ring_attention
 from .schedule import Block, ring_schedule
 from .sharding import shard, unshard
 
-__all__ = ["ring_attention", "shard", "unshard", "LocalRing", "Group", "Block", "ring_schedule",
-           "launch", "world_from_env"]
+__all__ = ["ring_attention", "shard", "unshard", "init_from_env", "init_process_group", "NcclGroup", "LocalRing",
+           "Group", "Block", "ring_schedule", "launch", "world_from_env"]
