@@ -80,7 +80,8 @@ def test_each_process_gets_its_place_in_the_world(script):
     ports = {r["MASTER_PORT"] for r in reports.values()}
     assert len(ports) == 1 and 0 < int(ports.pop()) < 65536
     for rank, r in reports.items():
-        assert (r["RANK"], r["WORLD_SIZE"], r["LOCAL_RANK"], r["MASTER_ADDR"]) == (str(rank), "3", str(rank), "127.0.0.1")
+        assert (r["RANK"], r["WORLD_SIZE"], r["LOCAL_RANK"]) == (str(rank), "3", str(rank))
+        assert r["MASTER_ADDR"] == "127.0.0.1"
         assert r["argv"] == ["--nproc", "5", "x y"]   # the script's arguments, untouched
     assert len({r["pid"] for r in reports.values()}) == 3
 
@@ -138,8 +139,8 @@ def test_success_leaves_nothing_running(script):
 
 def test_stopping_the_launcher_stops_the_ranks(script):
     out = script.parent / "out"
-    launcher = subprocess.Popen([*LAUNCH, "--nproc", "2", str(script), str(out)], env=dict(os.environ, ACTS="0=sleep,1=sleep"),
-                                stderr=subprocess.PIPE, text=True)
+    launcher = subprocess.Popen([*LAUNCH, "--nproc", "2", str(script), str(out)], stderr=subprocess.PIPE, text=True,
+                                env=dict(os.environ, ACTS="0=sleep,1=sleep"))
     for _ in range(600):
         if len(list(out.glob("rank*.json"))) == 2:
             break

@@ -6,8 +6,11 @@ against flash_attention on one GPU over the full sequence.
 On one GPU: world size 1 (bit for bit flash_attention), the transfers themselves (every dtype,
 strided inputs, agree), and the double buffering (a ring of W steps whose transfers go through
 NCCL back to the same rank: no kernel reads the buffer being received into). On several GPUs
-(marked multigpu): 2, 4 and 8 ranks, causal and not, contiguous and zigzag.
+(marked multigpu): 2, 4 and 8 ranks, causal and not, contiguous and zigzag. And the example and
+the scaling benchmark run.
 """
+import csv
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -129,3 +132,32 @@ def test_ranks_on_several_gpus_equal_one_gpu(nccl, tmp_path, world):
     _run(tmp_path, world, "cases", *CASES)
     _check_cases(tmp_path, world)
     _check_exchange(_run(tmp_path, world, "exchange"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("world", [1, pytest.param(2, marks=pytest.mark.multigpu)])
+def test_the_example(nccl, world):
+    root = Path(__file__).resolve().parent.parent
+    ran = subprocess.run([sys.executable, "-m", "flashattn_cupy.distributed", "--nproc", str(world),
+                          str(root / "examples" / "ring_attention.py"), "--n", "1000", "--causal",
+                          "--layout", "zigzag"],
+                         capture_output=True, text=True, timeout=600)
+    assert ran.returncode == 0, ran.stderr
+    found = re.search(r"max \|O_ring - O_one_gpu\| = (\S+), max \|L_ring - L_one_gpu\| = (\S+)", ran.stdout)
+    # float16 outputs, |O| <= max|v| < 8 here: each side's rounding is at most 2^-11 * 8 = 4e-3 and
+    # the kernels' own 1e-3; L is float32 (1e-5). A wrong chunk, mask or merge moves O by O(0.1).
+    assert float(found.group(1)) < 1e-2 and float(found.group(2)) < 1e-3, ran.stdout
+
+
+@pytest.mark.gpu
+def test_the_scaling_benchmark_runs(nccl, tmp_path):
+    """On one GPU, tiny: both rows come out, with times and TFLOP/s (their size is for the
+    benchmark, not a test, to judge)."""
+    ran = subprocess.run([sys.executable, "-m", "flashattn_cupy.distributed.bench", "--gpus", "1", "--tokens-per-gpu",
+                          "2048", "--tokens", "4096", "--heads", "2", "--d", "64", "--repeats", "2",
+                          "--csv", str(tmp_path / "scaling.csv")], capture_output=True, text=True, timeout=600)
+    assert ran.returncode == 0, ran.stderr
+    rows = list(csv.reader(open(tmp_path / "scaling.csv")))
+    assert rows[0][:4] == ["scaling", "GPUs", "tokens", "tokens per GPU"]
+    assert [r[:4] for r in rows[1:]] == [["weak", "1", "2048", "2048"], ["strong", "1", "4096", "4096"]]
+    assert all(float(x) > 0 for r in rows[1:] for x in r[4:8])
