@@ -73,7 +73,8 @@ def _alive(pid):
 
 
 def test_each_process_gets_its_place_in_the_world(script):
-    ran = _launch(script, "--nproc", "3", extra=["--nproc", "5", "x y"])
+    # the script's own options, even those that abbreviate the launcher's (--n, --node), are its own
+    ran = _launch(script, "--nproc", "3", extra=["--nproc", "5", "--n", "4096", "--node", "x y"])
     assert ran.returncode == 0, ran.stderr
     reports = _reports(script)
     assert sorted(reports) == [0, 1, 2]
@@ -82,7 +83,7 @@ def test_each_process_gets_its_place_in_the_world(script):
     for rank, r in reports.items():
         assert (r["RANK"], r["WORLD_SIZE"], r["LOCAL_RANK"]) == (str(rank), "3", str(rank))
         assert r["MASTER_ADDR"] == "127.0.0.1"
-        assert r["argv"] == ["--nproc", "5", "x y"]   # the script's arguments, untouched
+        assert r["argv"] == ["--nproc", "5", "--n", "4096", "--node", "x y"]   # untouched
     assert len({r["pid"] for r in reports.values()}) == 3
 
 

@@ -131,6 +131,7 @@ def _stop(procs, grace: float) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,   # the script's own options (e.g. --n) must not read as abbreviations of ours
         prog="python -m flashattn_cupy.distributed",
         description="Start one process per GPU of this host for ring attention over NCCL: each gets RANK, "
                     "WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT, and the script's "
