@@ -1,6 +1,6 @@
 """The README's speed plot: TFLOP/s of ours and of PyTorch's SDPA backends, from the benchmark's CSV.
 
-    python examples/plot_benchmarks.py            # examples/bench_gpu_h100.csv -> examples/bench_gpu_h100.png
+    python examples/plot_benchmarks.py            # examples/bench_gpu.csv -> examples/bench_gpu.png
 
 The CSV is `python -m flashattn_cupy bench --device gpu --csv PATH` (the GPU table of
 BENCHMARKS.md); rerun this script whenever that file is refreshed. One panel per dtype row of
@@ -24,7 +24,7 @@ PANELS = {"float16": "float16", "bfloat16": "bfloat16", "float32": "float32 (3xT
 BARS = ("ours", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn")
 
 
-def plot(rows: list[dict[str, str]], shape: str, out: Path) -> None:
+def plot(rows: list[dict[str, str]], shape: str, out: Path, gpu: str = "H200") -> None:
     rows = [r for r in rows if r["B×H×N"] == shape and r["dtype"] in PANELS]
     if not rows:
         raise SystemExit(f"no rows of {sorted(PANELS)} at B×H×N = {shape} in the CSV")
@@ -46,7 +46,7 @@ def plot(rows: list[dict[str, str]], shape: str, out: Path) -> None:
         ax.tick_params(axis="y", labelsize=7)
         ax.margins(y=0.12)   # room for the labels
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.suptitle(f"H100, B×H×N = {shape}: TFLOP/s of ours (its label: ours ÷ the fastest SDPA backend) "
+    fig.suptitle(f"{gpu}, B×H×N = {shape}: TFLOP/s of ours (its label: ours ÷ the fastest SDPA backend) "
                  "and of PyTorch's SDPA backends, measured in one run", y=0.99, fontsize=9)
     fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.93), ncol=len(BARS), fontsize=8,
                frameon=False)
@@ -56,12 +56,13 @@ def plot(rows: list[dict[str, str]], shape: str, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--csv", type=Path, default=HERE / "bench_gpu_h100.csv", help="the benchmark's CSV")
-    parser.add_argument("--out", type=Path, default=HERE / "bench_gpu_h100.png", help="the PNG to write")
+    parser.add_argument("--csv", type=Path, default=HERE / "bench_gpu.csv", help="the benchmark's CSV")
+    parser.add_argument("--out", type=Path, default=HERE / "bench_gpu.png", help="the PNG to write")
     parser.add_argument("--shape", default="4×16×4096", help="the B×H×N column to plot (default 4×16×4096)")
+    parser.add_argument("--gpu", default="H200", help="the GPU the CSV was measured on, for the title")
     args = parser.parse_args(argv)
     with args.csv.open(encoding="utf-8", newline="") as f:
-        plot(list(csv.DictReader(f)), args.shape, args.out)
+        plot(list(csv.DictReader(f)), args.shape, args.out, args.gpu)
     print(f"wrote {args.out}")
     return 0
 

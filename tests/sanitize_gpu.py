@@ -4,6 +4,7 @@ racecheck, initcheck and synccheck, with a summary per tool.
 
     python tests/sanitize_gpu.py                        # a plain run, then the four tools
     python tests/sanitize_gpu.py --tools memcheck,racecheck --log-dir logs
+    python tests/sanitize_gpu.py --jobs 8 --parallel --timeout 900   # compile first, tools at once
     python tests/sanitize_gpu.py --list --arch 90 --smem-limit 232448   # the calls only, no GPU
 
 compute-sanitizer is taken from --sanitizer, PATH, $CUDA_HOME/bin, /usr/local/cuda/bin or the pip
@@ -147,32 +148,61 @@ def summarize(output: str) -> tuple[int, int] | None:
     return sum(errors) + sum(int(e) for e, _ in races), sum(int(w) for _, w in races)
 
 
-def run_tools(sanitizer: str, tools, log_dir: Path, timeout: int) -> int:
-    log_dir.mkdir(parents=True, exist_ok=True)
+def warm(jobs: int) -> None:
+    """Compile every variant the planner emits here into CuPy's disk cache, on `jobs` processes,
+    so the plain run and the tools load cubins instead of each compiling ~100 kernels in turn."""
+    from concurrent.futures import ProcessPoolExecutor
+    from flashattn_cupy import _device, planner
+    names = sorted(planner.cuda_variants(_device.smem_limit(), _device.compute_capability()))
+    start = time.perf_counter()
+    with ProcessPoolExecutor(jobs) as pool:
+        list(pool.map(_compile_slice, [names[i::jobs] for i in range(jobs)]))
+    print(f"warm: {len(names)} variants compiled on {jobs} processes in {time.perf_counter() - start:.1f} s",
+          flush=True)
+
+
+def _compile_slice(names) -> None:
+    from types import SimpleNamespace
+    from flashattn_cupy import _device, kernels
+    for name in names:   # smem_bytes 0: compile and load only; the worker's launches set the limit
+        kernels.get(SimpleNamespace(kernel=name, smem_bytes=0), _device.current_device())
+
+
+def _run_tool(sanitizer: str, tool: str, log_dir: Path, timeout: int) -> tuple[str, int]:
+    """(the summary row, 0 if clean) of one tool (or "plain") over the worker; its log to log_dir."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     worker_cmd = [sys.executable, str(Path(__file__).resolve()), "--worker"]
-    rows, status = [], 0
-    for tool in ("plain",) + tuple(tools):
-        cmd = worker_cmd if tool == "plain" else \
-            [sanitizer, "--tool", tool, "--print-limit", "20", *TOOL_OPTIONS.get(tool, []), *worker_cmd]
-        start = time.perf_counter()
-        try:
-            done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
-            output, code = done.stdout + done.stderr, done.returncode
-        except subprocess.TimeoutExpired as exc:
-            output, code = f"{exc.stdout or ''}{exc.stderr or ''}\ntimed out after {timeout} s", -1
-        seconds = time.perf_counter() - start
-        (log_dir / f"{tool}.log").write_text(output)
-        worker_line = next((line for line in output.splitlines() if line.startswith("worker:")), "worker: no report")
-        counts = (0, 0) if tool == "plain" else summarize(output)
-        clean = code == 0 and counts == (0, 0)
-        status |= not clean
-        found = "no summary" if counts is None else f"{counts[0]} errors, {counts[1]} warnings"
-        rows.append(f"{tool:10} {'clean' if clean else 'FAILED':7} {found:24} {seconds:7.1f} s   {worker_line}")
-        print(rows[-1], flush=True)
+    cmd = worker_cmd if tool == "plain" else \
+        [sanitizer, "--tool", tool, "--print-limit", "20", *TOOL_OPTIONS.get(tool, []), *worker_cmd]
+    start = time.perf_counter()
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+        output, code = done.stdout + done.stderr, done.returncode
+    except subprocess.TimeoutExpired as exc:
+        text = lambda b: b.decode(errors="replace") if isinstance(b, bytes) else (b or "")  # noqa: E731
+        output, code = f"{text(exc.stdout)}{text(exc.stderr)}\ntimed out after {timeout} s", -1
+    seconds = time.perf_counter() - start
+    (log_dir / f"{tool}.log").write_text(output)
+    worker_line = next((line for line in output.splitlines() if line.startswith("worker:")), "worker: no report")
+    counts = (0, 0) if tool == "plain" else summarize(output)
+    clean = code == 0 and counts == (0, 0)
+    found = "no summary" if counts is None else f"{counts[0]} errors, {counts[1]} warnings"
+    row = f"{tool:10} {'clean' if clean else 'FAILED':7} {found:24} {seconds:7.1f} s   {worker_line}"
+    print(row, flush=True)
+    return row, int(not clean)
+
+
+def run_tools(sanitizer: str, tools, log_dir: Path, timeout: int, parallel: bool = False) -> int:
+    """The plain run, then each tool; with parallel, the tools at once (each its own process and
+    CUDA context: the kernels are tiny, the sanitizers' time is host time)."""
+    from concurrent.futures import ThreadPoolExecutor
+    log_dir.mkdir(parents=True, exist_ok=True)
+    results = [_run_tool(sanitizer, "plain", log_dir, timeout)]
+    with ThreadPoolExecutor(len(tools) if parallel and tools else 1) as pool:
+        results += list(pool.map(lambda tool: _run_tool(sanitizer, tool, log_dir, timeout), tools))
     print(f"\nsummary (logs in {log_dir}):")
-    print("\n".join(rows))
-    return status
+    print("\n".join(row for row, _ in results))
+    return int(any(failed for _, failed in results))
 
 
 def main(argv=None) -> int:
@@ -184,6 +214,9 @@ def main(argv=None) -> int:
     parser.add_argument("--list", action="store_true", help="print the calls and the variants they reach; no GPU run")
     parser.add_argument("--arch", type=int, help="with --list: compute capability, e.g. 90 (default: this GPU's)")
     parser.add_argument("--smem-limit", type=int, help="with --list: opt-in shared memory per block in bytes")
+    parser.add_argument("--parallel", action="store_true", help="run the tools at once, not one after another")
+    parser.add_argument("--jobs", type=int, default=0,
+                        help="first compile every variant into the kernel cache on this many processes")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -207,7 +240,9 @@ def main(argv=None) -> int:
               "cuda_sanitizer_api/bin): pip install nvidia-cuda-sanitizer-api-cu12, or pass --sanitizer PATH",
               file=sys.stderr)
         return 2
-    return run_tools(sanitizer, tools, Path(args.log_dir), args.timeout)
+    if args.jobs > 0:
+        warm(args.jobs)
+    return run_tools(sanitizer, tools, Path(args.log_dir), args.timeout, args.parallel)
 
 
 if __name__ == "__main__":

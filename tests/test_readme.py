@@ -56,7 +56,7 @@ def test_readme_opens_with_a_short_example_and_the_speed_plot():
     opening = README.split("## Set up", 1)[0]
     assert opening.count("```python") == 1 and len(BLOCKS[0].splitlines()) <= 12
     images = re.findall(r"!\[[^]]*\]\(([^)]+)\)", opening)
-    assert images == ["examples/bench_gpu_h100.png"]
+    assert images == ["examples/bench_gpu.png"]
     assert (ROOT / images[0]).read_bytes().startswith(b"\x89PNG")
 
 
