@@ -9,7 +9,6 @@ rival, imported here only, never by the library.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import resource
 import subprocess
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from . import flash_attention, plan_for
+from .bench_output import sampled_error
 
 _ONE_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
@@ -101,8 +101,10 @@ def bench_cpu(quick: bool, memory: bool) -> list[str]:
              "| C / NumPy | C / torch | 2 threads / 1 | control |",
              "|" + " --- |" * 11]
     a, b = (rng.standard_normal((2, 1024, 1024), dtype=np.float32) for _ in range(2))
+    Ns = (1024,) if quick else (1024, 4096)
+    done, total = 0, 2 * len(Ns) * 2
     for d in (64, 128):
-        for N in ((1024,) if quick else (1024, 4096)):
+        for N in Ns:
             for causal in (False, True):
                 q, k, v = (rng.standard_normal((heads, N, d), dtype=np.float32) for _ in range(3))
                 fns = {"c": lambda: flash_attention(q, k, v, causal=causal),
@@ -125,7 +127,8 @@ def bench_cpu(quick: bool, memory: bool) -> list[str]:
                          f"{rate['c'] / rate['torch']:.2f}" if torch else "-",
                          f"{rate['c2'] / rate['c']:.2f}", f"{2 * t['matmul'] / t['matmul2']:.2f}"]
                 lines.append(f"| {d} | {N} | {causal} | " + " | ".join(cells) + " |")
-                print(lines[-1], file=sys.stderr, flush=True)
+                done += 1
+                print(f"[{done}/{total}] {lines[-1]}", file=sys.stderr, flush=True)
     if memory:   # the NumPy row shows that the measurement sees an N x N matrix when there is one
         ours = _peak_memory(65536, 64, "flash_attention(q, k, v, causal=True, return_lse=True)")
         control = _peak_memory(8192, 64, "naive_numpy(q, k, v, True)")
@@ -135,19 +138,27 @@ def bench_cpu(quick: bool, memory: bool) -> list[str]:
     return lines
 
 
-def _gpu_time(fn, repeats: int) -> float:
+def _gpu_time(fn, repeats: int, busy_ms: float = 2.0) -> float:
+    """Seconds a call of fn keeps the GPU busy: the median over `repeats` samples, each CUDA
+    events around enough back-to-back calls to last about busy_ms. Calls are queued
+    asynchronously, as in a model's forward, so a Python call's host time (ours ~0.1 ms,
+    PyTorch's less) overlaps the kernel before it instead of counting as GPU idle time; the
+    host time itself is the small-call figure of --extras."""
     import cupy as cp
-    fn()
-    cp.cuda.Device().synchronize()
-    times = []
-    for _ in range(repeats):
+
+    def sample(calls: int) -> float:
         start, end = cp.cuda.Event(), cp.cuda.Event()
         start.record()
-        fn()
+        for _ in range(calls):
+            fn()
         end.record()
         end.synchronize()
-        times.append(cp.cuda.get_elapsed_time(start, end))
-    return float(np.median(times)) * 1e-3
+        return cp.cuda.get_elapsed_time(start, end) / calls
+
+    fn()
+    cp.cuda.Device().synchronize()
+    calls = max(1, min(100, int(busy_ms / max(sample(1), 1e-3))))
+    return float(np.median([sample(calls) for _ in range(repeats)])) * 1e-3
 
 
 def _naive_cupy(q, k, v, causal):
@@ -198,12 +209,13 @@ def bench_gpu(quick: bool, dtypes=GPU_ROWS) -> list[str]:
     names = ["ours", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "naive-cupy"]
     name = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["name"]
     lines = [f"{name.decode() if isinstance(name, bytes) else name}: TFLOP/s (4·N²·d·B·H / t, halved for "
-             "causal; median of CUDA-event timings). Target rival: sdpa-efficient for float32, "
+             "causal; median of 10 CUDA-event samples of ~2 ms of back-to-back calls). Target rival: sdpa-efficient for float32, "
              "sdpa-flash for float16/bfloat16.", "",
              "| dtype | d | B×H×N | causal | " + " | ".join(names)
-             + " | ours / target | ours / best SDPA | kernel |",
-             "|" + " --- |" * (len(names) + 7)]
+             + " | ours / target | ours / best SDPA | ours max err | kernel |",
+             "|" + " --- |" * (len(names) + 8)]
     rng = np.random.default_rng(0)
+    done, total = 0, len(dtypes) * 2 * len(shapes) * 2
     for row in dtypes:
         options = FP32_ROWS.get(row, {})
         dtype = "float32" if options else row
@@ -225,9 +237,11 @@ def bench_gpu(quick: bool, dtypes=GPU_ROWS) -> list[str]:
                     ratios = [f"{rate['ours'] / r:.3f}" if r else "" for r in (target, best_sdpa)]
                     plan = plan_for(q, k, v, causal=causal, **options)
                     assert plan is not None
+                    err = sampled_error(*(cp.asnumpy(x) for x in (fns["ours"](), q, k, v)), causal)
                     lines.append(f"| {row} | {d} | {B}×{H}×{N} | {causal} | " + " | ".join(cells + ratios)
-                                 + f" | `{plan.kernel}` |")
-                    print(lines[-1], file=sys.stderr, flush=True)
+                                 + f" | {err:.1e} | `{plan.kernel}` |")
+                    done += 1
+                    print(f"[{done}/{total}] {lines[-1]}", file=sys.stderr, flush=True)
                     del q, k, v, fns
                     cp.get_default_memory_pool().free_all_blocks()
     return lines
@@ -247,14 +261,6 @@ def _ml_bfloat16():
     return ml_dtypes.bfloat16
 
 
-def write_csv(lines: list[str], path: str) -> None:
-    """The Markdown table among `lines` as CSV: its header, then one row per measurement."""
-    rows = [[cell.strip().strip("`") for cell in line.strip().strip("|").split("|")]
-            for line in lines if line.startswith("|") and not line.startswith("| ---")]
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        csv.writer(f).writerows(rows)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flashattn_cupy bench", description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="which backend to measure")
@@ -265,16 +271,29 @@ def main(argv=None) -> int:
                              "CUDA cores), 'tf32' (float32 with allow_tf32=True); default all")
     parser.add_argument("--extras", action="store_true",
                         help="gpu: start-up, small-call and head-dim figures instead of the main table")
+    parser.add_argument("--features", action="store_true",
+                        help="gpu: sliding-window and variable-length rows instead of the main table")
     parser.add_argument("--csv", metavar="PATH", help="also write the table to PATH as CSV")
+    parser.add_argument("--json", metavar="PATH", help="also write the table to PATH as JSON")
+    parser.add_argument("--plot", metavar="PATH", help="also plot speed against N per (dtype, d) to PATH "
+                        "(PNG; needs matplotlib)")
     args = parser.parse_args(argv)
     if args.device == "cpu":
         lines = bench_cpu(args.quick, not args.no_memory)
     elif args.extras:
         from .bench_extras import bench_extras
         lines = bench_extras()
+    elif args.features:
+        from .bench_features import bench_features
+        lines = bench_features()
     else:
         lines = bench_gpu(args.quick, tuple(args.dtypes.split(",")))
     print("\n".join(lines))
+    from . import bench_output
     if args.csv:
-        write_csv(lines, args.csv)
+        bench_output.write_csv(lines, args.csv)
+    if args.json:
+        bench_output.write_json(lines, args.json)
+    if args.plot:
+        bench_output.plot(lines, args.plot)
     return 0

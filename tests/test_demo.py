@@ -1,5 +1,7 @@
 """`python -m flashattn_cupy` runs, prints the seed-style samples, and exits 0."""
 import csv
+import importlib.util
+import json
 import re
 import subprocess
 import sys
@@ -76,13 +78,22 @@ def test_cupy_example():
 
 
 def test_cpu_benchmark_command_runs(tmp_path):
-    out = _demo("bench", "--device", "cpu", "--quick", "--no-memory", "--csv", str(tmp_path / "cpu.csv"))
+    plot = importlib.util.find_spec("matplotlib") is not None
+    out = _demo("bench", "--device", "cpu", "--quick", "--no-memory", "--csv", str(tmp_path / "cpu.csv"),
+                "--json", str(tmp_path / "cpu.json"), *(("--plot", str(tmp_path / "cpu.png")) if plot else ()))
     rows = [line for line in out.splitlines() if line.startswith("| 64 |") or line.startswith("| 128 |")]
     assert len(rows) == 4 and all(float(row.split("|")[4]) > 0 for row in rows)
     with open(tmp_path / "cpu.csv", newline="") as f:
         table = list(csv.reader(f))
     assert table[0][:4] == ["d", "N", "causal", "C twin"]
     assert table[1:] == [[cell.strip() for cell in row.strip("|").split("|")] for row in rows]
+    doc = json.loads((tmp_path / "cpu.json").read_text(encoding="utf-8"))
+    assert doc["title"].startswith("C twin vs naive NumPy")
+    assert [[r["d"], r["N"], r["causal"]] for r in doc["rows"]] == [[64, 1024, False], [64, 1024, True],
+                                                                   [128, 1024, False], [128, 1024, True]]
+    assert all(r["C twin"] == float(row.split("|")[4]) for r, row in zip(doc["rows"], rows))
+    if plot:
+        assert (tmp_path / "cpu.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_speed_plot_example(tmp_path):

@@ -21,7 +21,8 @@ import time
 import numpy as np
 
 from .. import _device
-from ..bench import _ml_bfloat16, write_csv
+from ..bench import _ml_bfloat16
+from ..bench_output import write_csv
 from .launch import launch
 
 
