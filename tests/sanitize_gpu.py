@@ -39,6 +39,10 @@ TOOL_OPTIONS = {"memcheck": ["--padding", "512"]}
 # causal (203, 77) leaves rows that see no key
 CASES = ((0, "contiguous", ((77, 203), (203, 77))), (24, "transposed", ((203, 77),)),
          (31, "unaligned", ((77, 203),)))
+# split-KV decoding's variants (fp16/bf16 on sm_80+): few query rows, keys past a tile and past
+# DECODE_MIN_KEYS, so the planner splits them (the last split's last tile ragged)
+DECODE_CASES = ((0, "contiguous", ((1, 1000), (5, 300))), (24, "transposed", ((3, 777),)),
+                (31, "unaligned", ((2, 300),)))
 # planner.plan's fp32 modes as flash_attention's options
 API_FP32 = {"auto": {}, "3xtf32": {"fp32_kernel": "3xtf32"}, "tf32": {"allow_tf32": True},
             "simt": {"fp32_kernel": "simt"}}
@@ -62,6 +66,13 @@ def calls(smem_limit: int, arch: int):
                     seen.add(kernel)
                     grid += [(kernel, dtype, causal, D - below, Nq, Nk, layout, API_FP32[mode])
                              for below, layout, shapes in CASES for Nq, Nk in shapes]
+                if dtype in planner.DECODE_DTYPES and arch >= 80 and planner.decode_tiles(D, smem_limit):
+                    kernel = planner.plan(1, planner.DECODE_MIN_KEYS, D, dtype=dtype, causal=causal,
+                                          smem_limit=smem_limit, arch=arch, sm_count=1, decode=True).kernel
+                    if kernel not in seen:
+                        seen.add(kernel)
+                        grid += [(kernel, dtype, causal, D - below, Nq, Nk, layout, {})
+                                 for below, layout, shapes in DECODE_CASES for Nq, Nk in shapes]
     return grid
 
 
@@ -71,8 +82,9 @@ def kernels_reached(smem_limit: int, arch: int) -> tuple[set, set]:
     reached = set()
     for _, dtype, causal, d, Nq, Nk, _, options in calls(smem_limit, arch):
         fp32 = "tf32" if options.get("allow_tf32") else options.get("fp32_kernel", "auto")
-        reached.add(planner.plan(Nq, Nk, d, dtype=dtype, causal=causal, batch=2, heads=3,
-                                 smem_limit=smem_limit, arch=arch, fp32=fp32).kernel)
+        p = planner.plan(Nq, Nk, d, dtype=dtype, causal=causal, batch=2, heads=3,
+                         smem_limit=smem_limit, arch=arch, fp32=fp32, sm_count=132)
+        reached.update((p.kernel, p.combine) if p.splits else (p.kernel,))
     return reached, set(planner.cuda_variants(smem_limit, arch))
 
 
@@ -110,7 +122,7 @@ def worker() -> int:
     for _, dtype, causal, d, Nq, Nk, layout, options in grid:
         q, k, v = _arrays(cp, rng, dtype, d, Nq, Nk, layout)
         plan = plan_for(q, k, v, causal=causal, **options)
-        ran.add(plan.kernel)
+        ran.update((plan.kernel, plan.combine) if plan.splits else (plan.kernel,))
         O, L = flash_attention(q, k, v, causal=causal, return_lse=True, **options)
         try:
             assert_attention_close(cp.asnumpy(O), cp.asnumpy(L), *(cp.asnumpy(x) for x in (q, k, v)),
