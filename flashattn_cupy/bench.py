@@ -265,6 +265,9 @@ def main(argv=None) -> int:
                              "CUDA cores), 'tf32' (float32 with allow_tf32=True); default all")
     parser.add_argument("--extras", action="store_true",
                         help="gpu: start-up, small-call and head-dim figures instead of the main table")
+    parser.add_argument("--decode", action="store_true",
+                        help="gpu: split-KV decoding (few query rows, a long KV cache) against SDPA and a "
+                             "device-to-device copy, instead of the main table")
     parser.add_argument("--csv", metavar="PATH", help="also write the table to PATH as CSV")
     args = parser.parse_args(argv)
     if args.device == "cpu":
@@ -272,6 +275,9 @@ def main(argv=None) -> int:
     elif args.extras:
         from .bench_extras import bench_extras
         lines = bench_extras()
+    elif args.decode:
+        from .bench_decode import bench_decode
+        lines = bench_decode(3 if args.quick else 20)
     else:
         lines = bench_gpu(args.quick, tuple(args.dtypes.split(",")))
     print("\n".join(lines))

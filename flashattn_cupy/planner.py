@@ -255,14 +255,14 @@ def plan(Nq: int, Nk: int, d: int, *, dtype: str = "float32", causal: bool = Fal
     D = head_dim_bound(d)
     mask = 2 if score_mod else 1 if causal or window else 0
     if decode or (decode is None and use_decode(Nq, Nk, group, dtype, arch)):
-        tiles = decode_tiles(D, smem_limit)
-        if arch < 80 or group * Nq > DECODE_MAX_ROWS or tiles is None:
+        dtiles = decode_tiles(D, smem_limit)
+        if arch < 80 or group * Nq > DECODE_MAX_ROWS or dtiles is None:
             if decode:
                 raise ValueError(f"split-KV decoding needs sm_80 or later (got sm_{arch}), at most "
                                  f"{DECODE_MAX_ROWS} query rows per k/v head (got group * Nq = {group * Nq}) "
                                  f"and a tile within {smem_limit} bytes of shared memory")
         else:
-            return _decode_plan(Nq, Nk, d, D, dtype, causal, mask, batch, heads, group, tiles,
+            return _decode_plan(Nq, Nk, d, D, dtype, causal, mask, batch, heads, group, dtiles,
                                 smem_limit, sm_count)
     isa = mma_arch(arch, dtype)
     itemsize = 4 if dtype == "float32" else 2
