@@ -38,6 +38,9 @@ __device__ __forceinline__ void cp_async_16(void* dst, const void* src, int src_
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
+// Wait until at most N of this thread's committed groups are still in flight (a multi-stage pipeline).
+template <int N>
+__device__ __forceinline__ void cp_async_wait_group() { asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory"); }
 
 // Four 8x8 b16 matrices; lane l gives the shared-space address of row l % 8 of matrix l / 8.
 // Without .trans register i of lane l holds row l/4, columns 2(l%4), +1 of matrix i; with
@@ -162,4 +165,41 @@ __device__ __forceinline__ float fast_exp2(float x) {
     float y;
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
     return y;
+}
+
+// Tile movement shared by flash_fwd_mma.cu and flash_decode.cu.
+struct alignas(16) fa_u128 { unsigned x, y, z, w; };
+struct alignas(8) fa_f2 { float x, y; };
+
+template <typename T>
+__device__ __forceinline__ bool vec_ok(const T* p, long long sb, long long sh, long long sn, int d) {
+    // 16-byte loads need every row start 16-byte aligned: base, strides and d multiples of VEC.
+    constexpr int VEC = fa_elem<T>::VEC;
+    return (reinterpret_cast<unsigned long long>(p) & 15) == 0 && sb % VEC == 0 && sh % VEC == 0 &&
+           sn % VEC == 0 && d % VEC == 0;
+}
+
+// Rows [0, ROWS) x columns [0, D) of a tile into shared memory (row pitch DP elements); rows
+// past `rows` and columns past d become zeros. 16-byte chunks when `vec`, elements otherwise.
+template <typename T, int ROWS, int D, int DP, int NT, int ARCH>
+__device__ __forceinline__ void load_tile(typename fa_elem<T>::bits* dst, const T* src, long long stride,
+                                          int rows, int d, bool vec) {
+    constexpr int VEC = fa_elem<T>::VEC, CH = D / VEC;
+    for (int i = threadIdx.x; i < ROWS * CH; i += NT) {
+        const int r = i / CH, c = (i % CH) * VEC;
+        typename fa_elem<T>::bits* s = dst + r * DP + c;
+        const bool in = r < rows && c < d;
+        const T* g = src + (in ? r * stride + c : 0);
+        if (vec) {
+            if constexpr (ARCH >= 80) {
+                cp_async_16(s, g, in ? 16 : 0);
+            } else {
+                const fa_u128 zero = {0u, 0u, 0u, 0u};
+                *reinterpret_cast<fa_u128*>(s) = in ? *reinterpret_cast<const fa_u128*>(g) : zero;
+            }
+        } else {
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) s[e] = (in && c + e < d) ? fa_elem<T>::get(g[e]) : 0;
+        }
+    }
 }

@@ -27,42 +27,6 @@
 #include "fa_mma.cuh"
 #include "fa_mask.cuh"
 
-struct alignas(16) fa_u128 { unsigned x, y, z, w; };
-struct alignas(8) fa_f2 { float x, y; };
-
-template <typename T>
-__device__ __forceinline__ bool vec_ok(const T* p, long long sb, long long sh, long long sn, int d) {
-    // 16-byte loads need every row start 16-byte aligned: base, strides and d multiples of VEC.
-    constexpr int VEC = fa_elem<T>::VEC;
-    return (reinterpret_cast<unsigned long long>(p) & 15) == 0 && sb % VEC == 0 && sh % VEC == 0 &&
-           sn % VEC == 0 && d % VEC == 0;
-}
-
-// Rows [0, ROWS) x columns [0, D) of a tile into shared memory (row pitch DP elements); rows
-// past `rows` and columns past d become zeros. 16-byte chunks when `vec`, elements otherwise.
-template <typename T, int ROWS, int D, int DP, int NT, int ARCH>
-__device__ __forceinline__ void load_tile(typename fa_elem<T>::bits* dst, const T* src, long long stride,
-                                          int rows, int d, bool vec) {
-    constexpr int VEC = fa_elem<T>::VEC, CH = D / VEC;
-    for (int i = threadIdx.x; i < ROWS * CH; i += NT) {
-        const int r = i / CH, c = (i % CH) * VEC;
-        typename fa_elem<T>::bits* s = dst + r * DP + c;
-        const bool in = r < rows && c < d;
-        const T* g = src + (in ? r * stride + c : 0);
-        if (vec) {
-            if constexpr (ARCH >= 80) {
-                cp_async_16(s, g, in ? 16 : 0);
-            } else {
-                const fa_u128 zero = {0u, 0u, 0u, 0u};
-                *reinterpret_cast<fa_u128*>(s) = in ? *reinterpret_cast<const fa_u128*>(g) : zero;
-            }
-        } else {
-#pragma unroll
-            for (int e = 0; e < VEC; ++e) s[e] = (in && c + e < d) ? fa_elem<T>::get(g[e]) : 0;
-        }
-    }
-}
-
 template <typename T, int D, int NW, int MT, int BC, int MASK, int ARCH, int PASSES>
 __global__ void __launch_bounds__(NW * 32)
 flash_fwd_mma(const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V,

@@ -60,6 +60,12 @@ def run(problem, plan, device_id: int):
         os_ = _strides(O, cp)[1]   # O and L are ours: contiguous
         window, softcap, alibi = features(problem)
         H = problem.heads
+        if plan.splits:   # split-KV decoding: the partials, then their merge
+            launch_decode(plan, device_id, q, k, v, O, L, qs, ks, vs, os_, (H * problem.Nq, problem.Nq),
+                          batch=problem.batch, heads=H, group=problem.group, Nq=problem.Nq, Nk=problem.Nk,
+                          d=problem.d, window=window_args(window, problem.Nq, problem.Nk),
+                          scale=problem.scale, softcap=softcap, alibi=alibi)
+            return O, L
         launch(plan, device_id, q, k, v, O, L, qs, ks, vs, os_, (H * problem.Nq, problem.Nq),
                batch=problem.batch, heads=H, group=problem.group, Nq=problem.Nq, Nk=problem.Nk,
                d=problem.d, window=window_args(window, problem.Nq, problem.Nk), scale=problem.scale,
@@ -80,6 +86,34 @@ def launch(plan, device_id, q, k, v, O, L, qs, ks, vs, os_, ls, *, batch, heads,
             *map(i64, qs), *map(i64, ks), *map(i64, vs), *map(i64, os_), *map(i64, ls),
             np.float32(scale), np.float32(softcap))
     kernels.get(plan, device_id)(plan.grid, (plan.threads,), args, shared_mem=plan.smem_bytes)
+
+
+COMBINE_WARPS = 4           # flash_decode_combine: one warp a query row, 128 threads a block
+COMBINE_BLOCKS_MAX = 65535   # its grid strides over the rest
+
+
+def launch_decode(plan, device_id, q, k, v, O, L, qs, ks, vs, os_, ls, *, batch, heads, group, Nq, Nk, d,
+                  window, scale, softcap=0.0, alibi=None):
+    """Split-KV decoding (csrc/flash_decode.cu): plan.splits partial (O_s, L_s) per query row into a
+    float32 workspace from CuPy's memory pool, then their merge into O (q's dtype) and L. Two
+    launches on the current stream; the workspace returns to the pool when this returns, which
+    is safe: the pool hands it out again only in stream order."""
+    cp = cupy()
+    i32, i64 = np.int32, np.int64
+    D, splits = plan.head_dim_bound, plan.splits
+    rows = batch * heads * Nq
+    work = cp.empty(rows * splits * (D + 1), dtype=cp.float32)
+    Op, Lp = work[:rows * splits * D], work[rows * splits * D:]
+    null = np.uint64(0)
+    args = (q, k, v, null if alibi is None else alibi, Op, Lp,
+            i32(batch), i32(heads), i32(group), i32(Nq), i32(Nk), i32(d), *map(i32, window),
+            *map(i64, qs), *map(i64, ks), *map(i64, vs), np.float32(scale), np.float32(softcap))
+    kernels.get(plan, device_id)(plan.grid, (plan.threads,), args, shared_mem=plan.smem_bytes)
+    combine = kernels.get(kernels.Variant(plan.combine), device_id)
+    blocks = min(-(-rows // COMBINE_WARPS), COMBINE_BLOCKS_MAX)
+    combine((blocks,), (32 * COMBINE_WARPS,),
+            (Op, Lp, O, L, i32(batch), i32(heads), i32(Nq), i32(d), i32(D), i32(splits),
+             *map(i64, os_), *map(i64, ls)))
 
 
 def run_varlen(problem, device_id: int):
@@ -104,7 +138,7 @@ def run_varlen(problem, device_id: int):
                                    smem_limit=_device.smem_limit(device_id),
                                    arch=_device.compute_capability(device_id),
                                    fp32=getattr(problem, "fp32", "auto"), window=window != (-1, -1),
-                                   score_mod=softcap > 0 or alibi is not None)
+                                   score_mod=softcap > 0 or alibi is not None, decode=False)
         # (b, h, n) element strides with b the sequence: its rows start at cu[b] (the kernels add it)
         rows = lambda x: (0, x.strides[1] // x.itemsize, x.strides[0] // x.itemsize)  # noqa: E731
         launch(plan, device_id, q, k, v, O, L, rows(q), rows(k), rows(v), rows(O), (0, total_q),

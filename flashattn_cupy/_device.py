@@ -65,6 +65,12 @@ def smem_limit(device_id: int | None = None) -> int:
     return _attributes(device_id)["MaxSharedMemoryPerBlockOptin"]
 
 
+def sm_count(device_id: int | None = None) -> int:
+    """The device's streaming multiprocessors (the planner fills them when decoding)."""
+    device_id = current_device() if device_id is None else device_id
+    return _attributes(device_id)["MultiProcessorCount"]
+
+
 def compute_capability(device_id: int | None = None) -> int:
     """The device's compute capability as an int: 75 for sm_75, 90 for sm_90."""
     return _compute_capability(current_device() if device_id is None else device_id)

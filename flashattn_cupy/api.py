@@ -72,17 +72,19 @@ def _device_id(problem: Problem) -> int:
 def _plan(problem: Problem):
     if problem.backend == "reference":
         return None
-    smem_limit = arch = None
+    smem_limit = arch = sm_count = None
     if problem.backend == "cuda":
         device_id = _device_id(problem)
         smem_limit, arch = _device.smem_limit(device_id), _device.compute_capability(device_id)
+        sm_count = _device.sm_count(device_id)
     from ._cuda_backend import features
     window, softcap, alibi = features(problem)
     return planner.cached_plan(problem.Nq, problem.Nk, problem.d, dtype=problem.dtype,
                         causal=problem.causal, batch=problem.batch, heads=problem.heads,
                         backend=problem.backend, smem_limit=smem_limit, arch=arch,
                         num_threads=problem.num_threads, fp32=problem.fp32,
-                        window=window != (-1, -1), score_mod=softcap > 0 or alibi is not None)
+                        window=window != (-1, -1), score_mod=softcap > 0 or alibi is not None,
+                        group=problem.group, sm_count=sm_count)
 
 
 def _host(x):

@@ -273,6 +273,9 @@ def main(argv=None) -> int:
                         help="gpu: start-up, small-call and head-dim figures instead of the main table")
     parser.add_argument("--features", action="store_true",
                         help="gpu: sliding-window and variable-length rows instead of the main table")
+    parser.add_argument("--decode", action="store_true",
+                        help="gpu: split-KV decoding (few query rows, a long KV cache) against SDPA and a "
+                             "device-to-device copy, instead of the main table")
     parser.add_argument("--csv", metavar="PATH", help="also write the table to PATH as CSV")
     parser.add_argument("--json", metavar="PATH", help="also write the table to PATH as JSON")
     parser.add_argument("--plot", metavar="PATH", help="also plot speed against N per (dtype, d) to PATH "
@@ -286,6 +289,9 @@ def main(argv=None) -> int:
     elif args.features:
         from .bench_features import bench_features
         lines = bench_features()
+    elif args.decode:
+        from .bench_decode import bench_decode
+        lines = bench_decode(3 if args.quick else 20)
     else:
         lines = bench_gpu(args.quick, tuple(args.dtypes.split(",")))
     print("\n".join(lines))

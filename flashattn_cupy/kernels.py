@@ -12,11 +12,14 @@ import functools
 import os
 import re
 import warnings
+from dataclasses import dataclass
 from importlib import resources
 
 NVRTC_OPTIONS = ("-std=c++17",)   # no fast math: exact -inf masking and full-precision exp2f
 SOURCES = {"flash_fwd_simt": "flash_fwd_simt.cu",   # kernel family -> file in csrc/
-           "flash_fwd_mma": "flash_fwd_mma.cu"}
+           "flash_fwd_mma": "flash_fwd_mma.cu",
+           "flash_decode": "flash_decode.cu",
+           "flash_decode_combine": "flash_decode.cu"}
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.MULTILINE)
 
 
@@ -48,6 +51,14 @@ def family(name_expression: str) -> str:
 
 
 _kernels: dict = {}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A kernel to get() by name alone, as a Plan gives it (a decoding plan's combine kernel)."""
+
+    kernel: str
+    smem_bytes: int = 0
 
 
 def get(plan, device_id: int):

@@ -52,6 +52,32 @@ MMA_TILES_F32 = ((64, ((4, 2, 64), (4, 2, 32), (4, 1, 32), (2, 1, 16))),
                  (128, ((4, 2, 32), (4, 1, 32), (2, 1, 16), (1, 1, 16))),
                  (256, ((4, 1, 32), (4, 1, 16), (2, 1, 16), (1, 1, 16))))
 
+# Split-KV decoding (csrc/flash_decode.cu, flash-decoding): for few query rows per k/v head and
+# many keys. One block per (batch, k/v head, split of the keys) holds all group * Nq query rows
+# that read the k/v head as one 16-row MMA tile (so K and V are read once per k/v head), streams
+# its split through a STAGES-deep cp.async pipeline, and writes a partial (O_s, L_s) in fp32;
+# a second kernel merges the splits (merge.py's math). fp16/bf16 on sm_80+ only: fp32 and
+# Turing keep the other kernels. Chosen (plan's decode=None) when group * Nq <= DECODE_MAX_ROWS
+# and Nk >= DECODE_MIN_KEYS (below that a call is launch-bound either way).
+DECODE_MAX_ROWS = 16
+DECODE_MIN_KEYS = 256
+DECODE_MAX_SPLITS = 128            # the combine kernel's bound (flash_decode_combine MAX_SPLITS)
+DECODE_MIN_TILES_PER_SPLIT = 4     # a split streams at least this many key tiles (if there are)
+DECODE_DTYPES = ("float16", "bfloat16")
+# Whether plan(decode=None) picks decoding where use_decode() says it pays. Off until the
+# kernels have run on a GPU: flash_decode.cu was written in a session without device time and is
+# only compiled (CI: every variant) and modelled (tests/kernel_model.py) so far. decode=True runs
+# it (its gpu tests, tests/test_decode.py, and tests/sanitize_gpu.py do); turn this on once they
+# pass on the H100/H200 and `bench --decode` has measured it.
+DECODE_BY_DEFAULT = False
+# (largest D, (warps NW, key tile BC, pipeline stages) candidates, best first). Every warp takes
+# BC / NW = 16 keys of a tile; BC = 64 keys of K and V are 18-34 KB a stage at D = 64-128, and
+# 2-3 stages (one or two tiles in flight a block, two or three blocks an SM) keep the 40+ KB an
+# SM needs in flight to stream at HBM speed on an H100. Smaller devices get fewer stages, then
+# smaller tiles (down to one warp of 16 keys, D = 256 within 48 KB).
+DECODE_TILES = ((64, ((4, 64, 4), (4, 64, 3), (4, 64, 2), (2, 32, 2), (1, 16, 2))),
+                (256, ((4, 64, 3), (4, 64, 2), (2, 32, 2), (1, 16, 2))))
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -70,15 +96,22 @@ class Plan:
     grid: tuple[int, int, int] = (1, 1, 1)
     smem_bytes: int = 0          # CUDA: dynamic shared memory; C: working-set bytes
     smem_limit: int = 0
+    splits: int = 0              # split-KV decoding: key splits per (batch, k/v head); 0 = not decoding
+    combine: str = ""            # decoding: the name expression of the kernel that merges the splits
+    workspace_bytes: int = 0     # decoding: the splits' partial O and L (float32), from CuPy's pool
 
     def __str__(self) -> str:
         if self.backend == "c":
             return (f"c {self.kernel}: Br={self.Br}, Bc={self.Bc}, d={self.d}, "
                     f"causal={self.causal}, working set {self.smem_bytes / 1024:.2f} KB per thread, "
                     f"{self.threads} thread{'s' if self.threads > 1 else ''}")
-        return (f"cuda {self.kernel}: grid {self.grid} x {self.threads} threads, "
+        text = (f"cuda {self.kernel}: grid {self.grid} x {self.threads} threads, "
                 f"Br={self.Br}, Bc={self.Bc}, d={self.d} (compiled for {self.head_dim_bound}), "
                 f"shared memory {self.smem_bytes / 1024:.2f} KB of {self.smem_limit / 1024:.2f} KB")
+        if self.splits:
+            text += (f"; {self.splits} key split{'s' if self.splits > 1 else ''} merged by {self.combine}, "
+                     f"workspace {self.workspace_bytes / 1024:.2f} KB")
+        return text
 
 
 def seed_budget_floats(Br: int, Bc: int, d: int) -> int:
@@ -130,10 +163,54 @@ def simt_tiles(D: int, smem_limit: int) -> tuple[int, int, int]:
     raise ValueError(f"no tile fits a head-dim bound of {D} in {smem_limit} bytes of shared memory")
 
 
+def decode_smem_bytes(NW: int, BC: int, stages: int, D: int) -> int:
+    """Exact dynamic shared memory of csrc/flash_decode.cu: Qi[16] and STAGES x (Kj[BC], Vj[BC])
+    rows of D halves and a 16-byte pad, then each warp's row max and sum (float32 [NW][16] each)."""
+    return (16 + 2 * stages * BC) * (2 * D + 16) + 2 * NW * 16 * 4
+
+
+def decode_tiles(D: int, smem_limit: int) -> tuple[int, int, int] | None:
+    """(warps, key tile BC, stages) of the first decoding candidate for D that fits, None if none."""
+    candidates = next(c for d_max, c in DECODE_TILES if D <= d_max)
+    return next((c for c in candidates if decode_smem_bytes(*c, D) <= smem_limit), None)
+
+
+def decode_splits(pairs: int, slots: int, tiles: int) -> int:
+    """Key splits per (batch, k/v head) for `pairs` such blocks' worth of work, `slots` blocks the
+    GPU runs at once (SMs x blocks an SM holds) and `tiles` key tiles: FlashAttention-2's
+    num_splits_heuristic. Enough pairs to fill 80% of the slots: no split. Otherwise the fewest
+    splits whose last wave is at least 85% as full as the best count's (n_waves / ceil(n_waves),
+    n_waves = pairs * splits / slots), counting only split counts that change the tiles per split;
+    at most DECODE_MAX_SPLITS, slots, and one split per DECODE_MIN_TILES_PER_SPLIT tiles."""
+    if pairs >= 0.8 * slots:
+        return 1
+    most = max(1, min(DECODE_MAX_SPLITS, slots, tiles // DECODE_MIN_TILES_PER_SPLIT))
+    efficiency = {}
+    for splits in range(1, most + 1):
+        if splits == 1 or -(-tiles // splits) != -(-tiles // (splits - 1)):
+            waves = pairs * splits / slots
+            efficiency[splits] = waves / math.ceil(waves)
+    best = max(efficiency.values())
+    return next(s for s, e in efficiency.items() if e >= 0.85 * best)
+
+
+def decode_workspace_bytes(batch: int, heads: int, Nq: int, splits: int, D: int) -> int:
+    """The decoding workspace: each query row's O_s (D floats) and L_s (one float) per split."""
+    return 4 * batch * heads * Nq * splits * (D + 1)
+
+
+def use_decode(Nq: int, Nk: int, group: int, dtype: str, arch: int) -> bool:
+    """Whether split-KV decoding pays (plan's decode=None): few query rows per k/v head
+    (group * Nq <= DECODE_MAX_ROWS), enough keys, fp16/bf16 on sm_80+."""
+    return (dtype in DECODE_DTYPES and arch >= 80 and group * Nq <= DECODE_MAX_ROWS
+            and Nk >= DECODE_MIN_KEYS)
+
+
 def plan(Nq: int, Nk: int, d: int, *, dtype: str = "float32", causal: bool = False,
          batch: int = 1, heads: int = 1, backend: str = "cuda",
          smem_limit: int | None = None, arch: int | None = None, num_threads: int = 1,
-         fp32: str = "auto", window: bool = False, score_mod: bool = False) -> Plan:
+         fp32: str = "auto", window: bool = False, score_mod: bool = False, group: int = 1,
+         sm_count: int | None = None, decode: bool | None = None) -> Plan:
     """Choose the tiles and launch shape for one call.
 
     The call's shapes: q (batch, heads, Nq, d), k and v (batch, heads, Nk, d); dtype is q's
@@ -146,12 +223,19 @@ def plan(Nq: int, Nk: int, d: int, *, dtype: str = "float32", causal: bool = Fal
     "tf32" (falls back to "simt" before sm_80) or "simt" (the CUDA-core kernel).
     window: a sliding window masks keys (causal is one; for CUDA the mask variant runs either);
     score_mod: softcap or ALiBi change the scores (the CUDA variant that applies them).
+    group: q heads per k/v head (GQA/MQA; heads is q's). sm_count: the device's SMs (read from
+    the current device when None and needed), for the number of key splits when decoding.
+    decode: split-KV decoding (csrc/flash_decode.cu): None chooses it when use_decode() says it
+    pays (once DECODE_BY_DEFAULT is on), True asks for it (a ValueError where it cannot run),
+    False never.
     """
     if not (1 <= d <= MAX_HEAD_DIM):
         raise ValueError(f"head dim d must be in 1..{MAX_HEAD_DIM}, got {d}")
-    if min(Nq, Nk, batch, heads, num_threads) < 1:
-        raise ValueError("Nq, Nk, batch, heads and num_threads must all be >= 1")
+    if min(Nq, Nk, batch, heads, num_threads, group) < 1 or heads % group:
+        raise ValueError("Nq, Nk, batch, heads, num_threads and group must all be >= 1, group dividing heads")
     if backend == "c":
+        if decode:
+            raise ValueError("split-KV decoding (decode=True) runs on the CUDA backend only")
         if dtype not in C_TYPES:
             raise ValueError(f"the C backend takes {sorted(C_TYPES)}, got {dtype}")
         Br, Bc = next((Br, Bc) for d_max, Br, Bc in C_TILE_FOR_HEAD_DIM if d <= d_max)
@@ -161,6 +245,8 @@ def plan(Nq: int, Nk: int, d: int, *, dtype: str = "float32", causal: bool = Fal
                     threads=min(num_threads, batch * heads), smem_bytes=work)
     if backend != "cuda":
         raise ValueError(f"plan() takes backend 'c' or 'cuda', got {backend!r}")
+    if decode and backend == "cuda" and dtype not in DECODE_DTYPES:
+        raise ValueError(f"split-KV decoding takes {' or '.join(DECODE_DTYPES)}, got {dtype}")
     if num_threads != 1:
         raise ValueError(f"num_threads applies to the C backend only, got {num_threads} for {backend!r}")
     if dtype not in CUDA_TYPES:
@@ -175,6 +261,16 @@ def plan(Nq: int, Nk: int, d: int, *, dtype: str = "float32", causal: bool = Fal
         raise ValueError(f"fp32='3xtf32' needs TF32 tensor cores (sm_80 or later), not sm_{arch}")
     D = head_dim_bound(d)
     mask = 2 if score_mod else 1 if causal or window else 0
+    if decode or (decode is None and DECODE_BY_DEFAULT and use_decode(Nq, Nk, group, dtype, arch)):
+        dtiles = decode_tiles(D, smem_limit)
+        if arch < 80 or group * Nq > DECODE_MAX_ROWS or dtiles is None:
+            if decode:
+                raise ValueError(f"split-KV decoding needs sm_80 or later (got sm_{arch}), at most "
+                                 f"{DECODE_MAX_ROWS} query rows per k/v head (got group * Nq = {group * Nq}) "
+                                 f"and a tile within {smem_limit} bytes of shared memory")
+        else:
+            return _decode_plan(Nq, Nk, d, D, dtype, causal, mask, batch, heads, group, dtiles,
+                                smem_limit, sm_count)
     isa = mma_arch(arch, dtype)
     itemsize = 4 if dtype == "float32" else 2
     tiles = mma_tiles(D, smem_limit, itemsize) if isa is not None else None
@@ -195,6 +291,22 @@ def plan(Nq: int, Nk: int, d: int, *, dtype: str = "float32", causal: bool = Fal
     return Plan("cuda", name, dtype, d, D, Br, Bc, causal, mask, threads, grid, smem, smem_limit)
 
 
+def _decode_plan(Nq, Nk, d, D, dtype, causal, mask, batch, heads, group, tiles, smem_limit, sm_count) -> Plan:
+    NW, BC, stages = tiles
+    if sm_count is None:
+        from . import _device
+        sm_count = _device.sm_count()
+    smem = decode_smem_bytes(NW, BC, stages, D)
+    slots = sm_count * max(1, min(4, smem_limit // smem))
+    kv_heads = heads // group
+    splits = decode_splits(batch * kv_heads, slots, math.ceil(Nk / BC))
+    name = f"flash_decode<{CUDA_TYPES[dtype]}, {D}, {NW}, {BC}, {stages}, {mask}>"
+    grid = (splits, min(kv_heads, GRID_YZ_MAX), min(batch, GRID_YZ_MAX))
+    return Plan("cuda", name, dtype, d, D, 16, BC, causal, mask, 32 * NW, grid, smem, smem_limit, splits,
+                f"flash_decode_combine<{CUDA_TYPES[dtype]}>",
+                decode_workspace_bytes(batch, heads, Nq, splits, D))
+
+
 # The API's entry point: plan() memoized, so a small call does not pay for planning again.
 # Only for explicit smem_limit and arch (the API always passes them): with None, plan() reads
 # the current device, which a cache must not remember.
@@ -212,4 +324,8 @@ def cuda_variants(smem_limit: int, arch: int) -> list[str]:
                         continue
                     names.add(plan(1, 1, D, dtype=dtype, window=mask >= 1, score_mod=mask == 2,
                                    smem_limit=smem_limit, arch=arch, fp32=fp32).kernel)
+                if dtype in DECODE_DTYPES and arch >= 80 and decode_tiles(D, smem_limit):
+                    p = plan(1, DECODE_MIN_KEYS, D, dtype=dtype, window=mask >= 1, score_mod=mask == 2,
+                             smem_limit=smem_limit, arch=arch, sm_count=1, decode=True)
+                    names.update((p.kernel, p.combine))
     return sorted(names)

@@ -7,7 +7,10 @@ csrc/flash_fwd_{mma,simt}.cu do (element offsets b*sb + h*sh + n*sn + c from eac
 head h // group, sequence offsets from cu_q / cu_k, L at b*l_sb + h*l_sh + row) and computes what
 csrc/fa_mask.cuh says in float64: scale, softcap, ALiBi, the window for MASK >= 1. It refuses
 to address memory outside the array a pointer points into. Each launch's arguments are appended
-to `launches` as a dict.
+to `launches` as a dict. Split-KV decoding's two kernels (csrc/flash_decode.cu) are modelled the
+same way: `decode_kernel` computes each split's partial (O_s, L_s) over the key tiles the kernel
+gives that split (`split_tiles`) and writes them where the kernel does in the workspace;
+`combine_kernel` merges them as the combine kernel does, in float64.
 """
 import contextlib
 from types import SimpleNamespace
@@ -83,9 +86,119 @@ def make_kernel(mask, launches):
     return kernel
 
 
+DECODE_NAMES = ("q", "k", "v", "alibi", "Op", "Lp", "B", "H", "group", "Nq", "Nk", "d", "left", "right",
+                "q_sb", "q_sh", "q_sn", "k_sb", "k_sh", "k_sn", "v_sb", "v_sh", "v_sn", "scale", "softcap")
+COMBINE_NAMES = ("Op", "Lp", "O", "L", "B", "H", "Nq", "d", "pitch", "splits", "o_sb", "o_sh", "o_sn",
+                 "l_sb", "l_sh")
+
+
+def split_tiles(Nq, Nk, BC, splits, split, mask, left, right):
+    """[ts, te): the key tiles (of BC keys) split `split` of `splits` streams, as flash_decode
+    computes them: the tiles some query row sees (fa_window.tiles with rows 0..Nq-1) cut into
+    equal runs of whole tiles, the last ones shorter or empty."""
+    j0, j1 = 0, -(-Nk // BC)
+    if mask:
+        first, last = (Nk - Nq) - left, (Nk - 1) + right
+        if last < 0 or first >= Nk or first > last:
+            j1 = j0
+        else:
+            j0, j1 = (0 if first <= 0 else first // BC), min(last // BC + 1, j1)
+    per = -(-(j1 - j0) // splits)
+    ts = min(j1, j0 + split * per)
+    return ts, min(j1, ts + per)
+
+
+def _scores(a, mask, Q, K, rows_i, keys, slopes):
+    """The scaled, modded, masked scores of query rows rows_i (their slopes) against keys."""
+    Nq, Nk = int(a["Nq"]), int(a["Nk"])
+    S = float(a["scale"]) * (Q @ K.T)
+    off = rows_i[:, None] + (Nk - Nq) - keys[None, :]
+    if mask == 2 and float(a["softcap"]) > 0:
+        c = float(a["softcap"])
+        S = c * np.tanh(S / c)
+    if mask == 2:
+        S = S - slopes[:, None] * np.abs(off)
+    if mask >= 1:
+        S = np.where((off <= int(a["left"])) & (-off <= int(a["right"])), S, -np.inf)
+    return S
+
+
+def decode_kernel(plan, launches):
+    mask, BC, D = plan.mask, plan.Bc, plan.head_dim_bound
+
+    def kernel(grid, block, args, shared_mem):
+        a = dict(zip(DECODE_NAMES, args))
+        launches.append(dict(a, kernel=plan.kernel, grid=grid, block=block, shared_mem=shared_mem))
+        B, H, G, Nq, Nk, d = (int(a[n]) for n in ("B", "H", "group", "Nq", "Nk", "d"))
+        Hk, splits, R = H // G, grid[0], G * Nq
+        assert R <= 16 and grid[1] == min(Hk, 65535) and grid[2] == min(B, 65535)
+        assert block == (plan.threads,) and shared_mem == plan.smem_bytes
+        Op, Lp = a["Op"], a["Lp"]
+        for b in range(B):
+            for hk in range(Hk):
+                def rows(x, p, n, first, head):
+                    sb, sh, sn = (int(a[f"{p}_s{c}"]) for c in "bhn")
+                    return _rows(x, b * sb + head * sh + first * sn, sn, n, d)
+                r = np.arange(R)
+                Q = np.stack([rows(a["q"], "q", 1, int(i), hk * G + int(h))[0] for h, i in zip(r // Nq, r % Nq)])
+                slopes = (np.asarray(a["alibi"]).reshape(-1)[b * H + hk * G + r // Nq].astype(np.float64)
+                          if isinstance(a["alibi"], np.ndarray) else np.zeros(R))
+                for s in range(splits):
+                    ts, te = split_tiles(Nq, Nk, BC, splits, s, mask, int(a["left"]), int(a["right"]))
+                    keys = np.arange(ts * BC, min(te * BC, Nk))
+                    K = rows(a["k"], "k", Nk, 0, hk)[keys].astype(np.float64)
+                    V = rows(a["v"], "v", Nk, 0, hk)[keys].astype(np.float64)
+                    S = _scores(a, mask, Q.astype(np.float64), K, r % Nq, keys, slopes)
+                    m = S.max(axis=1, keepdims=True, initial=-np.inf)
+                    m = np.where(np.isneginf(m), 0, m)
+                    P = np.exp(S - m)
+                    l_ = P.sum(axis=1, keepdims=True)
+                    with np.errstate(invalid="ignore", divide="ignore"):
+                        O_s = np.where(l_ == 0, 0, (P @ V) / np.where(l_ == 0, 1, l_))
+                        L_s = np.where(l_[:, 0] == 0, -np.inf, m[:, 0] + np.log(l_[:, 0]))
+                    row = (b * H + hk * G) * Nq + r          # (b, q head, query) flattened
+                    for n in range(R):
+                        start = int((row[n] * splits + s) * D)
+                        _flat(Op, start + d)[start:] = O_s[n]
+                        _flat(Lp, int(row[n] * splits + s) + 1)[int(row[n] * splits + s)] = L_s[n]
+    return kernel
+
+
+def combine_kernel(launches):
+    def kernel(grid, block, args, shared_mem=0):
+        a = dict(zip(COMBINE_NAMES, args))
+        launches.append(dict(a, kernel="combine", grid=grid, block=block))
+        B, H, Nq, d, pitch, splits = (int(a[n]) for n in ("B", "H", "Nq", "d", "pitch", "splits"))
+        assert grid[0] * block[0] // 32 >= min(B * H * Nq, 65535 * 4)
+        for b in range(B):
+            for h in range(H):
+                for i in range(Nq):
+                    row = (b * H + h) * Nq + i
+                    Ls = _flat(a["Lp"], (row + 1) * splits)[row * splits:].astype(np.float64)
+                    Os = _rows(a["Op"], row * splits * pitch, pitch, splits, d).astype(np.float64)
+                    m = Ls.max()
+                    base = 0.0 if np.isneginf(m) else m
+                    w = np.exp(Ls - base)
+                    total = w.sum()
+                    O = np.zeros(d) if total == 0 else (w / total) @ Os
+                    _rows(a["O"], b * int(a["o_sb"]) + h * int(a["o_sh"]) + i * int(a["o_sn"]), 1, 1, d)[0] = O
+                    at = b * int(a["l_sb"]) + h * int(a["l_sh"]) + i
+                    _flat(a["L"], at + 1)[at] = -np.inf if total == 0 else base + np.log(total)
+    return kernel
+
+
+def get(plan, launches):
+    """The model of plan's kernel (kernels.get's stand-in)."""
+    if plan.kernel.startswith("flash_decode_combine"):
+        return combine_kernel(launches)
+    if plan.kernel.startswith("flash_decode"):
+        return decode_kernel(plan, launches)
+    return make_kernel(plan.mask, launches)
+
+
 def use(monkeypatch, launches):
     shim = SimpleNamespace(**{name: getattr(np, name) for name in ("asarray", "empty", "float32", "int32",
                                                                    "ascontiguousarray", "broadcast_to")},
                            cuda=SimpleNamespace(Device=lambda _: contextlib.nullcontext()))
     monkeypatch.setattr(_cuda_backend, "cupy", lambda: shim)
-    monkeypatch.setattr(kernels, "get", lambda plan, device_id: make_kernel(plan.mask, launches))
+    monkeypatch.setattr(kernels, "get", lambda plan, device_id: get(plan, launches))

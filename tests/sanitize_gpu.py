@@ -25,6 +25,7 @@ plain run and every tool are clean.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shutil
@@ -40,6 +41,10 @@ TOOL_OPTIONS = {"memcheck": ["--padding", "512"]}
 # causal (203, 77) leaves rows that see no key
 CASES = ((0, "contiguous", ((77, 203), (203, 77))), (24, "transposed", ((203, 77),)),
          (31, "unaligned", ((77, 203),)))
+# split-KV decoding's variants (fp16/bf16 on sm_80+): few query rows, keys past a tile and past
+# DECODE_MIN_KEYS, so the planner splits them (the last split's last tile ragged)
+DECODE_CASES = ((0, "contiguous", ((1, 1000), (5, 300))), (24, "transposed", ((3, 777),)),
+                (31, "unaligned", ((2, 300),)))
 # planner.plan's fp32 modes as flash_attention's options
 API_FP32 = {"auto": {}, "3xtf32": {"fp32_kernel": "3xtf32"}, "tf32": {"allow_tf32": True},
             "simt": {"fp32_kernel": "simt"}}
@@ -63,17 +68,41 @@ def calls(smem_limit: int, arch: int):
                     seen.add(kernel)
                     grid += [(kernel, dtype, causal, D - below, Nq, Nk, layout, API_FP32[mode])
                              for below, layout, shapes in CASES for Nq, Nk in shapes]
+                if dtype in planner.DECODE_DTYPES and arch >= 80 and planner.decode_tiles(D, smem_limit):
+                    kernel = planner.plan(1, planner.DECODE_MIN_KEYS, D, dtype=dtype, causal=causal,
+                                          smem_limit=smem_limit, arch=arch, sm_count=1, decode=True).kernel
+                    if kernel not in seen:
+                        seen.add(kernel)
+                        grid += [(kernel, dtype, causal, D - below, Nq, Nk, layout, {})
+                                 for below, layout, shapes in DECODE_CASES for Nq, Nk in shapes]
     return grid
+
+
+@contextlib.contextmanager
+def decoding_chosen():
+    """The planner picking split-KV decoding where it pays, as it will by default once the decode
+    kernels have run on a GPU (planner.DECODE_BY_DEFAULT): the grid's few-row calls reach them."""
+    from flashattn_cupy import planner
+    before = planner.DECODE_BY_DEFAULT
+    planner.DECODE_BY_DEFAULT = True
+    planner.cached_plan.cache_clear()
+    try:
+        yield
+    finally:
+        planner.DECODE_BY_DEFAULT = before
+        planner.cached_plan.cache_clear()
 
 
 def kernels_reached(smem_limit: int, arch: int) -> tuple[set, set]:
     """(the kernels the grid's calls are planned to run, every variant the planner emits here)."""
     from flashattn_cupy import planner
     reached = set()
-    for _, dtype, causal, d, Nq, Nk, _, options in calls(smem_limit, arch):
-        fp32 = "tf32" if options.get("allow_tf32") else options.get("fp32_kernel", "auto")
-        reached.add(planner.plan(Nq, Nk, d, dtype=dtype, causal=causal, batch=2, heads=3,
-                                 smem_limit=smem_limit, arch=arch, fp32=fp32).kernel)
+    with decoding_chosen():
+        for _, dtype, causal, d, Nq, Nk, _, options in calls(smem_limit, arch):
+            fp32 = "tf32" if options.get("allow_tf32") else options.get("fp32_kernel", "auto")
+            p = planner.plan(Nq, Nk, d, dtype=dtype, causal=causal, batch=2, heads=3,
+                             smem_limit=smem_limit, arch=arch, fp32=fp32, sm_count=132)
+            reached.update((p.kernel, p.combine) if p.splits else (p.kernel,))
     return reached, set(planner.cuda_variants(smem_limit, arch))
 
 
@@ -104,6 +133,7 @@ def worker() -> int:
     cp = _device.cupy()
     cp.cuda.set_allocator(None)                 # each array its own cudaMalloc
     cp.cuda.set_pinned_memory_allocator(None)
+    decoding_chosen().__enter__()               # for the whole worker: its few-row calls decode
     smem_limit, arch = _device.smem_limit(), _device.compute_capability()
     rng = np.random.default_rng(0)
     ran, failures = set(), []
@@ -111,7 +141,7 @@ def worker() -> int:
     for _, dtype, causal, d, Nq, Nk, layout, options in grid:
         q, k, v = _arrays(cp, rng, dtype, d, Nq, Nk, layout)
         plan = plan_for(q, k, v, causal=causal, **options)
-        ran.add(plan.kernel)
+        ran.update((plan.kernel, plan.combine) if plan.splits else (plan.kernel,))
         O, L = flash_attention(q, k, v, causal=causal, return_lse=True, **options)
         try:
             assert_attention_close(cp.asnumpy(O), cp.asnumpy(L), *(cp.asnumpy(x) for x in (q, k, v)),

@@ -129,3 +129,11 @@ def test_mask_variant(causal, window, score_mod, mask):
         # the MASK template argument: the simt kernel's last, the mma kernel's sixth
         args = p.kernel.split("<")[1].rstrip(">").split(", ")
         assert int(args[-1] if "simt" in p.kernel else args[5]) == mask
+
+
+def test_decode_is_not_chosen_by_default_until_it_has_run_on_a_gpu():
+    """planner.DECODE_BY_DEFAULT stays off until tests/test_decode.py's gpu tests pass (then
+    this test goes with it)."""
+    assert planner.DECODE_BY_DEFAULT is False
+    p = planner.plan(1, 32768, 128, dtype="float16", batch=8, heads=32, group=4, smem_limit=227 * 1024, arch=90, sm_count=132)
+    assert p.kernel.startswith("flash_fwd_mma") and p.splits == 0

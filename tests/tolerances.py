@@ -25,6 +25,17 @@ largest absolute-value score the data can make:
   2021): we take u = 2^-22, four times fp32's round-to-nearest unit ("tensor_core").
 * L = m + log(l) moves by at most eps (eps bounds the relative error of l too), then is
   rounded to float32: 2^-24 |L|, and |L| <= A + log(Nk).
+* split-KV decoding (csrc/flash_decode.cu, `splits` > 0) computes each split's (O_s, L_s) with
+  the tensor-core kernel's arithmetic over a subset of the keys, so within (tol_O_s, tol_L_s) =
+  the bounds above for Nk keys (A, Nk and max|v| only grow with the key set) with O_s kept in
+  float32 (u_out = 2^-24, not the input type's). The combine, in fp32 with expf/logf (a few ulp:
+  u = 2^-22), forms w_s = exp(L_s - m) / sum_t exp(L_t - m): every L_s - m is off by at most
+  tol_L_s + u D_L (D_L = 2 A + log Nk bounds |L_s - L_t|, each L_s lying in [min s, A + log Nk]),
+  exp and the sum over the splits add (splits + 4) u, so each weight is relatively within
+  2 eps_w, eps_w = tol_L_s + u (D_L + splits + 4), and, the weights summing to 1, O = sum w_s O_s
+  moves by at most tol_O_s + 2 eps_w max|v|, then is rounded once to its dtype. L = m + log(sum)
+  moves by at most eps_w, plus its float32 rounding. The merge adds fp32 rounding only: about
+  twice the one-pass bound, the same order as the kernel's own.
 
 These are worst-case bounds, not fitted to observed errors: typical errors are ~sqrt of
 them. They still catch real bugs: one wrongly masked or dropped key among Nk moves O by
@@ -43,6 +54,8 @@ UNIT_ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11, 
 
 def kernel_rounding(plan) -> dict:
     """bounds() keywords for the kernel a plan runs (the tensor-core kernel rounds operands)."""
+    if plan is not None and getattr(plan, "splits", 0):   # split-KV decoding
+        return {"compute": "tensor_core", "p": plan.dtype, "splits": plan.splits}
     if plan is None or not plan.kernel.startswith("flash_fwd_mma"):
         return {}
     if plan.dtype != "float32":
@@ -52,9 +65,19 @@ def kernel_rounding(plan) -> dict:
 
 
 def bounds(q, k, v, *, softmax_scale=None, compute="float32", out="float32", qk=None, p=None,
-           v_round=None):
+           v_round=None, splits=0):
     """(tol_O, tol_L) for inputs q, k, v (NumPy, any float dtype); qk, p, v_round: the types
-    q and k, P, and V are rounded to before their products (None: not rounded)."""
+    q and k, P, and V are rounded to before their products (None: not rounded); splits: split-KV
+    decoding's partials (float32), merged in fp32."""
+    if splits:
+        part_O, part_L = bounds(q, k, v, softmax_scale=softmax_scale, compute=compute, out="float32",
+                                qk=qk, p=p, v_round=v_round)
+        A, Nk = score_bound(q, k, v, softmax_scale), k.shape[-2]
+        u = UNIT_ROUNDOFF["tensor_core"]
+        eps_w = part_L + u * (2 * A + np.log(Nk) + splits + 4)
+        vmax = float(np.abs(v).max())
+        return (part_O + 2 * eps_w * vmax + UNIT_ROUNDOFF[out] * vmax,
+                eps_w + UNIT_ROUNDOFF["float32"] * (A + np.log(Nk) + 1))
     d, Nk = q.shape[-1], k.shape[-2]
     A = score_bound(q, k, v, softmax_scale)
     u = UNIT_ROUNDOFF[compute]
@@ -74,7 +97,7 @@ def score_bound(q, k, v, softmax_scale=None) -> float:
 
 
 def assert_attention_close(O, L, q, k, v, *, causal=False, softmax_scale=None,
-                           compute="float32", out=None, qk=None, p=None, v_round=None):
+                           compute="float32", out=None, qk=None, p=None, v_round=None, splits=0):
     """Check (O, L) against the float64 reference with the bounds above."""
     O = np.asarray(O).astype(np.float64)
     L = np.asarray(L)
@@ -83,7 +106,7 @@ def assert_attention_close(O, L, q, k, v, *, causal=False, softmax_scale=None,
     O_ref, L_ref = reference.attention(q, k, v, causal=causal, softmax_scale=softmax_scale)
     out = out or np.dtype(q.dtype).name
     tol_O, tol_L = bounds(q, k, v, softmax_scale=softmax_scale, compute=compute, out=out, qk=qk,
-                          p=p, v_round=v_round)
+                          p=p, v_round=v_round, splits=splits)
     assert not np.isnan(O).any() and not np.isnan(L).any(), "NaN in the output"
     masked = np.isneginf(L_ref)
     assert np.array_equal(np.isneginf(L), masked), "L = -inf exactly on the fully masked rows"

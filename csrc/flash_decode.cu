@@ -1,0 +1,314 @@
+// flash_decode.cu: split-KV decoding (flash-decoding) for few query rows and many keys, fp16/bf16
+// on sm_80+ (mma m16n8k16, cp.async), fp32 accumulation. Two kernels, launched back to back:
+//
+// flash_decode: one block per (batch b, k/v head hk, split s of the keys). Its rows are every
+//   query row that reads k/v head hk: the group's q heads hk*group .. hk*group+group-1 times Nq
+//   rows, R = group * Nq <= 16, packed as the rows of one m16 MMA tile (row r is q head
+//   hk*group + r / Nq, query r % Nq; rows past R are zeros and never written), so K and V are
+//   read once per k/v head, not once per q head. The key tiles some row sees (all, or the
+//   window's: fa_mask.cuh) are cut into gridDim.x splits of whole BC-key tiles; a block streams
+//   its split through a STAGES-deep cp.async pipeline (tile t + STAGES - 1 loads while tile t is
+//   computed). Each of its NW warps takes BC / NW keys of every tile (Sij = Qi Kj^T, online
+//   softmax, Oi += Pij Vj as in flash_fwd_mma.cu, whose fragments and ldmatrix addressing this
+//   reuses); at the end the warps' (mi, li, Oi) merge through shared memory in a fixed order,
+//   and the block writes its split's partial O_s = Oi / li (fp32) and L_s = mi + log li (natural
+//   log; -inf with O_s = 0 when the split saw no key) to the workspace.
+// flash_decode_combine: one warp per query row merges the splits exactly (merge.py's math, in
+//   fp32): m = max_s L_s, w_s = exp(L_s - m) / sum_s exp(L_s - m), O = sum_s w_s O_s in the
+//   input type, L = m + log(sum_s exp(L_s - m)); every L_s = -inf gives O = 0, L = -inf.
+//
+// Workspace (float32): O_s of row (b, h, i) at Op[((b*H + h)*Nq + i)*splits + s][PITCH = D],
+// L_s at Lp[((b*H + h)*Nq + i)*splits + s]; the planner sizes it (planner.decode_workspace_bytes).
+//
+// Compile-time: T (fa_half, fa_bfloat16), the head-dim bound D, warps NW, key tile BC (BC / NW
+// keys a warp, a multiple of 16), STAGES (>= 2) and MASK (fa_mask.cuh). Shared memory, mirrored
+// by planner.decode_smem_bytes: Qi[16][DP], STAGES x (Kj[BC][DP], Vj[BC][DP]) with DP = D + 8
+// (16 padding bytes a row: ldmatrix without bank conflicts), then the warps' mi, li [NW][16];
+// after the sweep the stages hold the merged Oi [16][D] in fp32.
+#include "fa_mma.cuh"
+#include "fa_mask.cuh"
+
+template <typename T, int D, int NW, int BC, int STAGES, int MASK>
+__global__ void __launch_bounds__(NW * 32)
+flash_decode(const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V,
+             const float* __restrict__ alibi, float* __restrict__ Op, float* __restrict__ Lp,
+             int B, int H, int group, int Nq, int Nk, int d, int win_left, int win_right,
+             long long q_sb, long long q_sh, long long q_sn,
+             long long k_sb, long long k_sh, long long k_sn,
+             long long v_sb, long long v_sh, long long v_sn,
+             float scale, float softcap)
+{
+    using E = fa_elem<T>;
+    using bits = typename E::bits;
+    constexpr int ARCH = 80;
+    constexpr int NT = 32 * NW, KW = BC / NW;                 // threads, keys a warp per tile
+    constexpr int DP = D + E::VEC, ROW = DP * sizeof(T);      // smem row pitch: elements, bytes
+    constexpr int KS = D / 16, NS = KW / 8, ND = D / 8;       // k-steps of Qi Kj^T, 8-key and 8-d tiles
+    constexpr int STAGE = 2 * BC * DP;                        // elements of one stage (Kj, Vj)
+    static_assert(sizeof(T) == 2, "fp16 / bf16 only");
+    static_assert(D % 32 == 0 && KW % 16 == 0 && STAGES >= 2, "tiles of 16");
+    constexpr float LOG2E = 1.4426950408889634f, LN2 = 0.6931471805599453f;
+
+    extern __shared__ __align__(16) unsigned char smem[];
+    bits* Qs = reinterpret_cast<bits*>(smem);   // [16][DP]
+    bits* St = Qs + 16 * DP;                    // STAGES x {Kj [BC][DP], Vj [BC][DP]}
+    float* Mw = reinterpret_cast<float*>(St + STAGES * STAGE);   // [NW][16]: each warp's mi
+    float* Lw = Mw + NW * 16;                                    // [NW][16]: each warp's li
+    float* Of = reinterpret_cast<float*>(St);   // [16][D] fp32, the merged Oi (after the sweep)
+
+    const float neg_inf = __int_as_float(0xff800000);
+    // Raw scores, the scale (times log2 e) folded into the exponent as in flash_fwd_mma.cu; a
+    // negative scale flips the sign of Qi's fragments instead (exact), a zero one becomes FLT_MIN.
+    const float sl2 = MASK == FA_MODS ? 1.f : fmaxf(fabsf(scale) * LOG2E, 1.17549435e-38f);
+    const unsigned q_sign = scale < 0.f ? 0x80008000u : 0u;
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
+    const int R = group * Nq, Hk = H / group, split = blockIdx.x, splits = gridDim.x;
+    const bool q_vec = vec_ok(Q, q_sb, q_sh, q_sn, d), k_vec = vec_ok(K, k_sb, k_sh, k_sn, d);
+    const bool v_vec = vec_ok(V, v_sb, v_sh, v_sn, d);
+    // ldmatrix lane addresses as in flash_fwd_mma.cu: Qi (A), Kj (B, rows are keys), Vj (B, .trans)
+    const unsigned q_lane = smem_addr(Qs) + (lane % 16) * ROW + lane / 16 * 16;
+    const unsigned k_lane = smem_addr(St) + (warp * KW + lane % 8 + lane / 16 * 8) * ROW + lane / 8 % 2 * 16;
+    const unsigned v_lane = smem_addr(St + BC * DP) + (warp * KW + lane % 8 + lane / 8 % 2 * 8) * ROW + lane / 16 * 16;
+    // This thread's rows g and g + 8: their query index (the window's row) and q head.
+    int qi[2], qh[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) qi[r] = (g + 8 * r) % Nq, qh[r] = (g + 8 * r) / Nq;
+
+    for (int b = blockIdx.z; b < B; b += gridDim.z)
+    for (int hk = blockIdx.y; hk < Hk; hk += gridDim.y) {
+        const fa_seq sq = fa_seq::of(b, 0, Nq, Nk, nullptr, nullptr);
+        const fa_window win = fa_window::of(sq, win_left, win_right);
+        int j0 = 0, j1 = (Nk + BC - 1) / BC;   // the key tiles some query row sees ...
+        if (MASK) win.tiles(0, Nq, BC, j0, j1);
+        const int per = (j1 - j0 + splits - 1) / splits;   // ... cut into whole-tile splits
+        const int ts = min(j1, j0 + split * per), te = min(j1, ts + per);
+        const T* Qb = Q + b * q_sb + (long long)hk * group * q_sh;
+        const T* Kb = K + b * k_sb + hk * k_sh;
+        const T* Vb = V + b * v_sb + hk * v_sh;
+        float slope[2] = {0.f, 0.f};
+        if (MASK == FA_MODS && alibi) {
+#pragma unroll
+            for (int r = 0; r < 2; ++r)
+                if (g + 8 * r < R) slope[r] = alibi[(long long)b * H + hk * group + qh[r]];
+        }
+
+        // Line 4: Qi (row r from q head hk*group + r / Nq, query r % Nq), in the first stage's group.
+        {
+            constexpr int VEC = E::VEC, CH = D / VEC;
+            for (int i = threadIdx.x; i < 16 * CH; i += NT) {
+                const int r = i / CH, c = (i % CH) * VEC;
+                bits* s = Qs + r * DP + c;
+                const bool in = r < R && c < d;
+                const T* src = in ? Qb + (long long)(r / Nq) * q_sh + (long long)(r % Nq) * q_sn + c : Q;
+                if (q_vec) {
+                    cp_async_16(s, src, in ? 16 : 0);
+                } else {
+#pragma unroll
+                    for (int e = 0; e < VEC; ++e) s[e] = (in && c + e < d) ? E::get(src[e]) : 0;
+                }
+            }
+        }
+        // Tile ts + n into stage n % STAGES; every call commits one group (empty past the split).
+        auto load_stage = [&](int n) {
+            if (ts + n < te) {
+                const long long col0 = (long long)(ts + n) * BC;
+                bits* Ks = St + (n % STAGES) * STAGE;
+                load_tile<T, BC, D, DP, NT, ARCH>(Ks, Kb + col0 * k_sn, k_sn, (int)(Nk - col0 < BC ? Nk - col0 : BC), d, k_vec);
+                load_tile<T, BC, D, DP, NT, ARCH>(Ks + BC * DP, Vb + col0 * v_sn, v_sn, (int)(Nk - col0 < BC ? Nk - col0 : BC), d, v_vec);
+            }
+            cp_async_commit();
+        };
+#pragma unroll
+        for (int n = 0; n < STAGES - 1; ++n) load_stage(n);
+
+        float o[ND][4] = {};                    // line 5: Oi = 0, mi = -inf, li = 0 (this warp's keys)
+        float m[2] = {neg_inf, neg_inf}, l[2] = {0.f, 0.f};
+
+        for (int n = 0; ts + n < te; ++n) {     // line 6
+            cp_async_wait_group<STAGES - 2>();  // tile ts + n (and Qi) have landed ...
+            __syncthreads();                    // ... for every thread; all are done with tile n - 1
+            load_stage(n + STAGES - 1);         // line 7: into the stage tile n - 1 left
+            const unsigned stage = (n % STAGES) * STAGE * sizeof(T);
+            const int col0 = (ts + n) * BC + warp * KW;   // this warp's first key
+
+            // Line 8: Sij = Qi Kj^T over this warp's KW keys.
+            float s[NS][4] = {};
+#pragma unroll
+            for (int kk = 0; kk < KS; ++kk) {
+                operand<4> qa;
+                ldmatrix_x4<false>(qa.hi, q_lane + kk * 32);
+#pragma unroll
+                for (int e = 0; e < 4; ++e) qa.hi[e] ^= q_sign;
+#pragma unroll
+                for (int p = 0; p < NS / 2; ++p) {
+                    operand<4> kb;   // B operands of key tiles 2p (registers 0, 1) and 2p + 1 (2, 3)
+                    ldmatrix_x4<false>(kb.hi, k_lane + stage + p * 16 * ROW + kk * 32);
+                    mma_op<T, ARCH, 1>(s[2 * p], qa, kb, 0);
+                    mma_op<T, ARCH, 1>(s[2 * p + 1], qa, kb, 2);
+                }
+            }
+            if constexpr (MASK == FA_MODS) {
+#pragma unroll
+                for (int nt = 0; nt < NS; ++nt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e)
+                        s[nt][e] = score_mod(s[nt][e], fabsf(scale), softcap, slope[e / 2],
+                                             win.diag(qi[e / 2]) - (col0 + nt * 8 + 2 * t + e % 2));
+            }
+            if (col0 + KW > Nk || (MASK && !win.covers(0, Nq, col0, KW))) {   // edge tiles only
+#pragma unroll
+                for (int nt = 0; nt < NS; ++nt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int key = col0 + nt * 8 + 2 * t + e % 2;
+                        if (key >= Nk || (MASK && !win.sees(qi[e / 2], key))) s[nt][e] = neg_inf;
+                    }
+            }
+
+            // Line 9: online softmax in the log2 domain, per warp (flash_fwd_mma.cu with one m-tile).
+            float alpha[2];
+            bool moved = false;
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                float mx = neg_inf;
+#pragma unroll
+                for (int nt = 0; nt < NS; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                const float m_new = fmaxf(m[r], mx * sl2);
+                const float base = m_new == neg_inf ? 0.f : m_new;
+                alpha[r] = fast_exp2(m[r] - base);
+                moved |= m_new != m[r];
+                float rowsum = 0.f;
+#pragma unroll
+                for (int nt = 0; nt < NS; ++nt)
+#pragma unroll
+                    for (int e = 2 * r; e < 2 * r + 2; ++e) {
+                        s[nt][e] = fast_exp2(fmaf(s[nt][e], sl2, -base));
+                        rowsum += s[nt][e];
+                    }
+                l[r] = alpha[r] * l[r] + rowsum;
+                m[r] = m_new;
+            }
+            if (__any_sync(0xffffffffu, moved))
+#pragma unroll
+                for (int dt = 0; dt < ND; ++dt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) o[dt][e] *= alpha[e / 2];
+
+            // Line 10: Oi += Pij Vj, Pij rounded to T as the A operand, Vj by ldmatrix.trans.
+#pragma unroll
+            for (int kk = 0; kk < KW / 16; ++kk) {
+                operand<4> pa;
+                pa.hi[0] = pack2<T, ARCH>(s[2 * kk][0], s[2 * kk][1]);
+                pa.hi[1] = pack2<T, ARCH>(s[2 * kk][2], s[2 * kk][3]);
+                pa.hi[2] = pack2<T, ARCH>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+                pa.hi[3] = pack2<T, ARCH>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+                for (int p = 0; p < D / 16; ++p) {
+                    operand<4> vb;   // d tiles 2p (registers 0, 1) and 2p + 1 (2, 3)
+                    ldmatrix_x4<true>(vb.hi, v_lane + stage + kk * 16 * ROW + p * 32);
+                    mma_op<T, ARCH, 1>(o[2 * p], pa, vb, 0);
+                    mma_op<T, ARCH, 1>(o[2 * p + 1], pa, vb, 2);
+                }
+            }
+        }
+
+        // The warps' (mi, li, Oi) into the block's: M = max_w mi_w, each Oi_w and li_w scaled by
+        // exp2(mi_w - M), the Oi_w added into Of in warp order (deterministic).
+        cp_async_wait_all();   // only empty groups can be pending; the stages become Of
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+            l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+        }
+        if (t == 0) {
+#pragma unroll
+            for (int r = 0; r < 2; ++r) Mw[warp * 16 + g + 8 * r] = m[r], Lw[warp * 16 + g + 8 * r] = l[r];
+        }
+        __syncthreads();   // every warp is done with the stages; Mw, Lw are complete
+        float M[2], lsum[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            M[r] = neg_inf;
+            for (int w = 0; w < NW; ++w) M[r] = fmaxf(M[r], Mw[w * 16 + g + 8 * r]);
+            const float base = M[r] == neg_inf ? 0.f : M[r];
+            lsum[r] = 0.f;
+            for (int w = 0; w < NW; ++w) lsum[r] += Lw[w * 16 + g + 8 * r] * fast_exp2(Mw[w * 16 + g + 8 * r] - base);
+            const float f = fast_exp2(m[r] - base);   // 0 for a warp that saw no key
+#pragma unroll
+            for (int dt = 0; dt < ND; ++dt) o[dt][2 * r] *= f, o[dt][2 * r + 1] *= f;
+        }
+        for (int w = 0; w < NW; ++w) {
+            if (warp == w) {
+#pragma unroll
+                for (int dt = 0; dt < ND; ++dt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        float* dst = Of + (g + 8 * (e / 2)) * D + dt * 8 + 2 * t + e % 2;
+                        *dst = w == 0 ? o[dt][e] : *dst + o[dt][e];
+                    }
+            }
+            __syncthreads();
+        }
+        if (warp == 0 && t == 0) {   // the block's li and mi per row, for every thread below
+#pragma unroll
+            for (int r = 0; r < 2; ++r) Lw[g + 8 * r] = lsum[r], Mw[g + 8 * r] = M[r];
+        }
+        __syncthreads();
+
+        // Lines 12-15 for this split: O_s = Oi / li (fp32), L_s = mi + log li; no key: O_s = 0, L_s = -inf.
+        const long long row0 = ((long long)b * H + (long long)hk * group) * Nq;   // (b, hk*group, 0)
+        for (int i = threadIdx.x; i < R * D; i += NT) {
+            const int r = i / D, c = i % D;
+            if (c >= d) continue;
+            const float li = Lw[r];
+            Op[((row0 + r) * splits + split) * D + c] = li == 0.f ? 0.f : Of[r * D + c] / li;
+        }
+        if (threadIdx.x < R) {
+            const float li = Lw[threadIdx.x];
+            Lp[(row0 + threadIdx.x) * splits + split] = li == 0.f ? neg_inf : Mw[threadIdx.x] * LN2 + logf(li);
+        }
+        __syncthreads();   // smem is reused by the next (batch, k/v head)
+    }
+}
+
+// One warp per query row (b, h, i), rows in (b, h, i) order: the splits' (O_s, L_s) merged into
+// O (type T, strides o_*) and L (float32, strides l_*), as merge.py merges two parts.
+template <typename T>
+__global__ void __launch_bounds__(128)
+flash_decode_combine(const float* __restrict__ Op, const float* __restrict__ Lp, T* __restrict__ O,
+                     float* __restrict__ L, int B, int H, int Nq, int d, int pitch, int splits,
+                     long long o_sb, long long o_sh, long long o_sn, long long l_sb, long long l_sh)
+{
+    constexpr int MAX_SPLITS = 128;   // planner.DECODE_MAX_SPLITS
+    __shared__ float wts[4][MAX_SPLITS];
+    const float neg_inf = __int_as_float(0xff800000);
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const long long rows = (long long)B * H * Nq;
+    for (long long row = (long long)blockIdx.x * 4 + warp; row < rows; row += (long long)gridDim.x * 4) {
+        const float* Ls = Lp + row * splits;
+        float m = neg_inf;
+        for (int s = lane; s < splits; s += 32) m = fmaxf(m, Ls[s]);
+#pragma unroll
+        for (int x = 16; x > 0; x /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, x));
+        const float base = m == neg_inf ? 0.f : m;   // no key in any split: every weight 0
+        float sum = 0.f;
+        for (int s = lane; s < splits; s += 32) sum += expf(Ls[s] - base);
+#pragma unroll
+        for (int x = 16; x > 0; x /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, x);
+        const bool empty = sum == 0.f;
+        for (int s = lane; s < splits; s += 32) wts[warp][s] = empty ? 0.f : expf(Ls[s] - base) / sum;
+        __syncwarp();
+        const long long b = row / ((long long)H * Nq), h = row / Nq % H, i = row % Nq;
+        T* Orow = O + b * o_sb + h * o_sh + i * o_sn;
+        const float* Os = Op + row * splits * pitch;
+        for (int c = lane; c < d; c += 32) {
+            float acc = 0.f;
+            for (int s = 0; s < splits; ++s) acc += wts[warp][s] * Os[(long long)s * pitch + c];
+            Orow[c] = from_float<T>(acc);
+        }
+        if (lane == 0) L[b * l_sb + h * l_sh + i] = empty ? neg_inf : m + logf(sum);
+        __syncwarp();   // wts is rewritten for the next row
+    }
+}
