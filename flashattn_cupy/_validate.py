@@ -47,6 +47,15 @@ class Problem:
     num_threads: int = 1  # C backend: Python threads to share the batch * heads problems
     fp32: str = "auto"  # float32 on CUDA: "auto", "3xtf32", "simt" or "tf32" (planner.plan's fp32)
     group: int = 1      # q heads per k/v head (GQA/MQA when > 1): q head h reads k/v head h // group
+    # The keys each row sees, (left, right) with -1 unbounded, causal folded in (csrc/fa_mask.cuh);
+    # None: from causal alone
+    window: tuple | None = None
+    softcap: float = 0.0    # 0: off; else the float32 value the kernels use
+    alibi: Any = None       # float32 slopes of shape lead, contiguous, where the backend reads them
+
+    def __post_init__(self):
+        if self.window is None:
+            object.__setattr__(self, "window", (-1, 0) if self.causal else (-1, -1))
 
     @property
     def heads(self) -> int:
