@@ -29,11 +29,11 @@ def registered():
 
 @pytest.fixture(autouse=True)
 def calls(monkeypatch):
-    """How many times our attention ran: a model that ignores set_attn_implementation would
-    otherwise pass every comparison by running SDPA twice."""
+    """The keyword arguments of each time our attention ran: a model that ignores
+    set_attn_implementation would otherwise pass every comparison by running SDPA twice."""
     count = []
     run = fa_transformers.flash_attn_func
-    monkeypatch.setattr(fa_transformers, "flash_attn_func", lambda *a, **kw: (count.append(1), run(*a, **kw))[1])
+    monkeypatch.setattr(fa_transformers, "flash_attn_func", lambda *a, **kw: (count.append(kw), run(*a, **kw))[1])
     return count
 
 
@@ -92,6 +92,46 @@ def test_causal_decoder_with_gqa_matches_sdpa(calls):
     assert ours <= 2 * sdpa, (ours, sdpa)
 
 
+def test_sliding_window_decoder_matches_sdpa(calls):
+    """Mistral's sliding window (8 keys, the query's own included) over 50 tokens: window_size
+    (7, 7), right made 0 by causal, as transformers' FlashAttention path passes it."""
+    torch.manual_seed(0)
+    config = transformers.MistralConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                        sliding_window=8)
+    model = transformers.MistralForCausalLM(config).eval()
+    ids = torch.randint(0, 128, (2, 50), generator=torch.Generator().manual_seed(4))
+    ours, sdpa = _compare(model, {"input_ids": ids}, calls)
+    assert ours <= 2 * sdpa, (ours, sdpa)
+    assert {kw["window_size"] for kw in calls} == {(7, 7)} and all(kw["causal"] for kw in calls)
+
+
+def test_gemma2_softcap_and_sliding_window_match_eager(calls):
+    """Gemma 2: attn_logit_softcapping (small here, so that it bites: without it the logits move
+    by ~1e-2) on every layer, a sliding window on the first. SDPA cannot softcap, so the float64
+    reference is eager, whose softmax rounds through float32: ours in float64 must match it to
+    that rounding (1e-5 relative; 1.2e-7 measured), and ours in float32 be as accurate as eager's."""
+    torch.manual_seed(0)
+    config = transformers.Gemma2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                       max_position_embeddings=256, sliding_window=8, attn_logit_softcapping=0.05,
+                                       final_logit_softcapping=None, query_pre_attn_scalar=16)
+    model = transformers.Gemma2ForCausalLM(config).eval()
+    assert config.layer_types == ["sliding_attention", "full_attention"]
+    inputs = {"input_ids": torch.randint(0, 128, (2, 50), generator=torch.Generator().manual_seed(5))}
+    reference = _run(model, "eager", inputs, torch.float64)
+    calls.clear()
+    ours64 = _run(model, fa_transformers.NAME, inputs, torch.float64)
+    assert [(kw["window_size"], kw["softcap"]) for kw in calls] == [((7, 7), 0.05), ((-1, -1), 0.05)]
+    scale = reference.abs().max().item()
+    assert (ours64 - reference).abs().max().item() <= 1e-5 * scale
+    ours, eager = (_run(model, name, inputs).double() - reference for name in (fa_transformers.NAME, "eager"))
+    assert ours.abs().max().item() <= 2 * eager.abs().max().item()
+    for layer in model.model.layers:   # the softcap mattered: without it, far beyond the tolerance
+        layer.self_attn.attn_logit_softcapping = None
+    assert (_run(model, fa_transformers.NAME, inputs, torch.float64) - reference).abs().max().item() > 1e-3 * scale
+
+
 def test_generation_with_a_kv_cache_matches_sdpa(calls):
     """Decoding steps attend one new query to the whole cache: the bottom-right causal mask."""
     model = _tiny_llama()
@@ -134,8 +174,12 @@ def test_masks_that_mask_nothing_run():
 
 def test_refusals_name_the_feature():
     q = torch.zeros(1, 2, 4, 8)
-    with pytest.raises(ValueError, match="sliding-window attention"):
-        fa_transformers.attention_forward(None, q, q, q, None, sliding_window=4)
+    with pytest.raises(ValueError, match="attention sinks"):
+        fa_transformers.attention_forward(None, q, q, q, None, s_aux=torch.zeros(2))
+    with pytest.raises(ValueError, match="sliding_window must be a positive int"):
+        fa_transformers.attention_forward(None, q, q, q, None, sliding_window=0)
+    with pytest.raises(ValueError, match="softcap must be 0"):
+        fa_transformers.attention_forward(None, q, q, q, None, softcap=-1.0)
     with pytest.raises(ValueError, match="dropout is not supported"):
         fa_transformers.attention_forward(None, q, q, q, None, dropout=0.1)
     with pytest.raises(TypeError, match="requires grad"):
