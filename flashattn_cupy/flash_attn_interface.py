@@ -3,6 +3,8 @@ flash-attn package ports by changing one import:
 
     from flashattn_cupy.flash_attn_interface import flash_attn_func   # was: from flash_attn import ...
 
+flash_attn_varlen_func takes the same batch packed without padding (cu_seqlens offsets).
+
 Tensors are (batch, seqlen, nheads, headdim), as in flash-attn. They are read through their
 strides: the CUDA kernels take the (batch, nheads, seqlen, headdim) view of them in place (the
 C twin copies to contiguous, as it does for every input). Sliding windows, softcap and ALiBi
@@ -17,6 +19,7 @@ from typing import Any
 from . import _interop
 from ._typing import Array, Backend
 from .api import flash_attention
+from .varlen import flash_attention_varlen
 
 def flash_attn_func(q: Array, k: Array, v: Array, dropout_p: float = 0.0, softmax_scale: float | None = None,
                     causal: bool = False, window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
@@ -60,6 +63,41 @@ def flash_attn_func(q: Array, k: Array, v: Array, dropout_p: float = 0.0, softma
         if return_attn_probs:
             return out, export(L), None
         return (out, export(L)) if return_lse else out
+
+
+def flash_attn_varlen_func(q: Array, k: Array, v: Array, cu_seqlens_q: Array, cu_seqlens_k: Array,
+                           max_seqlen_q: int, max_seqlen_k: int, dropout_p: float = 0.0,
+                           softmax_scale: float | None = None, causal: bool = False,
+                           window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                           alibi_slopes: Array | None = None, deterministic: bool = False,
+                           return_attn_probs: bool = False, block_table: Array | None = None, *,
+                           return_lse: bool = False, backend: Backend = "auto") -> Any:
+    """Attention over packed variable-length sequences, as flash_attn.flash_attn_varlen_func.
+
+    q: (total_q, nheads, headdim); k, v: (total_k, nheads_k, headdim): the rows of the batch's
+        sequences one after another, i.e. the (batch, seqlen, nheads, headdim) tensors of
+        flash_attn_func without their padding. nheads a multiple of nheads_k (GQA/MQA).
+    cu_seqlens_q, cu_seqlens_k: int32 (or int64) (batch + 1,) offsets of each sequence's rows.
+    max_seqlen_q, max_seqlen_k: ints, at least each sequence's length.
+    dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+    return_attn_probs, return_lse, backend: as in flash_attn_func, each sequence on its own.
+    block_table: must be None (a paged KV cache is not supported).
+
+    Returns out, (total_q, nheads, headdim), and softmax_lse, (nheads, total_q) float32; see
+    flashattn_cupy.flash_attention_varlen for the checks on the offsets.
+    """
+    window = _check_flash_attn_args(dropout_p, causal, window_size, deterministic, return_attn_probs,
+                                    return_lse)
+    if block_table is not None:
+        raise ValueError("block_table: a paged KV cache is not supported; pass k and v packed as "
+                         "(total_k, nheads_k, headdim) with cu_seqlens_k, and block_table=None")
+    out, lse = flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                      causal=causal, softmax_scale=softmax_scale, window=window,
+                                      softcap=softcap, alibi_slopes=alibi_slopes, return_lse=True,
+                                      backend=backend)
+    if return_attn_probs:
+        return out, lse, None
+    return (out, lse) if return_lse else out
 
 
 def _check_flag(name: str, value) -> bool:
