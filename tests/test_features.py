@@ -118,6 +118,16 @@ def test_softcap_and_alibi_on_the_c_twin_and_the_reference(rng, dtype, Nq, Nk, d
     _check_against_brute(O_r, L_r, q, k, v, compute="float64", slopes=slopes, **kw)
 
 
+@pytest.mark.parametrize("scale", [-0.7, 0.05, 0.0])
+def test_custom_scales_with_the_mods(rng, scale):
+    """softcap and ALiBi act on x = scale * q.k: a negative or zero scale too."""
+    q, k, v = inputs(rng, (2, 3), 45, 60, 24, magnitude=2.0)
+    slopes = rng.uniform(0, 1, 3).astype(np.float32)
+    kw = dict(window=(20, 3), softcap=1.5)
+    O, L = flash_attention(q, k, v, softmax_scale=scale, alibi_slopes=slopes, return_lse=True, **kw)
+    _check_against_brute(O, L, q, k, v, compute="float32", scale=scale, slopes=slopes, **kw)
+
+
 def test_softcap_saturates_and_alibi_prefers_near_keys(rng):
     """What the mods are for: a huge score is capped (every key weighs about the same when
     softcap is tiny), and a steep slope leaves only the diagonal key."""
@@ -284,6 +294,18 @@ def test_cuda_against_the_reference(rng, backend, dtype, Nq, Nk, d, lead, kv_hea
     k, v = (rng.standard_normal(lead[:-1] + (kv_heads, Nk, d)).astype(np_dtype(dtype)) for _ in range(2))
     slopes = None if alibi is None else rng.uniform(0, 1, lead[-1:] if alibi == "heads" else lead).astype(np.float32)
     kw = dict(causal=causal, window=window, softcap=softcap, alibi_slopes=slopes)
+    O, L, rounding = run(backend, q, k, v, **kw)
+    assert_attention_close(O, L, q, k, v, **kw, **rounding)
+
+
+@pytest.mark.parametrize("backend, dtype", [p for p in BACKEND_DTYPES if p.id.startswith("cuda")])
+@pytest.mark.parametrize("scale", [-0.3, 0.0])
+def test_cuda_custom_scales_with_the_mods(rng, backend, dtype, scale):
+    """The tensor-core kernel folds a negative scale into Qi's sign and scales scores itself
+    with score mods: softcap and ALiBi must see scale * q.k all the same."""
+    q, k, v = inputs(rng, (2, 4), 77, 130, 64, dtype=np_dtype(dtype), magnitude=2.0)
+    kw = dict(softmax_scale=scale, window=(50, 10), softcap=2.0,
+              alibi_slopes=rng.uniform(0, 1, (2, 4)).astype(np.float32))
     O, L, rounding = run(backend, q, k, v, **kw)
     assert_attention_close(O, L, q, k, v, **kw, **rounding)
 
