@@ -188,8 +188,9 @@ FA_HOT int FLASH_FWD(const real *Q, const real *K, const real *V, real *O, float
                      * q.k, softcap * tanh(x / softcap), minus slope |diag - key|, as
                      * fa_mask.cuh's score_mod); -inf elsewhere, and for keys past Nk. */
                     const int64_t diag = row0 + r + shift;
-                    const int64_t lo = min64(cols, diag - left - col0 < 0 ? 0 : diag - left - col0);
-                    const int64_t hi_ = min64(cols, diag + right - col0 + 1), hi = hi_ < lo ? lo : hi_;
+                    const int64_t first = diag - left - col0, last = diag + right - col0; /* tile columns */
+                    const int64_t lo = first < 0 ? 0 : min64(first, cols);
+                    const int64_t hi = last < lo ? lo : min64(last + 1, cols);
                     for (int64_t c = 0; c < lo; ++c)
                         Sr[c] = neg_inf;
                     for (int64_t c = lo; score_mods && c < hi; ++c) {
