@@ -65,6 +65,7 @@ static void exp_row_f64(double *row, int64_t n, double base)
 #define real float
 #define FLASH_FWD flash_fwd_f32
 #define EXP expf
+#define TANH tanhf
 #define EXP_ROW exp_row_f32
 #define ROW_MAX row_max_f32
 #define ROW_SUM row_sum_f32
@@ -79,6 +80,7 @@ static void exp_row_f64(double *row, int64_t n, double base)
 #define real double
 #define FLASH_FWD flash_fwd_f64
 #define EXP exp
+#define TANH tanh
 #define EXP_ROW exp_row_f64
 #define ROW_MAX row_max_f64
 #define ROW_SUM row_sum_f64

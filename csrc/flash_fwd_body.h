@@ -98,10 +98,21 @@ static inline void TILE_PV(real *restrict Oi, const real *restrict alpha, const 
 
 FA_HOT int FLASH_FWD(const real *Q, const real *K, const real *V, real *O, float *L,
                      int64_t BH, int64_t group, int64_t Nq, int64_t Nk, int64_t d, int64_t Br,
-                     int64_t Bc, real scale, int causal)
+                     int64_t Bc, real scale, const flash_mods *mods)
 {
     if (BH < 1 || group < 1 || Nq < 1 || Nk < 1 || d < 1 || Br < 1 || Bc < 1)
         return FLASH_EBADARG;
+    static const flash_mods no_mods = {-1, -1, 0.0, NULL};
+    if (!mods)
+        mods = &no_mods;
+    /* The window, as fa_mask.cuh: row i sees key j when diag - left <= j <= diag + right,
+     * diag = i + shift. An unbounded (negative) or wider side is clamped to Nk (left) or Nq
+     * (right), which reaches every key from every row and keeps the sums in range. */
+    const int64_t shift = Nk - Nq;
+    const int64_t left = mods->left < 0 || mods->left > Nk ? Nk : mods->left;
+    const int64_t right = mods->right < 0 || mods->right > Nq ? Nq : mods->right;
+    const real softcap = (real)mods->softcap;
+    const int score_mods = softcap > 0 || mods->alibi != NULL;
 
     /* The on-chip memory of the paper: O((Br + Bc) d + Br Bc) elements per call. */
     /* Rows padded to a multiple of FA_RB, columns to a multiple of FA_PAD. */
@@ -133,6 +144,7 @@ FA_HOT int FLASH_FWD(const real *Q, const real *K, const real *V, real *O, float
         const real *Qbh = Q + bh * Nq * d, *Kbh = K + kv * Nk * d, *Vbh = V + kv * Nk * d;
         real *Obh = O + bh * Nq * d;
         float *Lbh = L + bh * Nq;
+        const real slope = mods->alibi ? (real)mods->alibi[bh] : 0; /* ALiBi: this head's slope */
 
         for (int64_t i = 0; i < Tr; ++i) { /* line 3 */
             const int64_t row0 = i * Br, rows = min64(Br, Nq - row0);
@@ -146,15 +158,14 @@ FA_HOT int FLASH_FWD(const real *Q, const real *K, const real *V, real *O, float
                 li[r] = 0;
             }
 
-            /* Causal: the tile's last row sees keys up to row0 + rows - 1 + (Nk - Nq);
-             * later K tiles are wholly masked, so the loop stops before them. */
-            int64_t Tc_i = Tc;
-            if (causal) {
-                const int64_t last_key = row0 + rows - 1 + (Nk - Nq);
-                Tc_i = last_key < 0 ? 0 : min64(Tc, last_key / Bc + 1);
-            }
+            /* The window: the tile's first row sees no key before row0 + shift - left, its
+             * last none after row0 + rows - 1 + shift + right (causal: right = 0). K tiles
+             * wholly outside are skipped, so a window's cost follows its width. */
+            const int64_t first_key = row0 + shift - left, last_key = row0 + rows - 1 + shift + right;
+            const int64_t j0 = first_key <= 0 ? 0 : first_key / Bc;
+            const int64_t j1 = last_key < 0 ? 0 : min64(Tc, last_key / Bc + 1);
 
-            for (int64_t j = 0; j < Tc_i; ++j) { /* line 6 */
+            for (int64_t j = j0; j < j1; ++j) { /* line 6 */
                 const int64_t col0 = j * Bc, cols = min64(Bc, Nk - col0);
 
                 /* line 7: load Kj (transposed) and Vj; a short last tile leaves stale
@@ -173,9 +184,23 @@ FA_HOT int FLASH_FWD(const real *Q, const real *K, const real *V, real *O, float
 
                 for (int64_t r = 0; r < rows_p; ++r) {
                     real *restrict Sr = Sij + r * Bcp;
-                    /* keys past Nk, and causally masked keys, get -inf */
-                    const int64_t visible = causal ? row0 + r + (Nk - Nq) - col0 + 1 : cols;
-                    for (int64_t c = visible < 0 ? 0 : min64(visible, cols); c < Bcp; ++c)
+                    /* Columns lo..hi-1 are the keys this row sees: score mods there (x = scale
+                     * q.k, softcap * tanh(x / softcap), minus slope |diag - key|, as
+                     * fa_mask.cuh's score_mod); -inf elsewhere, and for keys past Nk. */
+                    const int64_t diag = row0 + r + shift;
+                    const int64_t first = diag - left - col0, last = diag + right - col0; /* tile columns */
+                    const int64_t lo = first < 0 ? 0 : min64(first, cols);
+                    const int64_t hi = last < lo ? lo : min64(last + 1, cols);
+                    for (int64_t c = 0; c < lo; ++c)
+                        Sr[c] = neg_inf;
+                    for (int64_t c = lo; score_mods && c < hi; ++c) {
+                        const int64_t off = diag - (col0 + c);
+                        real x = Sr[c];
+                        if (softcap > 0)
+                            x = softcap * TANH(x / softcap);
+                        Sr[c] = x - slope * (real)(off < 0 ? -off : off);
+                    }
+                    for (int64_t c = hi; c < Bcp; ++c)
                         Sr[c] = neg_inf;
 
                     /* line 9: mi_new = max(mi, rowmax(Sij)), Pij = exp(Sij - mi_new),
@@ -225,6 +250,7 @@ done:
 #undef FLASH_FWD
 #undef EXP
 #undef EXP_ROW
+#undef TANH
 #undef LOG
 #undef ROW_MAX
 #undef ROW_SUM

@@ -10,13 +10,18 @@ ffibuilder.cdef("""
 #define FLASH_OK ...
 #define FLASH_EBADARG ...
 #define FLASH_ENOMEM ...
+typedef struct {
+    int64_t left, right;
+    double softcap;
+    const float *alibi;
+} flash_mods;
 int flash_fwd_f32(const float *Q, const float *K, const float *V, float *O, float *L,
                   int64_t BH, int64_t group, int64_t Nq, int64_t Nk, int64_t d, int64_t Br,
-                  int64_t Bc, float scale, int causal);
+                  int64_t Bc, float scale, const flash_mods *mods);
 int flash_exp_f32(const float *x, float *y, int64_t n, float base);
 int flash_fwd_f64(const double *Q, const double *K, const double *V, double *O, float *L,
                   int64_t BH, int64_t group, int64_t Nq, int64_t Nk, int64_t d, int64_t Br,
-                  int64_t Bc, double scale, int causal);
+                  int64_t Bc, double scale, const flash_mods *mods);
 """)
 ffibuilder.set_source(
     "flashattn_cupy._flash_c",

@@ -29,7 +29,8 @@ def run(problem, plan, q, k, v):
     The batch * heads problems are cut into plan.threads contiguous slices, one C call each
     (two where a slice starts inside a group of q heads sharing k and v), on that many threads;
     every head is computed the same way whatever the slicing. k and v are not repeated for GQA:
-    the C twin reads one k/v head for each `group` consecutive q heads."""
+    the C twin reads one k/v head for each `group` consecutive q heads. The problem's window,
+    softcap and ALiBi slopes (one per q head, sliced with it) go to C as its flash_mods."""
     require()
     shape = q.shape
     # C-contiguous and aligned: the C twin reads them through float / double pointers
@@ -38,11 +39,14 @@ def run(problem, plan, q, k, v):
     L = np.empty(q.shape[:-1], dtype=np.float32)
     kernel, ctype, G = getattr(lib, plan.kernel), _CTYPE[problem.dtype], problem.group
     buf = lambda x, t=ctype: ffi.from_buffer(f"{t}[]", x)  # noqa: E731
+    (left, right), softcap, alibi = problem.window, problem.softcap, problem.alibi
+    slopes = None if alibi is None else np.require(alibi, np.float32, ("C", "A")).reshape(-1)
 
     def call(lo, hi):   # q heads lo..hi-1, from k/v head lo // G on: lo starts its group, or hi ends it
+        alibi_lo = ffi.NULL if slopes is None else buf(slopes[lo:hi], "float")   # held through the call
+        mods = ffi.new("flash_mods *", {"left": left, "right": right, "softcap": softcap, "alibi": alibi_lo})
         return kernel(buf(q[lo:hi]), buf(k[lo // G:]), buf(v[lo // G:]), buf(O[lo:hi]), buf(L[lo:hi], "float"),
-                      hi - lo, G, problem.Nq, problem.Nk, problem.d, plan.Br, plan.Bc,
-                      problem.scale, int(problem.causal))
+                      hi - lo, G, problem.Nq, problem.Nk, problem.d, plan.Br, plan.Bc, problem.scale, mods)
 
     def heads(lo, hi):   # q heads lo..hi-1: the rest of lo's group, then whole groups
         cut = min(hi, -(-lo // G) * G)

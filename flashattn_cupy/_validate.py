@@ -47,6 +47,15 @@ class Problem:
     num_threads: int = 1  # C backend: Python threads to share the batch * heads problems
     fp32: str = "auto"  # float32 on CUDA: "auto", "3xtf32", "simt" or "tf32" (planner.plan's fp32)
     group: int = 1      # q heads per k/v head (GQA/MQA when > 1): q head h reads k/v head h // group
+    # The keys each row sees, (left, right) with -1 unbounded, causal folded in (csrc/fa_mask.cuh);
+    # None: from causal alone
+    window: tuple | None = None
+    softcap: float = 0.0    # 0: off; else the float32 value the kernels use
+    alibi: Any = None       # float32 slopes of shape lead, contiguous, where the backend reads them
+
+    def __post_init__(self):
+        if self.window is None:
+            object.__setattr__(self, "window", (-1, 0) if self.causal else (-1, -1))
 
     @property
     def heads(self) -> int:
@@ -94,8 +103,98 @@ def _fp32_mode(allow_tf32, fp32_kernel, backend: str, dtype: str) -> str:
     return "tf32" if allow_tf32 else fp32_kernel
 
 
+def window_pair(window, causal: bool, Nq: int, Nk: int) -> tuple[int, int]:
+    """The keys each row sees as the kernels take them: (left, right), -1 for an unbounded side
+    (csrc/fa_mask.cuh). causal makes right 0; a side that reaches every key from every row
+    (left >= Nk - 1, right >= Nq - 1) becomes -1, so an all-seeing window costs no mask."""
+    if window is None:
+        left, right = -1, -1
+    else:
+        if (not isinstance(window, (tuple, list)) or len(window) != 2
+                or not all(isinstance(w, numbers.Integral) and not isinstance(w, (bool, np.bool_)) for w in window)):
+            raise TypeError(f"window must be None or a pair of ints (left, right), -1 for an unbounded "
+                            f"side, got {window!r}")
+        left, right = (int(w) for w in window)
+        for side, w in (("left", left), ("right", right)):
+            if w < -1:
+                raise ValueError(f"window={tuple(window)!r}: {side} must be >= 0 (keys seen on that side of "
+                                 f"the diagonal) or -1 (no limit), got {w}")
+    if causal:
+        right = 0
+    return (-1 if left >= Nk - 1 else left), (-1 if right >= Nq - 1 else right)
+
+
+def check_softcap(softcap) -> float:
+    """softcap as the kernels see it: 0.0 (off) or a positive finite float32 value."""
+    if isinstance(softcap, (bool, np.bool_)) or not isinstance(softcap, numbers.Real):
+        raise TypeError(f"softcap must be a real number (0 for none), got {softcap!r}")
+    try:
+        value = float(softcap)
+    except OverflowError:   # an int beyond any float
+        value = math.inf
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"softcap must be 0 (off) or a positive finite number, got {softcap!r}")
+    with np.errstate(over="ignore"):
+        cap = float(np.float32(value))
+    if value > 0 and not (0 < cap <= _FLOAT32_MAX):
+        raise ValueError(f"softcap={softcap!r} is {'0' if cap == 0 else 'inf'} in float32, as the kernels take it: "
+                         "pass 0 for none, or a value between 1.4e-45 and 3.4e38")
+    return cap
+
+
+def check_alibi(alibi_slopes, lead: tuple, on_gpu: bool, backend: str, device_id: int | None):
+    """The ALiBi slopes as the backend reads them: float32, shape lead (one slope per (batch...,
+    head)), contiguous; a CuPy array on device_id for "cuda", else NumPy. Takes (heads,) or lead
+    shapes, NumPy/CuPy/DLPack arrays or lists; host values must be finite."""
+    if alibi_slopes is None:
+        return None
+    from . import _interop
+    x = alibi_slopes
+    if _interop._is_foreign(x):
+        x = _interop._native("alibi_slopes", x)
+    if isinstance(x, (list, tuple)):
+        x = np.asarray(x)
+    kind = "numpy" if isinstance(x, np.ndarray) else "cupy" if _device.is_cupy_array(x) else None
+    if kind is None:
+        raise TypeError(f"alibi_slopes must be None or an array (NumPy, CuPy, torch, ... or a list) of one "
+                        f"slope per head, got {type(x).__module__}.{type(x).__qualname__}")
+    dtype = np.dtype(x.dtype)
+    if dtype.kind not in "fiu" and dtype.name != "bfloat16":
+        raise TypeError(f"alibi_slopes must hold real numbers (the kernels read float32), got dtype {dtype}: "
+                        "cast with .astype(float32)")
+    heads = lead[-1] if lead else 1
+    if tuple(x.shape) not in ((heads,), lead):
+        raise ValueError(f"alibi_slopes must have shape ({heads},) (one slope per head) or {lead} (one per "
+                         f"batch index and head: q.shape[:-2]), got {tuple(x.shape)}")
+    if kind == "cupy":
+        if not on_gpu:
+            raise TypeError("alibi_slopes is a CuPy array and q, k, v are NumPy arrays; pass NumPy slopes "
+                            "(or a list), or CuPy q, k, v")
+        if x.device.id != device_id:
+            raise ValueError(f"alibi_slopes is on GPU {x.device.id} and q, k, v on GPU {device_id}; "
+                             "copy the slopes to q's device")
+    else:
+        with np.errstate(over="ignore", invalid="ignore"):
+            host = np.asarray(x).astype(np.float32)
+        if not np.isfinite(host).all():
+            raise ValueError("alibi_slopes must be finite float32 numbers; got NaN, inf or a value beyond "
+                             f"float32's range (max |slope| {np.abs(np.asarray(x, np.float64)).max()!r})")
+        x = host
+    if tuple(x.shape) == (heads,):   # one slope a head, for every batch index (q with no leading dims: ())
+        x = x.reshape((1,) * (len(lead) - 1) + (heads,) if lead else ())
+    # copy() where the broadcast is not contiguous (ascontiguousarray would make 0-d 1-d)
+    contiguous = lambda y: y if y.flags.c_contiguous else y.copy()  # noqa: E731
+    if backend != "cuda":
+        x = x if kind == "numpy" else x.get()
+        return contiguous(np.broadcast_to(x.astype(np.float32, copy=False), lead))
+    cp = _device.cupy()
+    with cp.cuda.Device(device_id):
+        return contiguous(cp.broadcast_to(cp.asarray(x, dtype=cp.float32), lead))
+
+
 def validate(q, k, v, *, causal, softmax_scale, return_lse, backend,
-             num_threads=1, allow_tf32=False, fp32_kernel="auto") -> Problem:
+             num_threads=1, allow_tf32=False, fp32_kernel="auto", window=None, softcap=0.0,
+             alibi_slopes=None) -> Problem:
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
     causal = _check_flag("causal", causal)
@@ -183,8 +282,15 @@ def validate(q, k, v, *, causal, softmax_scale, return_lse, backend,
         raise TypeError(f"softmax_scale must be a real number or None, got {softmax_scale!r}")
 
     fp32 = _fp32_mode(allow_tf32, fp32_kernel, backend, dtype)
-    return Problem(q, k, v, backend, on_gpu, dtype, tuple(q.shape[:-2]), Nq, Nk, d, scale, causal,
-                   num_threads=int(num_threads), fp32=fp32, group=group)
+    window = window_pair(window, causal, Nq, Nk)
+    softcap = check_softcap(softcap)
+    alibi = None
+    if alibi_slopes is not None:
+        device_id = q.device.id if on_gpu else _device.current_device() if backend == "cuda" else None
+        alibi = check_alibi(alibi_slopes, lead, on_gpu, backend, device_id)
+    return Problem(q, k, v, backend, on_gpu, dtype, lead, Nq, Nk, d, scale, causal,
+                   num_threads=int(num_threads), fp32=fp32, group=group, window=window, softcap=softcap,
+                   alibi=alibi)
 
 
 def _query_group(q, k, v) -> int:

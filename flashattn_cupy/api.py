@@ -11,6 +11,7 @@ from ._validate import Problem, validate
 
 
 def flash_attention(q: Array, k: Array, v: Array, *, causal: bool = False, softmax_scale: float | None = None,
+                    window: tuple[int, int] | None = None, softcap: float = 0.0, alibi_slopes: Array | None = None,
                     return_lse: bool = False, backend: Backend = "auto", num_threads: int = 1,
                     allow_tf32: bool = False, fp32_kernel: Fp32Kernel = "auto") -> Any:
     """FlashAttention-2 forward: O = softmax(softmax_scale * q k^T) v, without the N x N matrix.
@@ -23,7 +24,18 @@ def flash_attention(q: Array, k: Array, v: Array, *, causal: bool = False, softm
     causal: mask key j for query i when j > i + (Nk - Nq) (bottom-right aligned); a row with
         every key masked gives O = 0 and L = -inf.
     softmax_scale: defaults to 1 / sqrt(d).
-    return_lse: also return L, the natural-log logsumexp of the scaled scores, float32 (..., Nq).
+    window: a sliding window (left, right): query i sees key j when
+        i + (Nk - Nq) - left <= j <= i + (Nk - Nq) + right (bottom-right aligned, as causal);
+        -1 leaves that side unbounded, (-1, 0) is the causal mask. With causal=True, right
+        becomes 0. Rows that see no key give O = 0 and L = -inf. Key tiles wholly outside
+        every row's window are skipped, so the cost follows the window's width.
+    softcap: when > 0, each score x = softmax_scale * q.k becomes softcap * tanh(x / softcap)
+        (Gemma 2's logit softcapping), with softcap rounded to float32 as the kernels use it.
+    alibi_slopes: ALiBi, one slope per head, shape (heads,) or q.shape[:-2] (per batch index
+        and head): the score of query i and key j loses slope * |i + (Nk - Nq) - j| (after
+        softcap). Any real array (NumPy, CuPy on q's device, torch, a list), used as float32;
+        host slopes must be finite (CuPy slopes are not read back to check).
+    return_lse: also return L, the natural-log logsumexp of the (modded) scores, float32 (..., Nq).
     backend: "auto" (CuPy arrays -> "cuda", NumPy arrays -> "c"), "c" (float32/float64),
         "cuda" (float32/float16/bfloat16; NumPy inputs are copied to the GPU and back), or
         "reference" (naive float64 NumPy, the tests' oracle).
@@ -45,12 +57,13 @@ def flash_attention(q: Array, k: Array, v: Array, *, causal: bool = False, softm
     with _interop.caller_arrays(q, k, v) as (q, k, v, export):
         problem = validate(q, k, v, causal=causal, softmax_scale=softmax_scale, return_lse=return_lse,
                            backend=backend, num_threads=num_threads, allow_tf32=allow_tf32,
-                           fp32_kernel=fp32_kernel)
+                           fp32_kernel=fp32_kernel, window=window, softcap=softcap, alibi_slopes=alibi_slopes)
         O, L = _run(problem)
         return (export(O), export(L)) if return_lse else export(O)
 
 
 def plan_for(q: Array, k: Array, v: Array, *, causal: bool = False, softmax_scale: float | None = None,
+             window: tuple[int, int] | None = None, softcap: float = 0.0, alibi_slopes: Array | None = None,
              backend: Backend = "auto", num_threads: int = 1, allow_tf32: bool = False,
              fp32_kernel: Fp32Kernel = "auto") -> planner.Plan | None:
     """The Plan flash_attention would run for these arguments (None for "reference").
@@ -61,7 +74,7 @@ def plan_for(q: Array, k: Array, v: Array, *, causal: bool = False, softmax_scal
     with _interop.caller_arrays(q, k, v) as (q, k, v, _):
         problem = validate(q, k, v, causal=causal, softmax_scale=softmax_scale, return_lse=False,
                            backend=backend, num_threads=num_threads, allow_tf32=allow_tf32,
-                           fp32_kernel=fp32_kernel)
+                           fp32_kernel=fp32_kernel, window=window, softcap=softcap, alibi_slopes=alibi_slopes)
         return _plan(problem)
 
 
@@ -102,7 +115,8 @@ def _run(problem: Problem):
         O, L = _c_backend.run(problem, plan, *(_host(x) for x in (problem.q, problem.k, problem.v)))
     else:
         O, L = reference.attention(*(_host(x) for x in (problem.q, problem.k, problem.v)),
-                                   causal=problem.causal, softmax_scale=problem.scale)
+                                   causal=problem.causal, softmax_scale=problem.scale, window=problem.window,
+                                   softcap=problem.softcap, alibi_slopes=problem.alibi)
         O, L = O.astype(problem.q.dtype), L.astype(np.float32)
     if problem.on_gpu:
         cp = _device.cupy()

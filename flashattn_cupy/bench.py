@@ -102,7 +102,7 @@ def bench_cpu(quick: bool, memory: bool) -> list[str]:
              "|" + " --- |" * 11]
     a, b = (rng.standard_normal((2, 1024, 1024), dtype=np.float32) for _ in range(2))
     Ns = (1024,) if quick else (1024, 4096)
-    done, total = 0, 2 * len(Ns) * 2
+    finished, total = 0, 2 * len(Ns) * 2
     for d in (64, 128):
         for N in Ns:
             for causal in (False, True):
@@ -127,8 +127,8 @@ def bench_cpu(quick: bool, memory: bool) -> list[str]:
                          f"{rate['c'] / rate['torch']:.2f}" if torch else "-",
                          f"{rate['c2'] / rate['c']:.2f}", f"{2 * t['matmul'] / t['matmul2']:.2f}"]
                 lines.append(f"| {d} | {N} | {causal} | " + " | ".join(cells) + " |")
-                done += 1
-                print(f"[{done}/{total}] {lines[-1]}", file=sys.stderr, flush=True)
+                finished += 1
+                print(f"[{finished}/{total}] {lines[-1]}", file=sys.stderr, flush=True)
     if memory:   # the NumPy row shows that the measurement sees an N x N matrix when there is one
         ours = _peak_memory(65536, 64, "flash_attention(q, k, v, causal=True, return_lse=True)")
         control = _peak_memory(8192, 64, "naive_numpy(q, k, v, True)")
@@ -237,7 +237,7 @@ def bench_gpu(quick: bool, dtypes=GPU_ROWS) -> list[str]:
                     ratios = [f"{rate['ours'] / r:.3f}" if r else "" for r in (target, best_sdpa)]
                     plan = plan_for(q, k, v, causal=causal, **options)
                     assert plan is not None
-                    err = sampled_error(*(cp.asnumpy(x) for x in (fns["ours"](), q, k, v)), causal)
+                    err = sampled_error(cp.asnumpy(fns["ours"]()), cp.asnumpy(q), cp.asnumpy(k), cp.asnumpy(v), causal)
                     lines.append(f"| {row} | {d} | {B}×{H}×{N} | {causal} | " + " | ".join(cells + ratios)
                                  + f" | {err:.1e} | `{plan.kernel}` |")
                     done += 1

@@ -3,10 +3,13 @@ flash-attn package ports by changing one import:
 
     from flashattn_cupy.flash_attn_interface import flash_attn_func   # was: from flash_attn import ...
 
+flash_attn_varlen_func takes the same batch packed without padding (cu_seqlens offsets).
+
 Tensors are (batch, seqlen, nheads, headdim), as in flash-attn. They are read through their
 strides: the CUDA kernels take the (batch, nheads, seqlen, headdim) view of them in place (the
-C twin copies to contiguous, as it does for every input). What flash-attn has and we do not yet
-(dropout, sliding windows, softcap, ALiBi) is refused with a ValueError before anything runs.
+C twin copies to contiguous, as it does for every input). Sliding windows, softcap and ALiBi
+mean what they mean in flash-attn; dropout (the forward pass is for inference) is refused with a
+ValueError before anything runs.
 """
 from __future__ import annotations
 
@@ -16,10 +19,7 @@ from typing import Any
 from . import _interop
 from ._typing import Array, Backend
 from .api import flash_attention
-
-# What is not implemented yet, and where it is planned: the messages name it.
-_PLANNED = "planned with sliding windows, softcap, ALiBi and varlen (issue 8)"
-
+from .varlen import flash_attention_varlen
 
 def flash_attn_func(q: Array, k: Array, v: Array, dropout_p: float = 0.0, softmax_scale: float | None = None,
                     causal: bool = False, window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
@@ -36,8 +36,12 @@ def flash_attn_func(q: Array, k: Array, v: Array, dropout_p: float = 0.0, softma
     softmax_scale: defaults to 1 / sqrt(headdim).
     causal: bottom-right aligned mask (key j is masked for query i when j > i + seqlen_k - seqlen_q);
         a query row with every key masked gives zeros.
-    window_size: (-1, -1), or (-1, 0), which is the causal mask; other windows are refused.
-    softcap: must be 0.0; alibi_slopes: must be None.
+    window_size: (left, right), sliding-window (local) attention: query i sees key j when
+        i + seqlen_k - seqlen_q - left <= j <= i + seqlen_k - seqlen_q + right; -1 is
+        unbounded, (-1, -1) no window; with causal=True, right is 0.
+    softcap: 0.0 (off), or > 0: scores become softcap * tanh(score / softcap).
+    alibi_slopes: None, or (nheads,) or (batch, nheads) slopes (fp32 in flash-attn; any real
+        array here): the score of query i and key j loses slope * |i + seqlen_k - seqlen_q - j|.
     deterministic: accepted for compatibility; the forward pass is always deterministic here.
     return_attn_probs: flash-attn's flag: return (out, softmax_lse, None) (no probabilities are
         ever formed, so the third item is None).
@@ -47,17 +51,53 @@ def flash_attn_func(q: Array, k: Array, v: Array, dropout_p: float = 0.0, softma
     Returns out, (batch, seqlen_q, nheads, headdim), contiguous, of q's dtype and kind; and
     softmax_lse, (batch, nheads, seqlen_q) float32, the natural-log logsumexp of the scaled scores.
     """
-    causal = _check_flash_attn_args(dropout_p, causal, window_size, softcap, alibi_slopes,
-                                    deterministic, return_attn_probs, return_lse)
+    window = _check_flash_attn_args(dropout_p, causal, window_size, deterministic, return_attn_probs,
+                                    return_lse)
     with _interop.caller_arrays(q, k, v) as (q, k, v, export):
         _check_shapes(q, k, v)
         # (batch, seqlen, heads, d) -> (batch, heads, seqlen, d): views, no copies
         O, L = flash_attention(q.swapaxes(1, 2), k.swapaxes(1, 2), v.swapaxes(1, 2), causal=causal,
-                               softmax_scale=softmax_scale, return_lse=True, backend=backend)
+                               softmax_scale=softmax_scale, window=window, softcap=softcap,
+                               alibi_slopes=alibi_slopes, return_lse=True, backend=backend)
         out = export(O.swapaxes(1, 2).copy())   # contiguous (batch, seqlen, heads, d), as flash-attn's
         if return_attn_probs:
             return out, export(L), None
         return (out, export(L)) if return_lse else out
+
+
+def flash_attn_varlen_func(q: Array, k: Array, v: Array, cu_seqlens_q: Array, cu_seqlens_k: Array,
+                           max_seqlen_q: int, max_seqlen_k: int, dropout_p: float = 0.0,
+                           softmax_scale: float | None = None, causal: bool = False,
+                           window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                           alibi_slopes: Array | None = None, deterministic: bool = False,
+                           return_attn_probs: bool = False, block_table: Array | None = None, *,
+                           return_lse: bool = False, backend: Backend = "auto") -> Any:
+    """Attention over packed variable-length sequences, as flash_attn.flash_attn_varlen_func.
+
+    q: (total_q, nheads, headdim); k, v: (total_k, nheads_k, headdim): the rows of the batch's
+        sequences one after another, i.e. the (batch, seqlen, nheads, headdim) tensors of
+        flash_attn_func without their padding. nheads a multiple of nheads_k (GQA/MQA).
+    cu_seqlens_q, cu_seqlens_k: int32 (or int64) (batch + 1,) offsets of each sequence's rows.
+    max_seqlen_q, max_seqlen_k: ints, at least each sequence's length.
+    dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+    return_attn_probs, return_lse, backend: as in flash_attn_func, each sequence on its own.
+    block_table: must be None (a paged KV cache is not supported).
+
+    Returns out, (total_q, nheads, headdim), and softmax_lse, (nheads, total_q) float32; see
+    flashattn_cupy.flash_attention_varlen for the checks on the offsets.
+    """
+    window = _check_flash_attn_args(dropout_p, causal, window_size, deterministic, return_attn_probs,
+                                    return_lse)
+    if block_table is not None:
+        raise ValueError("block_table: a paged KV cache is not supported; pass k and v packed as "
+                         "(total_k, nheads_k, headdim) with cu_seqlens_k, and block_table=None")
+    out, lse = flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                      causal=causal, softmax_scale=softmax_scale, window=window,
+                                      softcap=softcap, alibi_slopes=alibi_slopes, return_lse=True,
+                                      backend=backend)
+    if return_attn_probs:
+        return out, lse, None
+    return (out, lse) if return_lse else out
 
 
 def _check_flag(name: str, value) -> bool:
@@ -73,16 +113,14 @@ def _check_zero(name: str, value, what: str) -> None:
         raise ValueError(f"{name}={value!r}: {what}")
 
 
-def _check_flash_attn_args(dropout_p, causal, window_size, softcap, alibi_slopes, deterministic,
-                           return_attn_probs, return_lse) -> bool:
-    """The arguments flash-attn has beyond flash_attention's; returns the effective causal flag."""
+def _check_flash_attn_args(dropout_p, causal, window_size, deterministic, return_attn_probs,
+                           return_lse) -> tuple[int, int]:
+    """The arguments flash-attn has beyond flash_attention's (softcap and alibi_slopes are
+    flash_attention's own, checked there); returns the window as flash_attention takes it."""
     _check_zero("dropout_p", dropout_p,
                 "dropout is not supported (flashattn_cupy computes the forward pass for inference); "
                 "pass dropout_p=0.0, e.g. `dropout_p if self.training else 0.0` in a model at eval")
-    _check_zero("softcap", softcap, f"softcapping is not supported yet ({_PLANNED}); pass softcap=0.0")
-    if alibi_slopes is not None:
-        raise ValueError(f"alibi_slopes: ALiBi is not supported yet ({_PLANNED}); pass alibi_slopes=None")
-    causal = _check_flag("causal", causal)
+    _check_flag("causal", causal)
     for name, flag in (("deterministic", deterministic), ("return_attn_probs", return_attn_probs),
                        ("return_lse", return_lse)):
         _check_flag(name, flag)
@@ -92,13 +130,10 @@ def _check_flash_attn_args(dropout_p, causal, window_size, softcap, alibi_slopes
     if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
             or not all(isinstance(w, numbers.Integral) and not isinstance(w, bool) for w in window_size)):
         raise TypeError(f"window_size must be a pair of ints (left, right), got {window_size!r}")
-    left, right = window_size
-    if (left, right) == (-1, 0):    # flash-attn's own spelling of the causal mask
-        return True
-    if (left, right) != (-1, -1):
-        raise ValueError(f"window_size={window_size!r}: sliding-window (local) attention is not "
-                         f"supported yet (it is {_PLANNED}); pass window_size=(-1, -1)")
-    return causal
+    if min(window_size) < -1:
+        raise ValueError(f"window_size={tuple(window_size)!r}: each side must be >= 0 (keys seen on that "
+                         "side of the diagonal) or -1 (unbounded)")
+    return int(window_size[0]), int(window_size[1])
 
 
 def _check_shapes(q, k, v) -> None:

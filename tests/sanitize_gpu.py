@@ -11,7 +11,8 @@ compute-sanitizer is taken from --sanitizer, PATH, $CUDA_HOME/bin, /usr/local/cu
 wheel nvidia-cuda-sanitizer-api-cu12 (or nvidia-cuda-sanitizer-api for CUDA 13). Under
 each tool one Python process (this file with --worker) makes one flash_attention call per point
 of a grid: for every kernel variant the planner emits for this device's shared-memory limit and
-arch (every head-dim bound D, dtype, causal flag and float32 mode, as fp32_kernel / allow_tf32;
+arch (every head-dim bound D, dtype, mask (none, causal, and a sliding window with softcap and
+ALiBi: MASK 0, 1, 2) and float32 mode, as fp32_kernel / allow_tf32;
 the worker asks plan_for which variant each call runs, and fails if one is missed), head dims D,
 D - 24 (a multiple of 8) and D - 31 (odd), shapes with ragged tiles ((77, 203), and (203, 77),
 whose first 126 causal rows see no key), in three layouts: contiguous, (B, N, H, d) memory
@@ -48,32 +49,35 @@ DECODE_CASES = ((0, "contiguous", ((1, 1000), (5, 300))), (24, "transposed", ((3
 # planner.plan's fp32 modes as flash_attention's options
 API_FP32 = {"auto": {}, "3xtf32": {"fp32_kernel": "3xtf32"}, "tf32": {"allow_tf32": True},
             "simt": {"fp32_kernel": "simt"}}
+# The kernels' MASK (planner.MASKS) as flash_attention's options: nothing, causal, and a window
+# (which empties rows of (203, 77)) with softcap and ALiBi ("alibi": the worker makes the slopes)
+MASK_OPTIONS = {0: {}, 1: {"causal": True}, 2: {"window": (40, 8), "softcap": 5.0, "alibi": True}}
 
 
 def calls(smem_limit: int, arch: int):
-    """The grid, as (kernel, dtype, causal, d, Nq, Nk, layout, options): for every variant the
-    planner emits here (every head-dim bound, dtype, causal flag and float32 mode), each case."""
+    """The grid, as (kernel, dtype, mods, d, Nq, Nk, layout, options): for every variant the
+    planner emits here (every head-dim bound, dtype, mask and float32 mode), each case; mods are
+    MASK_OPTIONS' entries."""
     from flashattn_cupy import planner
     grid, seen = [], set()
     for D in range(planner.HEAD_DIM_STEP, planner.MAX_HEAD_DIM + 1, planner.HEAD_DIM_STEP):
         for dtype in planner.CUDA_TYPES:
-            for causal in (False, True):
+            for mask in planner.MASKS:
                 for mode in planner.FP32_MODES if dtype == "float32" else ("auto",):
                     if mode == "3xtf32" and arch < 80:
                         continue
-                    kernel = planner.plan(1, 1, D, dtype=dtype, causal=causal, smem_limit=smem_limit,
-                                          arch=arch, fp32=mode).kernel
+                    kernel = _plan(planner, 1, 1, D, dtype, MASK_OPTIONS[mask], smem_limit, arch, mode).kernel
                     if kernel in seen:
                         continue
                     seen.add(kernel)
-                    grid += [(kernel, dtype, causal, D - below, Nq, Nk, layout, API_FP32[mode])
+                    grid += [(kernel, dtype, MASK_OPTIONS[mask], D - below, Nq, Nk, layout, API_FP32[mode])
                              for below, layout, shapes in CASES for Nq, Nk in shapes]
                 if dtype in planner.DECODE_DTYPES and arch >= 80 and planner.decode_tiles(D, smem_limit):
-                    kernel = planner.plan(1, planner.DECODE_MIN_KEYS, D, dtype=dtype, causal=causal,
-                                          smem_limit=smem_limit, arch=arch, sm_count=1, decode=True).kernel
+                    kernel = _plan(planner, 1, planner.DECODE_MIN_KEYS, D, dtype, MASK_OPTIONS[mask], smem_limit,
+                                   arch, "auto", sm_count=1, decode=True).kernel
                     if kernel not in seen:
                         seen.add(kernel)
-                        grid += [(kernel, dtype, causal, D - below, Nq, Nk, layout, {})
+                        grid += [(kernel, dtype, MASK_OPTIONS[mask], D - below, Nq, Nk, layout, {})
                                  for below, layout, shapes in DECODE_CASES for Nq, Nk in shapes]
     return grid
 
@@ -93,15 +97,21 @@ def decoding_chosen():
         planner.cached_plan.cache_clear()
 
 
+def _plan(planner, Nq, Nk, d, dtype, mods, smem_limit, arch, fp32, **extra):
+    """planner.plan for a call with these mods (MASK_OPTIONS), as flash_attention plans it."""
+    return planner.plan(Nq, Nk, d, dtype=dtype, causal=mods.get("causal", False), batch=2, heads=3,
+                        smem_limit=smem_limit, arch=arch, fp32=fp32, window="window" in mods,
+                        score_mod="softcap" in mods or "alibi" in mods, **extra)
+
+
 def kernels_reached(smem_limit: int, arch: int) -> tuple[set, set]:
     """(the kernels the grid's calls are planned to run, every variant the planner emits here)."""
     from flashattn_cupy import planner
     reached = set()
     with decoding_chosen():
-        for _, dtype, causal, d, Nq, Nk, _, options in calls(smem_limit, arch):
+        for _, dtype, mods, d, Nq, Nk, _, options in calls(smem_limit, arch):
             fp32 = "tf32" if options.get("allow_tf32") else options.get("fp32_kernel", "auto")
-            p = planner.plan(Nq, Nk, d, dtype=dtype, causal=causal, batch=2, heads=3,
-                             smem_limit=smem_limit, arch=arch, fp32=fp32, sm_count=132)
+            p = _plan(planner, Nq, Nk, d, dtype, mods, smem_limit, arch, fp32, sm_count=132)
             reached.update((p.kernel, p.combine) if p.splits else (p.kernel,))
     return reached, set(planner.cuda_variants(smem_limit, arch))
 
@@ -138,16 +148,20 @@ def worker() -> int:
     rng = np.random.default_rng(0)
     ran, failures = set(), []
     grid = calls(smem_limit, arch)
-    for _, dtype, causal, d, Nq, Nk, layout, options in grid:
+    for _, dtype, mods, d, Nq, Nk, layout, options in grid:
         q, k, v = _arrays(cp, rng, dtype, d, Nq, Nk, layout)
-        plan = plan_for(q, k, v, causal=causal, **options)
+        # slopes made on the host, one per (batch, head): validation copies them as they are
+        mods = {key: rng.uniform(0, 1, (2, 3)).astype(np.float32) if key == "alibi" else value
+                for key, value in mods.items()}
+        kw = {("alibi_slopes" if key == "alibi" else key): value for key, value in mods.items()}
+        plan = plan_for(q, k, v, **kw, **options)
         ran.update((plan.kernel, plan.combine) if plan.splits else (plan.kernel,))
-        O, L = flash_attention(q, k, v, causal=causal, return_lse=True, **options)
+        O, L = flash_attention(q, k, v, return_lse=True, **kw, **options)
         try:
             assert_attention_close(cp.asnumpy(O), cp.asnumpy(L), *(cp.asnumpy(x) for x in (q, k, v)),
-                                   causal=causal, **kernel_rounding(plan))
+                                   **kw, **kernel_rounding(plan))
         except AssertionError as exc:
-            failures.append(f"{plan.kernel} d={d} Nq={Nq} Nk={Nk} {layout} causal={causal}: {exc}")
+            failures.append(f"{plan.kernel} d={d} Nq={Nq} Nk={Nk} {layout} {mods_name(mods)}: {exc}")
     missed = set(planner.cuda_variants(smem_limit, arch)) - ran
     print(f"worker: {len(grid)} calls, {len(ran)} kernel variants "
           f"(shared-memory limit {smem_limit} B, sm_{arch}); wrong results: {len(failures)}; "
@@ -155,6 +169,10 @@ def worker() -> int:
     for line in failures + [f"not reached: {name}" for name in sorted(missed)]:
         print("  " + line)
     return 1 if failures or missed else 0
+
+
+def mods_name(mods) -> str:
+    return ", ".join(f"{key}={'...' if key == 'alibi' else value}" for key, value in mods.items()) or "no mask"
 
 
 def find_sanitizer(given: str | None) -> str | None:

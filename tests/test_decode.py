@@ -152,7 +152,7 @@ def _problem(q, k, v, causal=False, **features):
     if not features:
         return problem
     fields = {f.name: getattr(problem, f.name) for f in dataclasses.fields(problem)}
-    return types.SimpleNamespace(**fields, heads=problem.heads, batch=problem.batch, **features)
+    return types.SimpleNamespace(**{**fields, "heads": problem.heads, "batch": problem.batch, **features})
 
 
 def _gqa(rng, B, H, Hkv, Nq, Nk, d, dtype=np.float32, layout="bhnd"):

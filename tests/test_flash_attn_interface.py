@@ -50,6 +50,30 @@ def test_causal_window_is_causal(rng):
                                   flash_attn_func(q, k, v, causal=True))
 
 
+@pytest.mark.parametrize("window_size, causal, softcap, alibi", [
+    ((8, 0), False, 0.0, None), ((5, 3), False, 0.0, None), ((0, 0), True, 0.0, None), ((-1, 2), False, 0.0, None),
+    ((-1, -1), True, 3.0, None), ((-1, -1), False, 0.0, "heads"), ((4, 4), True, 2.0, "batch"),
+])
+def test_windows_softcap_and_alibi(rng, window_size, causal, softcap, alibi):
+    """flash-attn's meanings: window_size (left, right) bottom-right aligned, causal sets right
+    to 0; softcap; ALiBi slopes (nheads,) or (batch, nheads), with GQA."""
+    q, k, v = _bnhd(rng, 2, 40, 55, 6, 16, Hk=2)
+    slopes = None if alibi is None else rng.uniform(0, 1, (6,) if alibi == "heads" else (2, 6)).astype(np.float32)
+    out, lse = flash_attn_func(q, k, v, causal=causal, window_size=window_size, softcap=softcap,
+                               alibi_slopes=slopes, return_lse=True)
+    window = (window_size[0], 0) if causal else window_size
+    assert_attention_close(_bhnd(out), lse, _bhnd(q), _bhnd(k), _bhnd(v), window=window, softcap=softcap,
+                           alibi_slopes=None if slopes is None else np.broadcast_to(slopes, (2, 6)))
+
+
+def test_torch_slopes(rng):
+    torch = pytest.importorskip("torch", reason="torch is not installed (CI installs torch==2.13.0, CPU)")
+    q, k, v = _bnhd(rng, 2, 20, 30, 4, 16)
+    slopes = rng.uniform(0, 1, 4).astype(np.float32)
+    out = flash_attn_func(*map(torch.from_numpy, (q, k, v)), alibi_slopes=torch.from_numpy(slopes))
+    np.testing.assert_array_equal(out.numpy(), flash_attn_func(q, k, v, alibi_slopes=slopes))
+
+
 @pytest.mark.parametrize("H,Hk", [(6, 2), (4, 1)])
 def test_grouped_and_multi_query(rng, H, Hk):
     q, k, v = _bnhd(rng, 2, 25, 31, H, 32, Hk=Hk)
@@ -71,12 +95,12 @@ def test_torch_tensors(rng):
 @pytest.mark.parametrize("kwargs, exc, words", [
     (dict(dropout_p=0.1), ValueError, "dropout is not supported"),
     (dict(dropout_p="0"), TypeError, "dropout_p must be a number"),
-    (dict(window_size=(128, 0)), ValueError, "sliding-window (local) attention is not supported yet"),
-    (dict(window_size=(-1, 8)), ValueError, "pass window_size=(-1, -1)"),
+    (dict(window_size=(-2, 8)), ValueError, "window_size=(-2, 8): each side must be >= 0"),
     (dict(window_size=5), TypeError, "window_size must be a pair of ints"),
     (dict(window_size=(-1.0, -1.0)), TypeError, "window_size must be a pair of ints"),
-    (dict(softcap=30.0), ValueError, "softcapping is not supported yet"),
-    (dict(alibi_slopes=np.ones(2, np.float32)), ValueError, "ALiBi is not supported yet"),
+    (dict(softcap=-1.0), ValueError, "softcap must be 0 (off) or a positive finite number"),
+    (dict(softcap="30"), TypeError, "softcap must be a real number"),
+    (dict(alibi_slopes=np.ones(3, np.float32)), ValueError, "alibi_slopes must have shape (2,)"),
     (dict(causal=1), TypeError, "causal must be True or False"),
     (dict(deterministic=None), TypeError, "deterministic must be True or False"),
     (dict(return_attn_probs=True, return_lse=True), ValueError, "not both"),

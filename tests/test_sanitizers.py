@@ -5,7 +5,8 @@ optimization flags and -fsanitize=address,undefined,float-cast-overflow -fno-san
 so any out-of-bounds access, leak or undefined operation aborts the driver and fails the test
 with the sanitizer's report. Each input and output is its own exact-size malloc in the driver.
 The cases: awkward shapes, the tiles the planner picks and other ones (1 x 1 up to 128 x 64,
-non-square, not multiples of the vector width), causal or not, float and double, NaN and inf
+non-square, not multiples of the vector width), causal or not, sliding windows (some emptying
+rows, or tiles), softcap and ALiBi, float and double, NaN and inf
 inputs (the exp's clamps), and flash_exp_f32 on special values. The outputs are checked against
 the float64 reference, so a sanitized build that computes wrongly fails too.
 (The GPU kernels' counterpart is tests/sanitize_gpu.py, under compute-sanitizer.)"""
@@ -36,6 +37,9 @@ SHAPES = [   # (BH, Nq, Nk, d)
 ]
 GROUPED = [(4, 2, 33, 65, 40), (6, 6, 17, 31, 59), (3, 3, 1, 7, 3)]   # (BH, group, Nq, Nk, d): GQA, MQA
 EXTRA_TILES = [(1, 1), (3, 5), (8, 8), (16, 16), (17, 33), (64, 64), (128, 64), (128, 32)]
+# the C twin's flash_mods beyond causal, one per case in rotation: (window, softcap, ALiBi)
+MODS = [((5, 3), 0.0, False), ((0, 0), 2.5, False), ((40, -1), 0.0, True), ((-1, -1), 7.0, True),
+        ((-1, 0), 1.0, True), ((2, 60), 0.0, False), ((300, 0), 0.0, False)]
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +54,25 @@ def driver(tmp_path_factory):
     return exe
 
 
-def _record(op, q, k, v, Br, Bc, causal, scale):
+def _record(op, q, k, v, Br, Bc, mods, scale):
+    """The driver's record; mods: assert_attention_close's window, softcap and alibi_slopes."""
     BH, Nq, d = q.shape
-    head = struct.pack("<9qd", op, BH, BH // k.shape[0], Nq, k.shape[1], d, Br, Bc, int(causal), scale)
-    return head + b"".join(np.ascontiguousarray(x).tobytes() for x in (q, k, v))
+    (left, right), alibi = mods.get("window") or (-1, -1), mods.get("alibi_slopes")
+    head = struct.pack("<11q2d", op, BH, BH // k.shape[0], Nq, k.shape[1], d, Br, Bc, left, right,
+                       alibi is not None, scale, mods.get("softcap", 0.0))
+    slopes = () if alibi is None else (alibi,)
+    return head + b"".join(np.ascontiguousarray(x).tobytes() for x in (q, k, v, *slopes))
+
+
+def _mods(rng, n, BH, causal=None):
+    """Causal (window (-1, 0)) or not, or, with causal None, MODS[n % len(MODS)]."""
+    if causal is not None:
+        return {"window": (-1, 0)} if causal else {}
+    window, softcap, alibi = MODS[n % len(MODS)]
+    mods = {"window": window, "softcap": softcap}
+    if alibi:
+        mods["alibi_slopes"] = rng.uniform(0, 0.5, BH).astype(np.float32)
+    return mods
 
 
 def _run(driver, records):
@@ -64,20 +83,23 @@ def _run(driver, records):
 
 
 def _attention_cases():
-    """(q, k, v, Br, Bc, causal, scale) over SHAPES x tiles x causal x dtype."""
+    """(q, k, v, Br, Bc, mods, scale) over SHAPES x tiles x (plain, causal, MODS) x dtype."""
     rng = np.random.default_rng(7)
-    for n, (BH, Nq, Nk, d) in enumerate(SHAPES):
+    n = 0
+    for BH, Nq, Nk, d in SHAPES:
         for dtype in (np.float32, np.float64):
             q, k, v = inputs(rng, (BH,), Nq, Nk, d, dtype=dtype)
             chosen = planner.plan(Nq, Nk, d, dtype=np.dtype(dtype).name, backend="c")
             for Br, Bc in {(chosen.Br, chosen.Bc), EXTRA_TILES[n % 8], EXTRA_TILES[(n + 3) % 8]}:
-                for causal in (False, True):
-                    yield q, k, v, Br, Bc, causal, 1 / np.sqrt(d)
+                for causal in (False, True, None):
+                    n += 1
+                    yield q, k, v, Br, Bc, _mods(rng, n, BH, causal), 1 / np.sqrt(d)
     for BH, group, Nq, Nk, d in GROUPED:   # k and v hold BH / group heads, each read by its group
         for dtype in (np.float32, np.float64):
             q, k, v = inputs(rng, (BH,), Nq, Nk, d, dtype=dtype)
             for Br, Bc in ((16, 16), (3, 5)):
-                yield q, k[::group], v[::group], Br, Bc, True, 1 / np.sqrt(d)
+                n += 1
+                yield q, k[::group], v[::group], Br, Bc, _mods(rng, n, BH), 1 / np.sqrt(d)
 
 
 def _split(out, q, offset):
@@ -92,10 +114,10 @@ def test_attention_under_asan_and_ubsan(driver):
     cases = list(_attention_cases())
     out = _run(driver, [_record(0 if case[0].dtype == np.float32 else 1, *case) for case in cases])
     offset = 0
-    for q, k, v, Br, Bc, causal, scale in cases:
+    for q, k, v, Br, Bc, mods, scale in cases:
         O, L, offset = _split(out, q, offset)
         compute = "float64" if q.dtype == np.float64 else "float32"
-        assert_attention_close(O, L, q, k, v, causal=causal, softmax_scale=scale, compute=compute)
+        assert_attention_close(O, L, q, k, v, softmax_scale=scale, compute=compute, **mods)
     assert offset == len(out)
 
 
@@ -111,7 +133,8 @@ def test_nonfinite_inputs_under_asan_and_ubsan(driver):
             for Br, Bc in ((32, 32), (3, 17)):
                 for causal in (False, True):
                     cases.append((q, k, v, Br, Bc, causal, 0.3))
-    out = _run(driver, [_record(0, *case) for case in cases])
+    out = _run(driver, [_record(0, q, k, v, Br, Bc, {"window": (-1, 0)} if causal else {}, scale)
+                        for q, k, v, Br, Bc, causal, scale in cases])
     offset = 0
     for q, k, v, Br, Bc, causal, scale in cases:
         O, L, offset = _split(out, q, offset)
@@ -120,7 +143,8 @@ def test_nonfinite_inputs_under_asan_and_ubsan(driver):
 
 def test_exp_under_ubsan(driver):
     x = np.array([-np.inf, -1e30, -100, -87.4, -1, 0, 1, 50, 88, 100, 1e30, np.inf, np.nan], np.float32)
-    records = [struct.pack("<9qd", 2, x.size, 1, 0, 0, 0, 0, 0, 0, base) + x.tobytes() for base in (0.0, 3.0, -np.inf)]
+    records = [struct.pack("<11q2d", 2, x.size, 1, 0, 0, 0, 0, 0, -1, -1, 0, base, 0.0) + x.tobytes()
+               for base in (0.0, 3.0, -np.inf)]
     y = np.frombuffer(_run(driver, records), np.float32).reshape(3, -1)
     with np.errstate(over="ignore", invalid="ignore"):
         for got, base in zip(y, (0.0, 3.0, -np.inf)):

@@ -24,13 +24,23 @@ largest absolute-value score the data can make:
   (Fasi, Higham, Mikaitis, Pranesh, "Numerical behavior of NVIDIA tensor cores", PeerJ CS
   2021): we take u = 2^-22, four times fp32's round-to-nearest unit ("tensor_core").
 * L = m + log(l) moves by at most eps (eps bounds the relative error of l too), then is
-  rounded to float32: 2^-24 |L|, and |L| <= A + log(Nk).
+  rounded to float32: 2^-24 |L|, and |L| <= A + B + log(Nk) (B = 0 without ALiBi, below).
+* score mods (csrc/fa_mask.cuh, in the compute type): a sliding window only masks keys (a
+  masked key is -inf exactly, weight 0: no rounding), so the bounds above hold with Nk the
+  keys. softcap y = c tanh(x / c): d/dx y = 1 - tanh^2 <= 1, so x's error passes through no
+  larger; x / c is rounded (u |x| / c in the argument, u |x| <= u A out), tanh is within
+  2 ulp in CUDA's tanhf and glibc's (2 u |y| <= 2 u A), and c * tanh rounds once (u A):
+  4 u A more per score, and |y| <= |x| <= A still. ALiBi y - b with b = slope |i + shift - j|,
+  |b| <= B = max|slope| (max(Nq, Nk) - 1) (the offset is exact in float32 below 2^24):
+  b is rounded (u B), y - b too (u (A + B)), and the kernel's later steps on the score (the
+  4 operations counted in d + 4 above: log2(e), the row max) now act on |s| <= A + B, 4 u B
+  more: u A + 6 u B per score in all.
 * split-KV decoding (csrc/flash_decode.cu, `splits` > 0) computes each split's (O_s, L_s) with
   the tensor-core kernel's arithmetic over a subset of the keys, so within (tol_O_s, tol_L_s) =
   the bounds above for Nk keys (A, Nk and max|v| only grow with the key set) with O_s kept in
   float32 (u_out = 2^-24, not the input type's). The combine, in fp32 with expf/logf (a few ulp:
   u = 2^-22), forms w_s = exp(L_s - m) / sum_t exp(L_t - m): every L_s - m is off by at most
-  tol_L_s + u D_L (D_L = 2 A + log Nk bounds |L_s - L_t|, each L_s lying in [min s, A + log Nk]),
+  tol_L_s + u D_L (D_L = 2 (A + B) + log Nk bounds |L_s - L_t|, each L_s lying in [min s, A + B + log Nk]),
   exp and the sum over the splits add (splits + 4) u, so each weight is relatively within
   2 eps_w, eps_w = tol_L_s + u (D_L + splits + 4), and, the weights summing to 1, O = sum w_s O_s
   moves by at most tol_O_s + 2 eps_w max|v|, then is rounded once to its dtype. L = m + log(sum)
@@ -65,28 +75,38 @@ def kernel_rounding(plan) -> dict:
 
 
 def bounds(q, k, v, *, softmax_scale=None, compute="float32", out="float32", qk=None, p=None,
-           v_round=None, splits=0):
+           v_round=None, softcap=0.0, alibi_slopes=None, splits=0):
     """(tol_O, tol_L) for inputs q, k, v (NumPy, any float dtype); qk, p, v_round: the types
-    q and k, P, and V are rounded to before their products (None: not rounded); splits: split-KV
+    q and k, P, and V are rounded to before their products (None: not rounded); softcap and
+    alibi_slopes: the score mods, when on (a window needs no term of its own); splits: split-KV
     decoding's partials (float32), merged in fp32."""
+    d, Nq, Nk = q.shape[-1], q.shape[-2], k.shape[-2]
     if splits:
         part_O, part_L = bounds(q, k, v, softmax_scale=softmax_scale, compute=compute, out="float32",
-                                qk=qk, p=p, v_round=v_round)
-        A, Nk = score_bound(q, k, v, softmax_scale), k.shape[-2]
+                                qk=qk, p=p, v_round=v_round, softcap=softcap, alibi_slopes=alibi_slopes)
+        A = score_bound(q, k, v, softmax_scale) + alibi_bound(alibi_slopes, Nq, Nk)
         u = UNIT_ROUNDOFF["tensor_core"]
         eps_w = part_L + u * (2 * A + np.log(Nk) + splits + 4)
         vmax = float(np.abs(v).max())
         return (part_O + 2 * eps_w * vmax + UNIT_ROUNDOFF[out] * vmax,
                 eps_w + UNIT_ROUNDOFF["float32"] * (A + np.log(Nk) + 1))
-    d, Nk = q.shape[-1], k.shape[-2]
     A = score_bound(q, k, v, softmax_scale)
+    B = alibi_bound(alibi_slopes, Nq, Nk)
     u = UNIT_ROUNDOFF[compute]
     u_of = lambda name: UNIT_ROUNDOFF[name] if name else 0.0  # noqa: E731
-    eps = 2 * ((d + 4) * u + 2 * u_of(qk)) * A + (Nk + 4) * u
+    mods = (4 * u * A if softcap > 0 else 0.0) + (u * A + 6 * u * B if alibi_slopes is not None else 0.0)
+    eps = 2 * (((d + 4) * u + 2 * u_of(qk)) * A + mods) + (Nk + 4) * u
     vmax = float(np.abs(v).max())
     tol_O = 2 * eps * vmax + (u_of(out) + u_of(p) + u_of(v_round)) * vmax
-    tol_L = eps + UNIT_ROUNDOFF["float32"] * (A + np.log(Nk))
+    tol_L = eps + UNIT_ROUNDOFF["float32"] * (A + B + np.log(Nk))
     return tol_O, tol_L
+
+
+def alibi_bound(alibi_slopes, Nq, Nk) -> float:
+    """B = max|slope| (max(Nq, Nk) - 1): no ALiBi bias of these sizes is larger (0 without)."""
+    if alibi_slopes is None:
+        return 0.0
+    return float(np.abs(np.asarray(alibi_slopes, np.float64)).max(initial=0.0)) * (max(Nq, Nk) - 1)
 
 
 def score_bound(q, k, v, softmax_scale=None) -> float:
@@ -97,16 +117,20 @@ def score_bound(q, k, v, softmax_scale=None) -> float:
 
 
 def assert_attention_close(O, L, q, k, v, *, causal=False, softmax_scale=None,
-                           compute="float32", out=None, qk=None, p=None, v_round=None, splits=0):
-    """Check (O, L) against the float64 reference with the bounds above."""
+                           compute="float32", out=None, qk=None, p=None, v_round=None,
+                           window=None, softcap=0.0, alibi_slopes=None, splits=0):
+    """Check (O, L) against the float64 reference with the bounds above. softcap is rounded to
+    float32 first, as flash_attention does; alibi_slopes must be the float32 values it used."""
     O = np.asarray(O).astype(np.float64)
     L = np.asarray(L)
     assert L.dtype == np.float32, f"L must be float32, got {L.dtype}"
     assert O.shape == q.shape and L.shape == q.shape[:-1]
-    O_ref, L_ref = reference.attention(q, k, v, causal=causal, softmax_scale=softmax_scale)
+    softcap = float(np.float32(softcap))
+    O_ref, L_ref = reference.attention(q, k, v, causal=causal, softmax_scale=softmax_scale, window=window,
+                                       softcap=softcap, alibi_slopes=alibi_slopes)
     out = out or np.dtype(q.dtype).name
     tol_O, tol_L = bounds(q, k, v, softmax_scale=softmax_scale, compute=compute, out=out, qk=qk,
-                          p=p, v_round=v_round, splits=splits)
+                          p=p, v_round=v_round, softcap=softcap, alibi_slopes=alibi_slopes, splits=splits)
     assert not np.isnan(O).any() and not np.isnan(L).any(), "NaN in the output"
     masked = np.isneginf(L_ref)
     assert np.array_equal(np.isneginf(L), masked), "L = -inf exactly on the fully masked rows"
