@@ -15,8 +15,6 @@ import sys
 
 import numpy as np
 
-import contextlib
-
 from . import flash_attention, plan_for, planner
 from .bench import _gpu_time
 
@@ -74,20 +72,6 @@ def _sdpa_rivals(q, k, v) -> dict:
     return rivals
 
 
-@contextlib.contextmanager
-def _decoding(on: bool):
-    """The planner choosing split-KV decoding where it pays (on) or never (off), whatever
-    planner.DECODE_BY_DEFAULT says (off until the decode kernels have run on a GPU)."""
-    before = planner.DECODE_BY_DEFAULT
-    planner.DECODE_BY_DEFAULT = on
-    planner.cached_plan.cache_clear()
-    try:
-        yield
-    finally:
-        planner.DECODE_BY_DEFAULT = before
-        planner.cached_plan.cache_clear()
-
-
 def bench_decode(repeats: int = 20) -> list[str]:
     import cupy as cp
     name = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)["name"]
@@ -106,9 +90,9 @@ def bench_decode(repeats: int = 20) -> list[str]:
         fns = {"ours": lambda: flash_attention(q, k, v)}
         fns.update(_sdpa_rivals(q, k, v))
         times = {n: _gpu_time(fn, repeats) for n, fn in fns.items() if n != "ours"}
-        with _decoding(False):   # the one-pass kernel on the same call, for the split's gain
+        with planner.decode_default(False):   # the one-pass kernel on the same call, for the split's gain
             one_pass = _gpu_time(fns["ours"], repeats)
-        with _decoding(True):
+        with planner.decode_default(True):
             ours = _gpu_time(fns["ours"], repeats)
             out = flash_attention(q, k, v)
             plan = plan_for(q, k, v)

@@ -8,6 +8,7 @@ kernel's exact layout; for C, the tiles' working set).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from dataclasses import dataclass
@@ -70,6 +71,21 @@ DECODE_DTYPES = ("float16", "bfloat16")
 # it (its gpu tests, tests/test_decode.py, and tests/sanitize_gpu.py do); turn this on once they
 # pass on the H100/H200 and `bench --decode` has measured it.
 DECODE_BY_DEFAULT = False
+
+
+@contextlib.contextmanager
+def decode_default(on: bool):
+    """DECODE_BY_DEFAULT set to `on` within the block (cached plans dropped on the way in and
+    out): how the decode tests, the sanitizer grid and `bench --decode` run the decode kernels
+    before the planner picks them by itself."""
+    global DECODE_BY_DEFAULT
+    before, DECODE_BY_DEFAULT = DECODE_BY_DEFAULT, on
+    cached_plan.cache_clear()
+    try:
+        yield
+    finally:
+        DECODE_BY_DEFAULT = before
+        cached_plan.cache_clear()
 # (largest D, (warps NW, key tile BC, pipeline stages) candidates, best first). Every warp takes
 # BC / NW = 16 keys of a tile; BC = 64 keys of K and V are 18-34 KB a stage at D = 64-128, and
 # 2-3 stages (one or two tiles in flight a block, two or three blocks an SM) keep the 40+ KB an

@@ -25,6 +25,18 @@ NAMES = ("q", "k", "v", "alibi", "cu_q", "cu_k", "O", "L", "B", "H", "group", "N
          "o_sn", "l_sb", "l_sh", "scale", "softcap")
 
 
+
+def _softmax_rows(S, V):
+    """(O, L) of scores S (rows, keys) against V in float64: a row with every key masked gives
+    O = 0 and L = -inf, as the kernels write it."""
+    m = S.max(axis=1, keepdims=True, initial=-np.inf)
+    m = np.where(np.isneginf(m), 0, m)
+    P = np.exp(S - m)
+    l_ = P.sum(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (np.where(l_ == 0, 0, (P @ V) / np.where(l_ == 0, 1, l_)),
+                np.where(l_[:, 0] == 0, -np.inf, m[:, 0] + np.log(l_[:, 0])))
+
 def _flat(x, n):
     """x's memory from its first element on, n elements, as a 1-D view; refuses to reach past
     the buffer x is a view of."""
@@ -72,13 +84,7 @@ def make_kernel(mask, launches):
                     S = S - float(a["alibi"].reshape(-1)[b * H + h]) * np.abs(off)
                 if mask >= 1:
                     S = np.where((off <= int(a["left"])) & (-off <= int(a["right"])), S, -np.inf)
-                m = S.max(axis=1, keepdims=True, initial=-np.inf)
-                m = np.where(np.isneginf(m), 0, m)
-                P = np.exp(S - m)
-                l_ = P.sum(axis=1, keepdims=True)
-                with np.errstate(invalid="ignore", divide="ignore"):
-                    O_bh = np.where(l_ == 0, 0, (P @ V) / np.where(l_ == 0, 1, l_))
-                    L_bh = np.where(l_[:, 0] == 0, -np.inf, m[:, 0] + np.log(l_[:, 0]))
+                O_bh, L_bh = _softmax_rows(S, V)
                 rows(a["O"], "o", nq, q0, h)[...] = O_bh
                 l_start = b * int(a["l_sb"]) + h * int(a["l_sh"]) + q0
                 if nq:
@@ -149,13 +155,7 @@ def decode_kernel(plan, launches):
                     K = rows(a["k"], "k", Nk, 0, hk)[keys].astype(np.float64)
                     V = rows(a["v"], "v", Nk, 0, hk)[keys].astype(np.float64)
                     S = _scores(a, mask, Q.astype(np.float64), K, r % Nq, keys, slopes)
-                    m = S.max(axis=1, keepdims=True, initial=-np.inf)
-                    m = np.where(np.isneginf(m), 0, m)
-                    P = np.exp(S - m)
-                    l_ = P.sum(axis=1, keepdims=True)
-                    with np.errstate(invalid="ignore", divide="ignore"):
-                        O_s = np.where(l_ == 0, 0, (P @ V) / np.where(l_ == 0, 1, l_))
-                        L_s = np.where(l_[:, 0] == 0, -np.inf, m[:, 0] + np.log(l_[:, 0]))
+                    O_s, L_s = _softmax_rows(S, V)
                     row = (b * H + hk * G) * Nq + r          # (b, q head, query) flattened
                     for n in range(R):
                         start = int((row[n] * splits + s) * D)

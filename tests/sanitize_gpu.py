@@ -26,7 +26,6 @@ plain run and every tool are clean.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import re
 import shutil
@@ -82,21 +81,6 @@ def calls(smem_limit: int, arch: int):
     return grid
 
 
-@contextlib.contextmanager
-def decoding_chosen():
-    """The planner picking split-KV decoding where it pays, as it will by default once the decode
-    kernels have run on a GPU (planner.DECODE_BY_DEFAULT): the grid's few-row calls reach them."""
-    from flashattn_cupy import planner
-    before = planner.DECODE_BY_DEFAULT
-    planner.DECODE_BY_DEFAULT = True
-    planner.cached_plan.cache_clear()
-    try:
-        yield
-    finally:
-        planner.DECODE_BY_DEFAULT = before
-        planner.cached_plan.cache_clear()
-
-
 def _plan(planner, Nq, Nk, d, dtype, mods, smem_limit, arch, fp32, **extra):
     """planner.plan for a call with these mods (MASK_OPTIONS), as flash_attention plans it."""
     return planner.plan(Nq, Nk, d, dtype=dtype, causal=mods.get("causal", False), batch=2, heads=3,
@@ -108,7 +92,7 @@ def kernels_reached(smem_limit: int, arch: int) -> tuple[set, set]:
     """(the kernels the grid's calls are planned to run, every variant the planner emits here)."""
     from flashattn_cupy import planner
     reached = set()
-    with decoding_chosen():
+    with planner.decode_default(True):
         for _, dtype, mods, d, Nq, Nk, _, options in calls(smem_limit, arch):
             fp32 = "tf32" if options.get("allow_tf32") else options.get("fp32_kernel", "auto")
             p = _plan(planner, Nq, Nk, d, dtype, mods, smem_limit, arch, fp32, sm_count=132)
@@ -143,7 +127,7 @@ def worker() -> int:
     cp = _device.cupy()
     cp.cuda.set_allocator(None)                 # each array its own cudaMalloc
     cp.cuda.set_pinned_memory_allocator(None)
-    decoding_chosen().__enter__()               # for the whole worker: its few-row calls decode
+    planner.decode_default(True).__enter__()    # for the whole worker: its few-row calls decode
     smem_limit, arch = _device.smem_limit(), _device.compute_capability()
     rng = np.random.default_rng(0)
     ran, failures = set(), []

@@ -30,13 +30,11 @@ DEVICES = [(75, 64 * KB), (80, 48 * KB), (80, 99 * KB), (80, 163 * KB), (86, 99 
 
 
 @pytest.fixture(autouse=True)
-def decoding_chosen(monkeypatch):
+def decoding_chosen():
     """These tests plan as the planner will once decoding is on by default (planner.DECODE_BY_DEFAULT,
     off until these gpu tests have passed; test_planner checks that it is off meanwhile)."""
-    monkeypatch.setattr(planner, "DECODE_BY_DEFAULT", True)
-    planner.cached_plan.cache_clear()
-    yield
-    planner.cached_plan.cache_clear()
+    with planner.decode_default(True):
+        yield
 
 @pytest.mark.parametrize("Nq, Nk, group, dtype, arch, chosen", [
     (1, 32768, 4, "float16", 90, True), (4, 32768, 4, "bfloat16", 80, True), (16, 256, 1, "float16", 86, True),
