@@ -66,7 +66,10 @@ def attention(q, k, v, *, causal: bool = False, softmax_scale: float | None = No
         if softcap > 0:
             S = softcap * np.tanh(S / softcap)
         if alibi_slopes is not None:
-            slopes = np.broadcast_to(np.asarray(alibi_slopes, np.float64), shape[:-2])
+            slopes = np.asarray(alibi_slopes, np.float64)
+            if not shape[:-2]:   # q (N, d): one head, its slope given as (1,) or ()
+                slopes = slopes.reshape(())
+            slopes = np.broadcast_to(slopes, shape[:-2])
             S = S - slopes.reshape(q.shape[:-2] + (1, 1)) * np.abs(offsets(Nq, Nk))
         masked = causal_mask(Nq, Nk) if causal else np.zeros((Nq, Nk), bool)
         if window is not None:

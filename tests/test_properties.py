@@ -1,6 +1,6 @@
-"""Property tests (hypothesis): random batch, heads, Nq, Nk (1..2048), d (1..256), causal, scale,
-dtype, value scale, value distribution and memory layout, against the float64 reference with the
-bounds of tolerances.py. The C twin in CI (500 examples); CUDA and C together on the GPU (1000).
+"""Property tests (hypothesis): random batch, heads (and fewer k/v heads: MQA), Nq, Nk (1..2048),
+d (1..256), causal, sliding window, softcap, ALiBi slopes, scale, dtype, value scale, value
+distribution and memory layout, against the float64 reference with the bounds of tolerances.py. The C twin in CI (500 examples); CUDA and C together on the GPU (1000).
 
 Replay: the runs are derandomized (the examples follow from the test's source and hypothesis's
 version), so a failure recurs on every run; hypothesis prints the shrunk example, and print_blob
@@ -40,14 +40,24 @@ class Problem:
     layout: str      # "contiguous", "transposed" ((B, N, H, d) memory) or "reversed" (negative strides)
     seed: int
     backend: str     # "c", or a key of backends.FP32_OPTIONS: how float32 runs on CUDA
+    mqa: bool = False             # k and v with one head (when there are heads)
+    window: tuple | None = None   # (left, right), -1 unbounded
+    softcap: float = 0.0
+    alibi: tuple | None = None    # one slope per head
+
+    def mods(self) -> dict:
+        """flash_attention's keywords for the drawn mask and score mods."""
+        slopes = None if self.alibi is None else np.array(self.alibi, dtype=np.float32)
+        return dict(causal=self.causal, softmax_scale=self.scale, window=self.window, softcap=self.softcap,
+                    alibi_slopes=slopes)
 
     def arrays(self, xp=np):
         """q, k, v as arrays of module xp (NumPy or CuPy), in the drawn layout (views made there)."""
         rng = np.random.default_rng(self.seed)
         transposed = self.layout == "transposed" and self.lead
 
-        def one(N):
-            shape = self.lead[:-1] + (N, self.lead[-1], self.d) if transposed else self.lead + (N, self.d)
+        def one(N, lead):
+            shape = lead[:-1] + (N, lead[-1], self.d) if transposed else lead + (N, self.d)
             x = {"normal": lambda: rng.standard_normal(shape), "uniform": lambda: rng.uniform(-1, 1, shape),
                  "ties": lambda: rng.integers(-2, 3, shape).astype(np.float64)}[self.values]()
             x = xp.asarray((self.magnitude * x).astype(np_dtype(self.dtype)))
@@ -55,7 +65,8 @@ class Problem:
                 return x.swapaxes(-2, -3)
             return x[..., ::-1, :] if self.layout == "reversed" else x
 
-        return one(self.Nq), one(self.Nk), one(self.Nk)
+        kv_lead = self.lead[:-1] + (1,) if self.mqa else self.lead
+        return one(self.Nq, self.lead), one(self.Nk, kv_lead), one(self.Nk, kv_lead)
 
 
 def _sizes(upper):
@@ -72,20 +83,26 @@ def problems(draw, dtypes, backends=("c",)):
     d = draw(_sizes(min(256, MAX_MACS // (bh * Nq * Nk))))
     scale = draw(st.one_of(st.none(), st.floats(-4.0, 4.0, allow_nan=False)))
     dtype = draw(st.sampled_from(dtypes))
+    side = lambda: st.one_of(st.just(-1), st.integers(0, max(Nq, Nk) + 1))  # noqa: E731
+    heads = lead[-1] if lead else 1
+    mods = dict(mqa=bool(lead) and draw(st.booleans()),
+                window=draw(st.one_of(st.none(), st.tuples(side(), side()))),
+                softcap=draw(st.sampled_from([0.0, 0.0, 1.0, 7.5, 50.0])),
+                alibi=draw(st.one_of(st.none(), st.tuples(*[st.floats(0.0, 1.0, width=32)] * heads))))
     return Problem(lead, Nq, Nk, d, draw(st.booleans()), scale, dtype,
                    draw(st.sampled_from([2.0**-6, 2.0**-3, 0.5, 1.0, 2.0, 8.0, 32.0])),
                    draw(st.sampled_from(["normal", "uniform", "ties"])),
                    draw(st.sampled_from(["contiguous", "transposed", "reversed"])),
                    draw(st.integers(0, 2**32 - 1)),
-                   draw(st.sampled_from(backends)) if dtype == "float32" else backends[0])
+                   draw(st.sampled_from(backends)) if dtype == "float32" else backends[0], **mods)
 
 
 def _check(backend, p, args, host):
     """flash_attention on `backend` and `args` against the reference on `host`, the same values
     as NumPy arrays."""
-    O, L, rounding = run(backend, *args, causal=p.causal, softmax_scale=p.scale)
+    O, L, rounding = run(backend, *args, **p.mods())
     assert O.dtype == host[0].dtype and O.shape == host[0].shape
-    assert_attention_close(O, L, *host, causal=p.causal, softmax_scale=p.scale, **rounding)
+    assert_attention_close(O, L, *host, **p.mods(), **rounding)
 
 
 @settings(max_examples=500, **FUZZ)
