@@ -46,13 +46,14 @@ class VarlenProblem:
     window: tuple
     softcap: float
     alibi: Any              # float32 (batch, H), contiguous, or None
+    num_threads: int = 1    # C backend: Python threads sharing each sequence's heads
 
 
 def flash_attention_varlen(q: Array, k: Array, v: Array, cu_seqlens_q: Array, cu_seqlens_k: Array,
                            max_seqlen_q: int, max_seqlen_k: int, *, causal: bool = False,
                            softmax_scale: float | None = None, window: tuple[int, int] | None = None,
                            softcap: float = 0.0, alibi_slopes: Array | None = None, return_lse: bool = False,
-                           backend: Backend = "auto", allow_tf32: bool = False,
+                           backend: Backend = "auto", num_threads: int = 1, allow_tf32: bool = False,
                            fp32_kernel: Fp32Kernel = "auto") -> Any:
     """Attention over a packed batch of variable-length sequences, as flash-attn's varlen call.
 
@@ -70,6 +71,8 @@ def flash_attention_varlen(q: Array, k: Array, v: Array, cu_seqlens_q: Array, cu
         flash_attention, each sequence on its own (windows and causal are bottom-right aligned
         within the sequence).
     alibi_slopes: (heads,) or (batch, heads): one slope per head, or per sequence and head.
+    num_threads: C backend only: each sequence's heads shared by up to this many Python threads,
+        as flash_attention's num_threads (the result is bitwise the same for every value).
 
     Returns O, (total_q, heads, d) of q's dtype and kind, and with return_lse L, float32
     (heads, total_q) (flash-attn's softmax_lse layout).
@@ -78,7 +81,7 @@ def flash_attention_varlen(q: Array, k: Array, v: Array, cu_seqlens_q: Array, cu
         problem = _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=causal,
                             softmax_scale=softmax_scale, window=window, softcap=softcap,
                             alibi_slopes=alibi_slopes, return_lse=return_lse, backend=backend,
-                            allow_tf32=allow_tf32, fp32_kernel=fp32_kernel)
+                            num_threads=num_threads, allow_tf32=allow_tf32, fp32_kernel=fp32_kernel)
         O, L = _run(problem)
         return (export(O), export(L)) if return_lse else export(O)
 
@@ -121,7 +124,8 @@ def _show(x: np.ndarray) -> str:
 
 
 def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, causal, softmax_scale,
-              window, softcap, alibi_slopes, return_lse, backend, allow_tf32, fp32_kernel) -> VarlenProblem:
+              window, softcap, alibi_slopes, return_lse, backend, num_threads, allow_tf32,
+              fp32_kernel) -> VarlenProblem:
     for name, x in (("q", q), ("k", k), ("v", v)):
         _check_packed(name, x)
 
@@ -132,8 +136,8 @@ def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *
         return x.swapaxes(0, 1)
     # flash_attention's checks of kinds, devices, dtypes, heads, d, scale, flags and softcap
     base = validate(as_heads(q), as_heads(k), as_heads(v), causal=causal, softmax_scale=softmax_scale,
-                    return_lse=return_lse, backend=backend, allow_tf32=allow_tf32, fp32_kernel=fp32_kernel,
-                    softcap=softcap)
+                    return_lse=return_lse, backend=backend, num_threads=num_threads, allow_tf32=allow_tf32,
+                    fp32_kernel=fp32_kernel, softcap=softcap)
     cu_q, lengths_q = _offsets("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, "max_seqlen_q")
     cu_k, lengths_k = _offsets("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, "max_seqlen_k")
     if lengths_q.size != lengths_k.size:
@@ -154,7 +158,7 @@ def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *
         alibi = check_alibi(alibi_slopes, (batch, heads), base.on_gpu, base.backend, device_id)
     return VarlenProblem(q, k, v, cu_q, cu_k, Nq, Nk, lengths_q, lengths_k, base.backend, base.on_gpu, base.dtype,
                          base.d, base.scale, base.causal, base.fp32, base.group,
-                         window_pair(window, base.causal, Nq, Nk), base.softcap, alibi)
+                         window_pair(window, base.causal, Nq, Nk), base.softcap, alibi, base.num_threads)
 
 
 def _run(problem: VarlenProblem):
@@ -193,7 +197,8 @@ def _per_sequence(problem: VarlenProblem, q, k, v, alibi):
             from . import _c_backend
             seq = Problem(q_s, k_s, v_s, "c", False, problem.dtype, (H,), nq, nk, d, problem.scale, problem.causal,
                           group=problem.group, window=problem.window, softcap=problem.softcap, alibi=slopes)
-            plan = planner.cached_plan(nq, nk, d, dtype=problem.dtype, causal=problem.causal, heads=H, backend="c")
+            plan = planner.cached_plan(nq, nk, d, dtype=problem.dtype, causal=problem.causal, heads=H, backend="c",
+                                       num_threads=problem.num_threads)
             O_s, L_s = _c_backend.run(seq, plan, q_s, k_s, v_s)
         O[rows] = O_s.swapaxes(0, 1)
         L[:, rows] = L_s

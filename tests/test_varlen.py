@@ -76,6 +76,19 @@ def test_c_equals_flash_attention_per_sequence(rng, dtype, options, lengths_q, l
                                **{**kw_s, "alibi_slopes": _per_head(kw_s["alibi_slopes"], 4)})
 
 
+@pytest.mark.parametrize("threads", [2, 3, 8])
+def test_num_threads_gives_the_same_bits(rng, threads):
+    """num_threads shares each sequence's heads among threads, as flash_attention's does: the
+    result is bitwise the one-thread result (GQA and per-sequence slopes sliced with the heads)."""
+    lengths_q, lengths_k = [5, 0, 17, 1, 130], [7, 4, 0, 1, 70]
+    q, k, v, cu_q, cu_k = _packed(rng, lengths_q, lengths_k)
+    kw = dict(causal=True, alibi_slopes=rng.uniform(0, 1, (5, 4)).astype(np.float32), return_lse=True)
+    one = flash_attention_varlen(q, k, v, cu_q, cu_k, 130, 70, **kw)
+    many = flash_attention_varlen(q, k, v, cu_q, cu_k, 130, 70, num_threads=threads, **kw)
+    for a, b in zip(one, many):
+        np.testing.assert_array_equal(a, b)
+
+
 def _per_head(slopes, H):
     return None if slopes is None else np.broadcast_to(slopes, (H,))
 
@@ -136,7 +149,7 @@ def test_the_cuda_path_launches_once_over_every_sequence(rng, monkeypatch):
     q, k, v, cu_q, cu_k = _packed(rng, lengths_q, lengths_k, H=6, Hk=3, d=16)
     slopes = rng.uniform(0, 1, (5, 6)).astype(np.float32)
     kw = dict(causal=True, window=(4, -1), softcap=2.0, alibi_slopes=slopes)
-    problem = varlen._validate(q, k, v, cu_q, cu_k, 40, 30, softmax_scale=None, return_lse=True, backend="c",
+    problem = varlen._validate(q, k, v, cu_q, cu_k, 40, 30, softmax_scale=None, return_lse=True, backend="c", num_threads=1,
                                allow_tf32=False, fp32_kernel="auto", **kw)
     O, L = _cuda_backend.run_varlen(problem, 0)
     [launch] = launches
@@ -185,7 +198,9 @@ ERRORS = [
      "alibi_slopes must have shape (4,) (one slope per head) or (2, 4)"),
     ("window", lambda a: dict(window=(-3, 0)), ValueError, "left must be >= 0"),
     ("softcap", lambda a: dict(softcap=-2.0), ValueError, "softcap must be 0 (off)"),
-    ("num_threads", lambda a: dict(num_threads=2), TypeError, "num_threads"),
+    ("num_threads type", lambda a: dict(num_threads=2.0), TypeError, "num_threads must be a positive int"),
+    ("num_threads off the C backend", lambda a: dict(num_threads=2, backend="reference"), ValueError,
+     "num_threads applies to the C backend only"),
 ]
 
 
