@@ -43,9 +43,14 @@ def window_args(window, Nq: int, Nk: int) -> tuple[int, int]:
 
 
 def features(problem):
-    """(window, softcap, alibi) of a validated problem, (-1, -1) / 0.0 / None when absent."""
-    return (getattr(problem, "window", (-1, 0) if problem.causal else (-1, -1)),
-            float(getattr(problem, "softcap", 0.0)), getattr(problem, "alibi", None))
+    """(window, softcap, alibi) of a validated problem (_validate.Problem or varlen's)."""
+    return problem.window, problem.softcap, problem.alibi
+
+
+def mask_options(problem) -> dict:
+    """planner.plan's window and score_mod keywords for a validated problem: which MASK variant
+    of the kernels its window and score mods need."""
+    return {"window": problem.window != (-1, -1), "score_mod": problem.softcap > 0 or problem.alibi is not None}
 
 
 def run(problem, plan, device_id: int):
@@ -133,12 +138,11 @@ def run_varlen(problem, device_id: int):
             return O, L
         cu_q, cu_k = (cp.asarray(c, dtype=cp.int32) for c in (problem.cu_seqlens_q, problem.cu_seqlens_k))
         window, softcap, alibi = features(problem)
-        plan = planner.cached_plan(Nq, max(Nk, 1), d, dtype=problem.dtype, causal=getattr(problem, "causal", False),
+        plan = planner.cached_plan(Nq, max(Nk, 1), d, dtype=problem.dtype, causal=problem.causal,
                                    batch=cu_q.size - 1, heads=H, backend="cuda",
                                    smem_limit=_device.smem_limit(device_id),
                                    arch=_device.compute_capability(device_id),
-                                   fp32=getattr(problem, "fp32", "auto"), window=window != (-1, -1),
-                                   score_mod=softcap > 0 or alibi is not None, decode=False)
+                                   fp32=problem.fp32, decode=False, **mask_options(problem))
         # (b, h, n) element strides with b the sequence: its rows start at cu[b] (the kernels add it)
         rows = lambda x: (0, x.strides[1] // x.itemsize, x.strides[0] // x.itemsize)  # noqa: E731
         launch(plan, device_id, q, k, v, O, L, rows(q), rows(k), rows(v), rows(O), (0, total_q),

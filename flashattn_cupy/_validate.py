@@ -124,14 +124,23 @@ def window_pair(window, causal: bool, Nq: int, Nk: int) -> tuple[int, int]:
     return (-1 if left >= Nk - 1 else left), (-1 if right >= Nq - 1 else right)
 
 
+def _is_real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
+
+
+def _as_float(x) -> float:
+    """float(x) for a real number, inf for an int beyond any float."""
+    try:
+        return float(x)
+    except OverflowError:
+        return math.inf
+
+
 def check_softcap(softcap) -> float:
     """softcap as the kernels see it: 0.0 (off) or a positive finite float32 value."""
-    if isinstance(softcap, (bool, np.bool_)) or not isinstance(softcap, numbers.Real):
+    if not _is_real(softcap):
         raise TypeError(f"softcap must be a real number (0 for none), got {softcap!r}")
-    try:
-        value = float(softcap)
-    except OverflowError:   # an int beyond any float
-        value = math.inf
+    value = _as_float(softcap)
     if not (math.isfinite(value) and value >= 0):
         raise ValueError(f"softcap must be 0 (off) or a positive finite number, got {softcap!r}")
     with np.errstate(over="ignore"):
@@ -271,11 +280,8 @@ def validate(q, k, v, *, causal, softmax_scale, return_lse, backend,
 
     if softmax_scale is None:
         scale = 1.0 / math.sqrt(d)
-    elif isinstance(softmax_scale, numbers.Real) and not isinstance(softmax_scale, (bool, np.bool_)):
-        try:
-            scale = float(softmax_scale)
-        except OverflowError:   # an int beyond any float
-            scale = math.inf
+    elif _is_real(softmax_scale):
+        scale = _as_float(softmax_scale)
         if not (math.isfinite(scale) and abs(scale) <= _FLOAT32_MAX):
             raise ValueError(f"softmax_scale must be a finite float32 number, got {softmax_scale!r}")
     else:

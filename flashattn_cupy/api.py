@@ -90,14 +90,12 @@ def _plan(problem: Problem):
         device_id = _device_id(problem)
         smem_limit, arch = _device.smem_limit(device_id), _device.compute_capability(device_id)
         sm_count = _device.sm_count(device_id)
-    from ._cuda_backend import features
-    window, softcap, alibi = features(problem)
+    from ._cuda_backend import mask_options
     return planner.cached_plan(problem.Nq, problem.Nk, problem.d, dtype=problem.dtype,
                         causal=problem.causal, batch=problem.batch, heads=problem.heads,
                         backend=problem.backend, smem_limit=smem_limit, arch=arch,
                         num_threads=problem.num_threads, fp32=problem.fp32,
-                        window=window != (-1, -1), score_mod=softcap > 0 or alibi is not None,
-                        group=problem.group, sm_count=sm_count)
+                        group=problem.group, sm_count=sm_count, **mask_options(problem))
 
 
 def _host(x):

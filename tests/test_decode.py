@@ -373,8 +373,8 @@ def test_window_softcap_alibi(cp, rng, dtype, monkeypatch):
                                    ((0, 0), 0.0, None), ((64, -1), 0.0, slopes)]:
         features = dict(window=window, softcap=softcap, alibi=None if alibi is None else cp.asarray(alibi))
         problem = _problem(q, k, v, True, **features)
-        plan = planner.plan(Nq, Nk, d, dtype=dtype, causal=True, batch=B, heads=H, group=H // Hkv, window=True,
-                            score_mod=softcap > 0 or alibi is not None)
+        plan = planner.plan(Nq, Nk, d, dtype=dtype, causal=True, batch=B, heads=H, group=H // Hkv,
+                            **_cuda_backend.mask_options(problem))
         assert plan.splits >= 1 and plan.mask == (2 if softcap or alibi is not None else 1)
         O, L = (cp.asnumpy(x) for x in _cuda_backend.run(problem, plan, q.device.id))
         # the float64 model of the one-pass kernel computes the same features exactly
@@ -383,9 +383,8 @@ def test_window_softcap_alibi(cp, rng, dtype, monkeypatch):
             kernel_model.use(m, launches)
             model_problem = _problem(*(x.astype(np.float32) for x in (qh, kh, vh)), True,
                                      **dict(features, alibi=alibi))
-            one = planner.plan(Nq, Nk, d, causal=True, batch=B, heads=H, group=H // Hkv, window=True,
-                               score_mod=softcap > 0 or alibi is not None, smem_limit=99 * KB, arch=80,
-                               sm_count=1, decode=False)
+            one = planner.plan(Nq, Nk, d, causal=True, batch=B, heads=H, group=H // Hkv, smem_limit=99 * KB,
+                               arch=80, sm_count=1, decode=False, **_cuda_backend.mask_options(model_problem))
             O_ref, L_ref = _cuda_backend.run(model_problem, one, 0)
         empty = np.isneginf(L_ref)
         np.testing.assert_array_equal(np.isneginf(L), empty)

@@ -202,9 +202,8 @@ def test_the_cuda_path_passes_the_mods_to_the_kernel(rng, monkeypatch):
         kernel_model.use(monkeypatch, launches)
         problem = dataclasses.replace(validate(q, k, v, softmax_scale=None, return_lse=True, backend="c",
                                                **{"causal": False, **kw}), backend="cuda")
-        window, softcap, alibi = _cuda_backend.features(problem)
         plan = planner.plan(45, 70, 16, batch=2, heads=6, smem_limit=100 * 1024, arch=80,
-                            window=window != (-1, -1), score_mod=softcap > 0 or alibi is not None)
+                            **_cuda_backend.mask_options(problem))
         assert plan.mask == (2 if "softcap" in kw or "alibi_slopes" in kw else 1)
         O, L = _cuda_backend.run(problem, plan, 0)
         ref_kw = {**kw, "alibi_slopes": None if "alibi_slopes" not in kw else np.broadcast_to(slopes, (2, 6))}
