@@ -259,11 +259,10 @@ flash_decode(const T* __restrict__ Q, const T* __restrict__ K, const T* __restri
 
         // Lines 12-15 for this split: O_s = Oi / li (fp32), L_s = mi + log li; no key: O_s = 0, L_s = -inf.
         const long long row0 = ((long long)b * H + (long long)hk * group) * Nq;   // (b, hk*group, 0)
-        for (int i = threadIdx.x; i < R * D; i += NT) {
+        for (int i = threadIdx.x; i < R * D; i += NT) {   // columns past d too: the combine reads float4s
             const int r = i / D, c = i % D;
-            if (c >= d) continue;
             const float li = Lw[r];
-            Op[((row0 + r) * splits + split) * D + c] = li == 0.f ? 0.f : Of[r * D + c] / li;
+            Op[((row0 + r) * splits + split) * D + c] = li == 0.f || c >= d ? 0.f : Of[r * D + c] / li;
         }
         if (threadIdx.x < R) {
             const float li = Lw[threadIdx.x];
@@ -274,39 +273,63 @@ flash_decode(const T* __restrict__ Q, const T* __restrict__ K, const T* __restri
 }
 
 // One warp per query row (b, h, i), rows in (b, h, i) order: the splits' (O_s, L_s) merged into
-// O (type T, strides o_*) and L (float32, strides l_*), as merge.py merges two parts.
+// O (type T, strides o_*) and L (float32, strides l_*), as merge.py merges two parts. Each lane
+// owns 4 adjacent columns of every 128 (one float4 a split: pitch is a multiple of 32, the
+// workspace 256-byte aligned), and the loads of UNROLL splits are issued before their sum, so a
+// row costs a few memory latencies, not one per split; the sum runs in split order (deterministic).
 template <typename T>
 __global__ void __launch_bounds__(128)
 flash_decode_combine(const float* __restrict__ Op, const float* __restrict__ Lp, T* __restrict__ O,
                      float* __restrict__ L, int B, int H, int Nq, int d, int pitch, int splits,
                      long long o_sb, long long o_sh, long long o_sn, long long l_sb, long long l_sh)
 {
-    constexpr int MAX_SPLITS = 128;   // planner.DECODE_MAX_SPLITS
+    constexpr int MAX_SPLITS = 128, UNROLL = 8;   // planner.DECODE_MAX_SPLITS
     __shared__ float wts[4][MAX_SPLITS];
     const float neg_inf = __int_as_float(0xff800000);
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const long long rows = (long long)B * H * Nq;
     for (long long row = (long long)blockIdx.x * 4 + warp; row < rows; row += (long long)gridDim.x * 4) {
         const float* Ls = Lp + row * splits;
+        float Lr[MAX_SPLITS / 32];   // this lane's L_s, s = lane + 32 i (loaded once, all at once)
+#pragma unroll
+        for (int i = 0; i < MAX_SPLITS / 32; ++i) Lr[i] = lane + 32 * i < splits ? Ls[lane + 32 * i] : neg_inf;
         float m = neg_inf;
-        for (int s = lane; s < splits; s += 32) m = fmaxf(m, Ls[s]);
+#pragma unroll
+        for (int i = 0; i < MAX_SPLITS / 32; ++i) m = fmaxf(m, Lr[i]);
 #pragma unroll
         for (int x = 16; x > 0; x /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, x));
         const float base = m == neg_inf ? 0.f : m;   // no key in any split: every weight 0
         float sum = 0.f;
-        for (int s = lane; s < splits; s += 32) sum += expf(Ls[s] - base);
+#pragma unroll
+        for (int i = 0; i < MAX_SPLITS / 32; ++i) sum += expf(Lr[i] - base);
 #pragma unroll
         for (int x = 16; x > 0; x /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, x);
         const bool empty = sum == 0.f;
-        for (int s = lane; s < splits; s += 32) wts[warp][s] = empty ? 0.f : expf(Ls[s] - base) / sum;
+#pragma unroll
+        for (int i = 0; i < MAX_SPLITS / 32; ++i)
+            if (lane + 32 * i < splits) wts[warp][lane + 32 * i] = empty ? 0.f : expf(Lr[i] - base) / sum;
         __syncwarp();
         const long long b = row / ((long long)H * Nq), h = row / Nq % H, i = row % Nq;
         T* Orow = O + b * o_sb + h * o_sh + i * o_sn;
         const float* Os = Op + row * splits * pitch;
-        for (int c = lane; c < d; c += 32) {
-            float acc = 0.f;
-            for (int s = 0; s < splits; ++s) acc += wts[warp][s] * Os[(long long)s * pitch + c];
-            Orow[c] = from_float<T>(acc);
+        for (int c = 4 * lane; c < d; c += 128) {
+            float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+            for (int s0 = 0; s0 < splits; s0 += UNROLL) {
+                float4 part[UNROLL];
+#pragma unroll
+                for (int u = 0; u < UNROLL; ++u)
+                    part[u] = s0 + u < splits ? *reinterpret_cast<const float4*>(Os + (long long)(s0 + u) * pitch + c)
+                                              : make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+                for (int u = 0; u < UNROLL; ++u) {
+                    const float w = s0 + u < splits ? wts[warp][s0 + u] : 0.f;
+                    acc.x += w * part[u].x, acc.y += w * part[u].y, acc.z += w * part[u].z, acc.w += w * part[u].w;
+                }
+            }
+            const float out[4] = {acc.x, acc.y, acc.z, acc.w};
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+                if (c + e < d) Orow[c + e] = from_float<T>(out[e]);
         }
         if (lane == 0) L[b * l_sb + h * l_sh + i] = empty ? neg_inf : m + logf(sum);
         __syncwarp();   // wts is rewritten for the next row

@@ -142,13 +142,15 @@ def _gpu_time(fn, repeats: int, busy_ms: float = 2.0) -> float:
     """Seconds a call of fn keeps the GPU busy: the median over `repeats` samples, each CUDA
     events around enough back-to-back calls to last about busy_ms. Calls are queued
     asynchronously, as in a model's forward, so a Python call's host time (ours ~0.1 ms,
-    PyTorch's less) overlaps the kernel before it instead of counting as GPU idle time; the
-    host time itself is the small-call figure of --extras."""
+    PyTorch's less) overlaps the kernel before it instead of counting as GPU idle time (an
+    uncounted call runs ahead of the start event); the host time itself is the small-call
+    figure of --extras."""
     import cupy as cp
 
     def sample(calls: int) -> float:
         start, end = cp.cuda.Event(), cp.cuda.Event()
-        start.record()
+        fn()             # queued first and not counted: the GPU is busy with it when start is
+        start.record()   # recorded, so the first counted call's host time is hidden too
         for _ in range(calls):
             fn()
         end.record()

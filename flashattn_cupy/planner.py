@@ -65,19 +65,16 @@ DECODE_MIN_KEYS = 256
 DECODE_MAX_SPLITS = 128            # the combine kernel's bound (flash_decode_combine MAX_SPLITS)
 DECODE_MIN_TILES_PER_SPLIT = 4     # a split streams at least this many key tiles (if there are)
 DECODE_DTYPES = ("float16", "bfloat16")
-# Whether plan(decode=None) picks decoding where use_decode() says it pays. Off until the
-# kernels have run on a GPU: flash_decode.cu was written in a session without device time and is
-# only compiled (CI: every variant) and modelled (tests/kernel_model.py) so far. decode=True runs
-# it (its gpu tests, tests/test_decode.py, and tests/sanitize_gpu.py do); turn this on once they
-# pass on the H100/H200 and `bench --decode` has measured it.
-DECODE_BY_DEFAULT = False
+# Whether plan(decode=None) picks decoding where use_decode() says it pays (on since its gpu
+# tests passed on an H200, 2026-12-02). decode_default(False) turns it off for a block of calls:
+# how `bench --decode` times the one-pass kernel on the same call.
+DECODE_BY_DEFAULT = True
 
 
 @contextlib.contextmanager
 def decode_default(on: bool):
     """DECODE_BY_DEFAULT set to `on` within the block (cached plans dropped on the way in and
-    out): how the decode tests, the sanitizer grid and `bench --decode` run the decode kernels
-    before the planner picks them by itself."""
+    out): with False, every call in the block runs the one-pass kernels."""
     global DECODE_BY_DEFAULT
     before, DECODE_BY_DEFAULT = DECODE_BY_DEFAULT, on
     cached_plan.cache_clear()
@@ -242,7 +239,7 @@ def plan(Nq: int, Nk: int, d: int, *, dtype: str = "float32", causal: bool = Fal
     group: q heads per k/v head (GQA/MQA; heads is q's). sm_count: the device's SMs (read from
     the current device when None and needed), for the number of key splits when decoding.
     decode: split-KV decoding (csrc/flash_decode.cu): None chooses it when use_decode() says it
-    pays (once DECODE_BY_DEFAULT is on), True asks for it (a ValueError where it cannot run),
+    pays (while DECODE_BY_DEFAULT is on), True asks for it (a ValueError where it cannot run),
     False never.
     """
     if not (1 <= d <= MAX_HEAD_DIM):

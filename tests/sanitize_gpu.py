@@ -5,12 +5,13 @@ racecheck, initcheck and synccheck, with a summary per tool.
     python tests/sanitize_gpu.py                        # a plain run, then the four tools
     python tests/sanitize_gpu.py --tools memcheck,racecheck --log-dir logs
     python tests/sanitize_gpu.py --jobs 8 --parallel --timeout 900   # compile first, tools at once
+    python tests/sanitize_gpu.py --tools racecheck --shards 12        # the grid over 12 processes
     python tests/sanitize_gpu.py --list --arch 90 --smem-limit 232448   # the calls only, no GPU
 
 compute-sanitizer is taken from --sanitizer, PATH, $CUDA_HOME/bin, /usr/local/cuda/bin or the pip
 wheel nvidia-cuda-sanitizer-api-cu12 (or nvidia-cuda-sanitizer-api for CUDA 13). Under
-each tool one Python process (this file with --worker) makes one flash_attention call per point
-of a grid: for every kernel variant the planner emits for this device's shared-memory limit and
+each tool one Python process (this file with --worker; --shards N: N of them at once, each a
+slice of the grid) makes one flash_attention call per point of a grid: for every kernel variant the planner emits for this device's shared-memory limit and
 arch (every head-dim bound D, dtype, mask (none, causal, and a sliding window with softcap and
 ALiBi: MASK 0, 1, 2) and float32 mode, as fp32_kernel / allow_tf32;
 the worker asks plan_for which variant each call runs, and fails if one is missed), head dims D,
@@ -92,11 +93,10 @@ def kernels_reached(smem_limit: int, arch: int) -> tuple[set, set]:
     """(the kernels the grid's calls are planned to run, every variant the planner emits here)."""
     from flashattn_cupy import planner
     reached = set()
-    with planner.decode_default(True):
-        for _, dtype, mods, d, Nq, Nk, _, options in calls(smem_limit, arch):
-            fp32 = "tf32" if options.get("allow_tf32") else options.get("fp32_kernel", "auto")
-            p = _plan(planner, Nq, Nk, d, dtype, mods, smem_limit, arch, fp32, sm_count=132)
-            reached.update((p.kernel, p.combine) if p.splits else (p.kernel,))
+    for _, dtype, mods, d, Nq, Nk, _, options in calls(smem_limit, arch):
+        fp32 = "tf32" if options.get("allow_tf32") else options.get("fp32_kernel", "auto")
+        p = _plan(planner, Nq, Nk, d, dtype, mods, smem_limit, arch, fp32, sm_count=132)
+        reached.update((p.kernel, p.combine) if p.splits else (p.kernel,))
     return reached, set(planner.cuda_variants(smem_limit, arch))
 
 
@@ -119,7 +119,9 @@ def _arrays(cp, rng, dtype, d, Nq, Nk, layout):
     return out
 
 
-def worker() -> int:
+def worker(shard: int = 0, shards: int = 1) -> int:
+    """The calls grid[shard::shards], each on its own seeded inputs (the same whatever the
+    sharding); prints the wrong results and the kernels run ("ran: a|b|..."), for the parent."""
     import numpy as np
     sys.path.insert(0, str(HERE))
     from flashattn_cupy import _device, flash_attention, plan_for, planner
@@ -127,12 +129,11 @@ def worker() -> int:
     cp = _device.cupy()
     cp.cuda.set_allocator(None)                 # each array its own cudaMalloc
     cp.cuda.set_pinned_memory_allocator(None)
-    planner.decode_default(True).__enter__()    # for the whole worker: its few-row calls decode
     smem_limit, arch = _device.smem_limit(), _device.compute_capability()
-    rng = np.random.default_rng(0)
     ran, failures = set(), []
-    grid = calls(smem_limit, arch)
-    for _, dtype, mods, d, Nq, Nk, layout, options in grid:
+    grid = list(enumerate(calls(smem_limit, arch)))[shard::shards]
+    for index, (_, dtype, mods, d, Nq, Nk, layout, options) in grid:
+        rng = np.random.default_rng([0, index])
         q, k, v = _arrays(cp, rng, dtype, d, Nq, Nk, layout)
         # slopes made on the host, one per (batch, head): validation copies them as they are
         mods = {key: rng.uniform(0, 1, (2, 3)).astype(np.float32) if key == "alibi" else value
@@ -146,13 +147,11 @@ def worker() -> int:
                                    **kw, **kernel_rounding(plan))
         except AssertionError as exc:
             failures.append(f"{plan.kernel} d={d} Nq={Nq} Nk={Nk} {layout} {mods_name(mods)}: {exc}")
-    missed = set(planner.cuda_variants(smem_limit, arch)) - ran
-    print(f"worker: {len(grid)} calls, {len(ran)} kernel variants "
-          f"(shared-memory limit {smem_limit} B, sm_{arch}); wrong results: {len(failures)}; "
-          f"variants not reached: {len(missed)}")
-    for line in failures + [f"not reached: {name}" for name in sorted(missed)]:
+    print(f"worker: {len(grid)} calls; wrong results: {len(failures)}")
+    for line in failures:
         print("  " + line)
-    return 1 if failures or missed else 0
+    print("ran: " + "|".join(sorted(ran)))
+    return 1 if failures else 0
 
 
 def mods_name(mods) -> str:
@@ -183,11 +182,13 @@ def summarize(output: str) -> tuple[int, int] | None:
 def warm(jobs: int) -> None:
     """Compile every variant the planner emits here into CuPy's disk cache, on `jobs` processes,
     so the plain run and the tools load cubins instead of each compiling ~100 kernels in turn."""
+    import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
     from flashattn_cupy import _device, planner
     names = sorted(planner.cuda_variants(_device.smem_limit(), _device.compute_capability()))
     start = time.perf_counter()
-    with ProcessPoolExecutor(jobs) as pool:
+    # spawn, not fork: this process has a CUDA context already, which a forked child cannot use
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         list(pool.map(_compile_slice, [names[i::jobs] for i in range(jobs)]))
     print(f"warm: {len(names)} variants compiled on {jobs} processes in {time.perf_counter() - start:.1f} s",
           flush=True)
@@ -200,38 +201,55 @@ def _compile_slice(names) -> None:
         kernels.get(SimpleNamespace(kernel=name, smem_bytes=0), _device.current_device())
 
 
-def _run_tool(sanitizer: str, tool: str, log_dir: Path, timeout: int) -> tuple[str, int]:
-    """(the summary row, 0 if clean) of one tool (or "plain") over the worker; its log to log_dir."""
+def _run_tool(sanitizer: str, tool: str, log_dir: Path, timeout: int, shards: int = 1) -> tuple[str, int]:
+    """(the summary row, 0 if clean) of one tool (or "plain") over the worker, the grid cut into
+    `shards` worker processes run at once (a sanitizer's time is host time, one core each); the
+    shards' logs to log_dir, one file."""
+    from flashattn_cupy import _device, planner
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    worker_cmd = [sys.executable, str(Path(__file__).resolve()), "--worker"]
-    cmd = worker_cmd if tool == "plain" else \
-        [sanitizer, "--tool", tool, "--print-limit", "20", *TOOL_OPTIONS.get(tool, []), *worker_cmd]
+    prefix = [] if tool == "plain" else \
+        [sanitizer, "--tool", tool, "--print-limit", "20", *TOOL_OPTIONS.get(tool, [])]
     start = time.perf_counter()
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
-        output, code = done.stdout + done.stderr, done.returncode
-    except subprocess.TimeoutExpired as exc:
-        text = lambda b: b.decode(errors="replace") if isinstance(b, bytes) else (b or "")  # noqa: E731
-        output, code = f"{text(exc.stdout)}{text(exc.stderr)}\ntimed out after {timeout} s", -1
+    procs = [subprocess.Popen([*prefix, sys.executable, str(Path(__file__).resolve()), "--worker",
+                               "--shard", str(i), "--shards", str(shards)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+             for i in range(shards)]
+    outputs, codes = [], []
+    for proc in procs:
+        try:
+            out, _ = proc.communicate(timeout=max(1.0, timeout - (time.perf_counter() - start)))
+            codes.append(proc.returncode)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out = proc.communicate()[0] + f"\ntimed out after {timeout} s"
+            codes.append(-1)
+        outputs.append(out)
     seconds = time.perf_counter() - start
+    output = "\n".join(outputs)
     (log_dir / f"{tool}.log").write_text(output)
-    worker_line = next((line for line in output.splitlines() if line.startswith("worker:")), "worker: no report")
+    smem_limit, arch = _device.smem_limit(), _device.compute_capability()
+    ran = {name for line in output.splitlines() if line.startswith("ran: ") for name in line[5:].split("|") if name}
+    missed = set(planner.cuda_variants(smem_limit, arch)) - ran
+    reports = re.findall(r"^worker: (\d+) calls; wrong results: (\d+)", output, re.M)
+    worker_line = (f"worker: {sum(int(n) for n, _ in reports)} calls in {len(reports)} of {shards} processes, "
+                   f"{len(ran)} kernel variants (shared-memory limit {smem_limit} B, sm_{arch}); wrong results: "
+                   f"{sum(int(w) for _, w in reports)}; variants not reached: {len(missed)}")
     counts = (0, 0) if tool == "plain" else summarize(output)
-    clean = code == 0 and counts == (0, 0)
+    clean = all(code == 0 for code in codes) and counts == (0, 0) and len(reports) == shards and not missed
     found = "no summary" if counts is None else f"{counts[0]} errors, {counts[1]} warnings"
     row = f"{tool:10} {'clean' if clean else 'FAILED':7} {found:24} {seconds:7.1f} s   {worker_line}"
     print(row, flush=True)
     return row, int(not clean)
 
 
-def run_tools(sanitizer: str, tools, log_dir: Path, timeout: int, parallel: bool = False) -> int:
+def run_tools(sanitizer: str, tools, log_dir: Path, timeout: int, parallel: bool = False, shards: int = 1) -> int:
     """The plain run, then each tool; with parallel, the tools at once (each its own process and
     CUDA context: the kernels are tiny, the sanitizers' time is host time)."""
     from concurrent.futures import ThreadPoolExecutor
     log_dir.mkdir(parents=True, exist_ok=True)
-    results = [_run_tool(sanitizer, "plain", log_dir, timeout)]
+    results = [_run_tool(sanitizer, "plain", log_dir, timeout, shards)]
     with ThreadPoolExecutor(len(tools) if parallel and tools else 1) as pool:
-        results += list(pool.map(lambda tool: _run_tool(sanitizer, tool, log_dir, timeout), tools))
+        results += list(pool.map(lambda tool: _run_tool(sanitizer, tool, log_dir, timeout, shards), tools))
     print(f"\nsummary (logs in {log_dir}):")
     print("\n".join(row for row, _ in results))
     return int(any(failed for _, failed in results))
@@ -249,10 +267,13 @@ def main(argv=None) -> int:
     parser.add_argument("--parallel", action="store_true", help="run the tools at once, not one after another")
     parser.add_argument("--jobs", type=int, default=0,
                         help="first compile every variant into the kernel cache on this many processes")
+    parser.add_argument("--shards", type=int, default=1,
+                        help="cut the grid into this many worker processes per tool, run at once")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--shard", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        return worker()
+        return worker(args.shard, args.shards)
     tools = [t for t in args.tools.split(",") if t]
     if any(t not in TOOLS for t in tools):
         parser.error(f"--tools takes {', '.join(TOOLS)}")
@@ -274,7 +295,7 @@ def main(argv=None) -> int:
         return 2
     if args.jobs > 0:
         warm(args.jobs)
-    return run_tools(sanitizer, tools, Path(args.log_dir), args.timeout, args.parallel)
+    return run_tools(sanitizer, tools, Path(args.log_dir), args.timeout, args.parallel, max(1, args.shards))
 
 
 if __name__ == "__main__":

@@ -139,7 +139,7 @@ def test_tensor_core_sizes(cp, rng, Nq, Nk, d, causal, dtype, arch):
                        smem_limit=64 * KB if arch == 75 else None, arch=arch)
     tensor_cores = arch >= 80 or dtype == "float16"
     family = "flash_fwd_mma" if tensor_cores else "flash_fwd_simt"
-    if planner.DECODE_BY_DEFAULT and planner.use_decode(Nq, Nk, 1, dtype, arch):   # split-KV decoding
+    if planner.use_decode(Nq, Nk, 1, dtype, arch):   # split-KV decoding
         family = "flash_decode"
     assert plan.kernel.startswith(family)
 

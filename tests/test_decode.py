@@ -29,13 +29,6 @@ DEVICES = [(75, 64 * KB), (80, 48 * KB), (80, 99 * KB), (80, 163 * KB), (86, 99 
 # --- the planner --------------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True)
-def decoding_chosen():
-    """These tests plan as the planner will once decoding is on by default (planner.DECODE_BY_DEFAULT,
-    off until these gpu tests have passed; test_planner checks that it is off meanwhile)."""
-    with planner.decode_default(True):
-        yield
-
 @pytest.mark.parametrize("Nq, Nk, group, dtype, arch, chosen", [
     (1, 32768, 4, "float16", 90, True), (4, 32768, 4, "bfloat16", 80, True), (16, 256, 1, "float16", 86, True),
     (1, 131072, 8, "float16", 90, True), (2, 5000, 8, "float16", 90, True),
@@ -145,8 +138,11 @@ def test_splits_cover_the_seen_tiles_once(Nq, Nk, BC, window):
 # --- the launch plumbing, on the NumPy model of the kernels ------------------------------------
 
 def _problem(q, k, v, causal=False, **features):
+    """The validated problem the CUDA backend takes (NumPy inputs validate as the C backend's:
+    the kernel model runs them), with the features' fields set as given."""
+    on_host = isinstance(q, np.ndarray)
     problem = dataclasses.replace(validate(q, k, v, causal=causal, softmax_scale=None, return_lse=True,
-                                           backend="c"), backend="cuda")
+                                           backend="c" if on_host else "cuda"), backend="cuda")
     if not features:
         return problem
     fields = {f.name: getattr(problem, f.name) for f in dataclasses.fields(problem)}

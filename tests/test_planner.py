@@ -131,9 +131,12 @@ def test_mask_variant(causal, window, score_mod, mask):
         assert int(args[-1] if "simt" in p.kernel else args[5]) == mask
 
 
-def test_decode_is_not_chosen_by_default_until_it_has_run_on_a_gpu():
-    """planner.DECODE_BY_DEFAULT stays off until tests/test_decode.py's gpu tests pass (then
-    this test goes with it)."""
-    assert planner.DECODE_BY_DEFAULT is False
-    p = planner.plan(1, 32768, 128, dtype="float16", batch=8, heads=32, group=4, smem_limit=227 * 1024, arch=90, sm_count=132)
-    assert p.kernel.startswith("flash_fwd_mma") and p.splits == 0
+def test_decoding_is_chosen_by_default_and_can_be_turned_off():
+    """A token against a 32k KV cache decodes by default; decode_default(False) gives the
+    one-pass kernel for the calls in its block (bench --decode's comparison), and restores."""
+    shape = dict(dtype="float16", batch=8, heads=32, group=4, smem_limit=227 * 1024, arch=90, sm_count=132)
+    assert planner.plan(1, 32768, 128, **shape).kernel.startswith("flash_decode<")
+    with planner.decode_default(False):
+        p = planner.plan(1, 32768, 128, **shape)
+        assert p.kernel.startswith("flash_fwd_mma") and p.splits == 0
+    assert planner.DECODE_BY_DEFAULT and planner.plan(1, 32768, 128, **shape).splits == 4

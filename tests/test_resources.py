@@ -90,7 +90,8 @@ def test_streams_and_threads_give_the_serial_results(cp, rng):
 def test_ten_thousand_gpu_calls_do_not_grow_memory(cp, rng):
     """CuPy in, CuPy out and NumPy in, NumPy out: after a warm-up, 10,000 calls each leave the
     memory pool's bytes in use where they were (every output freed), the pool no larger, the
-    device's free memory within 2 MiB and the host's resident set within 4 MiB."""
+    device's free memory within 2 MiB and the host's resident set within 4 MiB. The free memory
+    is the device's, not this process's: run it with no other process on the GPU."""
     pool = cp.get_default_memory_pool()
     host = inputs(rng, (2,), 9, 17, 16)
     device = [cp.asarray(x) for x in host]
