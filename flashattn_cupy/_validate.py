@@ -25,6 +25,17 @@ _DTYPE_ADVICE = {
     "reference": "cast to a floating dtype",
 }
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
+_DTYPES: dict = {}   # an array's dtype -> (numpy.dtype, its name): numpy's .name costs microseconds
+
+
+def _dtype(x) -> tuple[np.dtype, str]:
+    """(numpy.dtype, name) of an array's dtype, looked up once per dtype object (a call's
+    validation reads three; the small-call figure of the benchmark counts each microsecond)."""
+    found = _DTYPES.get(x.dtype)
+    if found is None:
+        dt = np.dtype(x.dtype)
+        found = _DTYPES[x.dtype] = (dt, dt.name)
+    return found
 _INT32_MAX = 2**31 - 1
 
 
@@ -141,6 +152,8 @@ def check_softcap(softcap) -> float:
     if not _is_real(softcap):
         raise TypeError(f"softcap must be a real number (0 for none), got {softcap!r}")
     value = _as_float(softcap)
+    if value == 0:
+        return 0.0
     if not (math.isfinite(value) and value >= 0):
         raise ValueError(f"softcap must be 0 (off) or a positive finite number, got {softcap!r}")
     with np.errstate(over="ignore"):
@@ -229,7 +242,7 @@ def validate(q, k, v, *, causal, softmax_scale, return_lse, backend,
         if isinstance(x, np.ma.MaskedArray):
             raise TypeError(f"{name} is a numpy.ma.MaskedArray, whose mask flash_attention would "
                             f"ignore; pass a plain array ({name}.filled(value) or numpy.asarray({name}))")
-        if not np.dtype(x.dtype).isnative:
+        if not _dtype(x)[0].isnative:
             raise TypeError(f"{name} has non-native byte order (dtype {np.dtype(x.dtype).str}); "
                             f"convert it with {name}.astype({name}.dtype.newbyteorder('='))")
         if x.ndim < 2:
@@ -256,7 +269,7 @@ def validate(q, k, v, *, causal, softmax_scale, return_lse, backend,
         raise ValueError(f"the leading dims of q, k and v {lead} must give heads (the last) and "
                          "batch (the product of the others) below 2**31 each")
 
-    dtypes = {name: np.dtype(x.dtype).name for name, x in (("q", q), ("k", k), ("v", v))}
+    dtypes = {name: _dtype(x)[1] for name, x in (("q", q), ("k", k), ("v", v))}
     if len(set(dtypes.values())) > 1:
         got = ", ".join(f"{n} {t}" for n, t in dtypes.items())
         raise TypeError(f"q, k and v must have the same dtype, got {got}")
@@ -302,14 +315,14 @@ def validate(q, k, v, *, causal, softmax_scale, return_lse, backend,
 def _query_group(q, k, v) -> int:
     """q heads per k/v head. Heads are dim -3, the last leading dim; every other leading dim must
     match, and k and v may have fewer heads than q (GQA, or MQA with one) if they divide q's."""
-    shapes = f"got shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+    shapes = lambda: f"got shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"  # noqa: E731
     if q.ndim != k.ndim or q.shape[:-3] != k.shape[:-3] or k.shape[:-2] != v.shape[:-2]:
         raise ValueError("q, k and v must have the same leading (batch, heads) dims, except that k "
-                         f"and v may have fewer heads (dim -3) than q; {shapes}")
+                         f"and v may have fewer heads (dim -3) than q; {shapes()}")
     if q.ndim < 3:
         return 1
     heads, kv_heads = q.shape[-3], k.shape[-3]
     if heads % kv_heads:
         raise ValueError(f"q has {heads} heads (dim -3) and k, v have {kv_heads}: for grouped-query "
-                         f"attention q's heads must be a multiple of k's and v's; {shapes}")
+                         f"attention q's heads must be a multiple of k's and v's; {shapes()}")
     return heads // kv_heads
