@@ -119,9 +119,16 @@ def _arrays(cp, rng, dtype, d, Nq, Nk, layout):
     return out
 
 
+def shard_of(items: list, shard: int, shards: int) -> list:
+    """The shard-th of `shards` contiguous, near-equal slices of items (together: each item once)."""
+    return items[len(items) * shard // shards:len(items) * (shard + 1) // shards]
+
+
 def worker(shard: int = 0, shards: int = 1) -> int:
-    """The calls grid[shard::shards], each on its own seeded inputs (the same whatever the
-    sharding); prints the wrong results and the kernels run ("ran: a|b|..."), for the parent."""
+    """The shard-th of `shards` contiguous slices of the grid (which lists each variant's calls
+    together, so a shard loads only its own variants: the sanitizers instrument every module a
+    process loads), each call on its own seeded inputs (the same whatever the sharding); prints
+    the wrong results and the kernels run ("ran: a|b|..."), for the parent."""
     import numpy as np
     sys.path.insert(0, str(HERE))
     from flashattn_cupy import _device, flash_attention, plan_for, planner
@@ -131,7 +138,7 @@ def worker(shard: int = 0, shards: int = 1) -> int:
     cp.cuda.set_pinned_memory_allocator(None)
     smem_limit, arch = _device.smem_limit(), _device.compute_capability()
     ran, failures = set(), []
-    grid = list(enumerate(calls(smem_limit, arch)))[shard::shards]
+    grid = shard_of(list(enumerate(calls(smem_limit, arch))), shard, shards)
     for index, (_, dtype, mods, d, Nq, Nk, layout, options) in grid:
         rng = np.random.default_rng([0, index])
         q, k, v = _arrays(cp, rng, dtype, d, Nq, Nk, layout)

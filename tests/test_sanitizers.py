@@ -174,3 +174,13 @@ def test_gpu_sanitizer_reads_the_summaries():
     assert summarize("========= Invalid __global__ read of size 2 bytes\n========= ERROR SUMMARY: 3 errors") == (3, 0)
     assert summarize("========= RACECHECK SUMMARY: 2 hazards displayed (1 error, 1 warning)") == (1, 1)
     assert summarize("========= Error: Target application terminated before first instrumented API call") is None
+
+
+@pytest.mark.parametrize("n, shards", [(672, 12), (5, 3), (3, 5), (0, 4), (7, 1)])
+def test_gpu_sanitizer_shards_cover_the_grid_once(n, shards):
+    """--shards N: contiguous slices (each shard loads few variants), together every call once."""
+    from sanitize_gpu import shard_of
+    items = list(range(n))
+    parts = [shard_of(items, i, shards) for i in range(shards)]
+    assert sum(parts, []) == items
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1
