@@ -13,6 +13,23 @@ def _unit_stride(x, cp):
     return cp.ascontiguousarray(x) if x.shape[-1] > 1 and x.strides[-1] != x.itemsize else x
 
 
+_NULL = np.uint64(0)   # a null pointer argument (the kernels test for it)
+_PACKED: dict = {}     # (int32s, int64s, float32s) -> the kernel arguments, as NumPy scalars
+
+
+def packed(i32s: tuple, i64s: tuple, f32s: tuple = ()) -> tuple:
+    """A launch's scalar arguments typed as the kernel declares them (int, long long, float),
+    made once per distinct tuple: NumPy scalars cost ~0.2 µs each and a launch passes 20 to 30,
+    the same ones call after call in a model's loop."""
+    key = (i32s, i64s, f32s)
+    found = _PACKED.get(key)
+    if found is None:
+        if len(_PACKED) >= 4096:   # a bound, for programs whose shapes never repeat
+            _PACKED.clear()
+        found = _PACKED[key] = (*map(np.int32, i32s), *map(np.int64, i64s), *map(np.float32, f32s))
+    return found
+
+
 def _batch_stride(x):
     """The element stride sb with x's batch dims (every leading dim but the last) at sb * b for
     their flattened index b; None when they do not collapse into one stride."""
@@ -28,6 +45,10 @@ def _strides(x, cp):
     when its layout has no such form (last dim not contiguous, or batch dims that do not
     collapse into one stride)."""
     x = _unit_stride(x, cp)
+    if x.ndim <= 4:   # the usual (B, H, N, d), (H, N, d), (N, d): at most one batch dim
+        item = x.itemsize
+        sb = x.strides[0] // item if x.ndim == 4 and x.shape[0] != 1 else 0
+        return x, (sb, x.strides[-3] // item if x.ndim > 2 else 0, x.strides[-2] // item)
     sb = _batch_stride(x)
     if sb is None:
         return _strides(cp.ascontiguousarray(x), cp)
@@ -83,13 +104,9 @@ def launch(plan, device_id, q, k, v, O, L, qs, ks, vs, os_, ls, *, batch, heads,
     """One launch of plan's kernel: arrays, their element strides (b, h, n) (L's (b, h)), sizes,
     the kernels' window pair, scale, softcap; alibi (float32, one slope per (b, h), contiguous)
     and the varlen offsets cu_q, cu_k (int32, batch + 1 each) or None."""
-    i32, i64 = np.int32, np.int64
-    null = np.uint64(0)   # a null pointer (the kernels test for it)
-    args = (q, k, v, null if alibi is None else alibi, null if cu_q is None else cu_q,
-            null if cu_k is None else cu_k, O, L,
-            i32(batch), i32(heads), i32(group), i32(Nq), i32(Nk), i32(d), *map(i32, window),
-            *map(i64, qs), *map(i64, ks), *map(i64, vs), *map(i64, os_), *map(i64, ls),
-            np.float32(scale), np.float32(softcap))
+    args = (q, k, v, _NULL if alibi is None else alibi, _NULL if cu_q is None else cu_q,
+            _NULL if cu_k is None else cu_k, O, L,
+            *packed((batch, heads, group, Nq, Nk, d, *window), (*qs, *ks, *vs, *os_, *ls), (scale, softcap)))
     kernels.get(plan, device_id)(plan.grid, (plan.threads,), args, shared_mem=plan.smem_bytes)
 
 
@@ -104,21 +121,17 @@ def launch_decode(plan, device_id, q, k, v, O, L, qs, ks, vs, os_, ls, *, batch,
     launches on the current stream; the workspace returns to the pool when this returns, which
     is safe: the pool hands it out again only in stream order."""
     cp = cupy()
-    i32, i64 = np.int32, np.int64
     D, splits = plan.head_dim_bound, plan.splits
     rows = batch * heads * Nq
     work = cp.empty(rows * splits * (D + 1), dtype=cp.float32)
     Op, Lp = work[:rows * splits * D], work[rows * splits * D:]
-    null = np.uint64(0)
-    args = (q, k, v, null if alibi is None else alibi, Op, Lp,
-            i32(batch), i32(heads), i32(group), i32(Nq), i32(Nk), i32(d), *map(i32, window),
-            *map(i64, qs), *map(i64, ks), *map(i64, vs), np.float32(scale), np.float32(softcap))
+    args = (q, k, v, _NULL if alibi is None else alibi, Op, Lp,
+            *packed((batch, heads, group, Nq, Nk, d, *window), (*qs, *ks, *vs), (scale, softcap)))
     kernels.get(plan, device_id)(plan.grid, (plan.threads,), args, shared_mem=plan.smem_bytes)
     combine = kernels.get(kernels.Variant(plan.combine), device_id)
     blocks = min(-(-rows // COMBINE_WARPS), COMBINE_BLOCKS_MAX)
     combine((blocks,), (32 * COMBINE_WARPS,),
-            (Op, Lp, O, L, i32(batch), i32(heads), i32(Nq), i32(d), i32(D), i32(splits),
-             *map(i64, os_), *map(i64, ls)))
+            (Op, Lp, O, L, *packed((batch, heads, Nq, d, D, splits), (*os_, *ls))))
 
 
 def run_varlen(problem, device_id: int):
