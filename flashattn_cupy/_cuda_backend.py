@@ -2,6 +2,8 @@
 Nothing here synchronizes the host; the kernel comes from kernels.get (compiled once)."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from . import kernels
@@ -21,7 +23,7 @@ def packed(i32s: tuple, i64s: tuple, f32s: tuple = ()) -> tuple:
     """A launch's scalar arguments typed as the kernel declares them (int, long long, float),
     made once per distinct tuple: NumPy scalars cost ~0.2 µs each and a launch passes 20 to 30,
     the same ones call after call in a model's loop."""
-    key = (i32s, i64s, f32s)
+    key = (i32s, i64s, f32s, tuple(math.copysign(1.0, f) for f in f32s))   # -0.0 == 0.0, but not as an argument
     found = _PACKED.get(key)
     if found is None:
         if len(_PACKED) >= 4096:   # a bound, for programs whose shapes never repeat
