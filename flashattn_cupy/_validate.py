@@ -25,6 +25,7 @@ _DTYPE_ADVICE = {
     "reference": "cast to a floating dtype",
 }
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
+_INT32_MAX = 2**31 - 1
 _DTYPES: dict = {}   # an array's dtype -> (numpy.dtype, its name): numpy's .name costs microseconds
 
 
@@ -36,7 +37,6 @@ def _dtype(x) -> tuple[np.dtype, str]:
         dt = np.dtype(x.dtype)
         found = _DTYPES[x.dtype] = (dt, dt.name)
     return found
-_INT32_MAX = 2**31 - 1
 
 
 @dataclass(frozen=True)

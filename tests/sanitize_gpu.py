@@ -11,12 +11,13 @@ racecheck, initcheck and synccheck, with a summary per tool.
 compute-sanitizer is taken from --sanitizer, PATH, $CUDA_HOME/bin, /usr/local/cuda/bin or the pip
 wheel nvidia-cuda-sanitizer-api-cu12 (or nvidia-cuda-sanitizer-api for CUDA 13). Under
 each tool one Python process (this file with --worker; --shards N: N of them at once, each a
-slice of the grid) makes one flash_attention call per point of a grid: for every kernel variant the planner emits for this device's shared-memory limit and
-arch (every head-dim bound D, dtype, mask (none, causal, and a sliding window with softcap and
-ALiBi: MASK 0, 1, 2) and float32 mode, as fp32_kernel / allow_tf32;
-the worker asks plan_for which variant each call runs, and fails if one is missed), head dims D,
-D - 24 (a multiple of 8) and D - 31 (odd), shapes with ragged tiles ((77, 203), and (203, 77),
-whose first 126 causal rows see no key), in three layouts: contiguous, (B, N, H, d) memory
+slice of the grid) makes one flash_attention call per point of a grid: for every kernel variant
+the planner emits for this device's shared-memory limit and arch (every head-dim bound D,
+dtype, mask (none, causal, and a sliding window with softcap and ALiBi: MASK 0, 1, 2) and
+float32 mode, as fp32_kernel / allow_tf32; the workers report which variant each call ran,
+from plan_for, and the run fails if one is missed), head dims D, D - 24 (a multiple of 8) and
+D - 31 (odd), shapes with ragged tiles ((77, 203), and (203, 77), whose first 126 causal rows
+see no key), in three layouts: contiguous, (B, N, H, d) memory
 viewed as (B, H, N, d), and data starting one element past an aligned address (element-wise
 loads). The worker turns CuPy's memory pool off, so every array is its own cudaMalloc and
 memcheck (with --padding) sees an access past any end; it makes its inputs on the host, so the
