@@ -35,6 +35,8 @@ def packed(i32s: tuple, i64s: tuple, f32s: tuple = ()) -> tuple:
 def _batch_stride(x):
     """The element stride sb with x's batch dims (every leading dim but the last) at sb * b for
     their flattened index b; None when they do not collapse into one stride."""
+    if x.ndim <= 4:   # the usual (B, H, N, d), (H, N, d), (N, d): at most one batch dim, no walk
+        return x.strides[0] // x.itemsize if x.ndim == 4 and x.shape[0] != 1 else 0
     bdims = [(n, s // x.itemsize) for n, s in zip(x.shape[:-3], x.strides[:-3]) if n != 1]
     if any(outer != inner * n for (_, outer), (n, inner) in zip(bdims, bdims[1:])):
         return None
@@ -47,10 +49,6 @@ def _strides(x, cp):
     when its layout has no such form (last dim not contiguous, or batch dims that do not
     collapse into one stride)."""
     x = _unit_stride(x, cp)
-    if x.ndim <= 4:   # the usual (B, H, N, d), (H, N, d), (N, d): at most one batch dim
-        item = x.itemsize
-        sb = x.strides[0] // item if x.ndim == 4 and x.shape[0] != 1 else 0
-        return x, (sb, x.strides[-3] // item if x.ndim > 2 else 0, x.strides[-2] // item)
     sb = _batch_stride(x)
     if sb is None:
         return _strides(cp.ascontiguousarray(x), cp)

@@ -4,7 +4,7 @@ strides and itemsize)."""
 import numpy as np
 import pytest
 
-from flashattn_cupy._cuda_backend import _batch_stride, _strides, packed
+from flashattn_cupy._cuda_backend import _strides, packed
 
 
 def test_packed_arguments_are_typed_reused_and_keep_the_sign_of_zero():
@@ -20,15 +20,19 @@ def test_packed_arguments_are_typed_reused_and_keep_the_sign_of_zero():
 @pytest.mark.parametrize("shape, view", [((2, 3, 5, 8), None), ((1, 3, 5, 8), None), ((3, 5, 8), None),
                                          ((5, 8), None), ((2, 5, 3, 8), "bnhd"), ((1, 5, 8), "broadcast"),
                                          ((4, 2, 3, 5, 8), None), ((2, 1, 3, 5, 8), "bnhd")])
-def test_strides_fast_path_agrees_with_the_general_one(shape, view):
-    """_strides' shortcut for arrays of at most 4 dims gives the strides the general walk over
-    the batch dims gives."""
+def test_strides_address_every_element(shape, view):
+    """(sb, sh, sn) put x[b, h, n, c] (b the flattened batch dims) where x's memory holds it,
+    for the <= 4-d shortcut and the general walk over batch dims alike."""
     x = np.zeros(shape, np.float32)
     if view == "bnhd":
         x = np.zeros(shape[:-3] + (shape[-2], shape[-3], shape[-1]), np.float32).swapaxes(-2, -3)
     elif view == "broadcast":
         x = np.broadcast_to(x, (4,) + shape)
-    got = _strides(x, np)[1]
-    item = x.itemsize
-    general = (_batch_stride(x), x.strides[-3] // item if x.ndim > 2 else 0, x.strides[-2] // item)
-    assert got == general
+    same, (sb, sh, sn) = _strides(x, np)
+    assert same is x   # no copy for any of these layouts
+    heads = (x.shape[-3],) if x.ndim > 2 else ()
+    for b, index in enumerate(np.ndindex(*x.shape[:-3])):   # b: the flattened batch index
+        for hn in np.ndindex(*heads, x.shape[-2]):
+            h, n = hn if heads else (0, hn[0])
+            offset = sum(i * s for i, s in zip(index + hn + (1,), x.strides))   # of x[..., h, n, 1]
+            assert offset == (sb * b + sh * h + sn * n + 1) * x.itemsize, (b, h, n)
