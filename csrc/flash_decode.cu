@@ -25,8 +25,7 @@
 // by planner.decode_smem_bytes: Qi[16][DP], STAGES x (Kj[BC][DP], Vj[BC][DP]) with DP = D + 8
 // (16 padding bytes a row: ldmatrix without bank conflicts), then the warps' mi, li [NW][16];
 // after the sweep the stages hold the merged Oi [16][D] in fp32.
-#include "fa_mma.cuh"
-#include "fa_mask.cuh"
+#include "fa_softmax.cuh"
 
 template <typename T, int D, int NW, int BC, int STAGES, int MASK>
 __global__ void __launch_bounds__(NW * 32)
@@ -165,45 +164,15 @@ flash_decode(const T* __restrict__ Q, const T* __restrict__ K, const T* __restri
                     }
             }
 
-            // Line 9: online softmax in the log2 domain, per warp (flash_fwd_mma.cu with one m-tile).
+            // Lines 9-10's row work (fa_softmax.cuh), per warp: Pij, mi, li, diag(alpha) Oi.
             float alpha[2];
-            bool moved = false;
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                float mx = neg_inf;
-#pragma unroll
-                for (int nt = 0; nt < NS; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-                const float m_new = fmaxf(m[r], mx * sl2);
-                const float base = m_new == neg_inf ? 0.f : m_new;
-                alpha[r] = fast_exp2(m[r] - base);
-                moved |= m_new != m[r];
-                float rowsum = 0.f;
-#pragma unroll
-                for (int nt = 0; nt < NS; ++nt)
-#pragma unroll
-                    for (int e = 2 * r; e < 2 * r + 2; ++e) {
-                        s[nt][e] = fast_exp2(fmaf(s[nt][e], sl2, -base));
-                        rowsum += s[nt][e];
-                    }
-                l[r] = alpha[r] * l[r] + rowsum;
-                m[r] = m_new;
-            }
-            if (__any_sync(0xffffffffu, moved))
-#pragma unroll
-                for (int dt = 0; dt < ND; ++dt)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) o[dt][e] *= alpha[e / 2];
+            if (__any_sync(0xffffffffu, softmax_rows<NS>(s, m, l, alpha, sl2))) rescale_rows<ND>(o, alpha);
 
             // Line 10: Oi += Pij Vj, Pij rounded to T as the A operand, Vj by ldmatrix.trans.
 #pragma unroll
             for (int kk = 0; kk < KW / 16; ++kk) {
                 operand<4> pa;
-                pa.hi[0] = pack2<T, ARCH>(s[2 * kk][0], s[2 * kk][1]);
-                pa.hi[1] = pack2<T, ARCH>(s[2 * kk][2], s[2 * kk][3]);
-                pa.hi[2] = pack2<T, ARCH>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-                pa.hi[3] = pack2<T, ARCH>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+                p_fragment<T, ARCH, NS>(pa.hi, s, kk);
 #pragma unroll
                 for (int p = 0; p < D / 16; ++p) {
                     operand<4> vb;   // d tiles 2p (registers 0, 1) and 2p + 1 (2, 3)

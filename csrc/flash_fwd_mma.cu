@@ -24,8 +24,7 @@
 // (1, or 3 for 3xTF32). Per call (fa_mask.cuh): the ALiBi slopes and varlen offsets, sizes,
 // window, element strides, scale and softcap. The planner (flashattn_cupy/planner.py,
 // mma_smem_bytes) mirrors the shared-memory layout below.
-#include "fa_mma.cuh"
-#include "fa_mask.cuh"
+#include "fa_softmax.cuh"
 
 template <typename T, int D, int NW, int MT, int BC, int MASK, int ARCH, int PASSES>
 __global__ void __launch_bounds__(NW * 32)
@@ -163,31 +162,8 @@ flash_fwd_mma(const T* __restrict__ Q, const T* __restrict__ K, const T* __restr
                             for (int e = 0; e < 4; ++e) s[mt][nt][e] += part[mt][nt][e];
                 }
             }
-            // Score mods (softcap, ALiBi) on every score; then, on edge tiles only (keys past nk
-            // or outside some row's window, for this warp's rows), the mask: -inf.
-            const int wrow0 = row0 + warp * WR;
-            if constexpr (MASK == FA_MODS) {
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                for (int nt = 0; nt < NS; ++nt)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e)
-                        s[mt][nt][e] = score_mod(s[mt][nt][e], fabsf(scale), softcap, slope,
-                                                 win.diag(wrow0 + mt * 16 + g + e / 2 * 8) - (col0 + nt * 8 + 2 * t + e % 2));
-            }
-            if (col0 + BC > nk || (MASK && !win.covers(wrow0, WR, col0, BC))) {
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                for (int nt = 0; nt < NS; ++nt)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        const int key = col0 + nt * 8 + 2 * t + e % 2;
-                        const int row = wrow0 + mt * 16 + g + e / 2 * 8;
-                        if (key >= nk || (MASK && !win.sees(row, key))) s[mt][nt][e] = neg_inf;
-                    }
-            }
+            // Score mods and the mask (fa_softmax.cuh) on this warp's rows.
+            mask_scores<MT, NS, MASK>(s, win, row0 + warp * WR, col0, nk, scale, softcap, slope);
 
             if constexpr (ARCH >= 80) cp_async_wait_all();
             __syncthreads();   // Vj has landed; every warp is done with Kj
@@ -196,43 +172,14 @@ flash_fwd_mma(const T* __restrict__ Q, const T* __restrict__ K, const T* __restr
                 if constexpr (ARCH >= 80) cp_async_commit();
             }
 
-            // Line 9 (mi in the log2 domain, mi = sl2 * max): mi_new = max(mi, sl2 rowmax Sij),
-            // Pij = exp2(sl2 Sij - mi_new), li = exp2(mi - mi_new) li + rowsum Pij.
+            // Lines 9-10's row work (fa_softmax.cuh): Pij, mi, li, and diag(alpha) Oi.
             float alpha[MT][2];
             bool moved = false;
 #pragma unroll
-            for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                float mx = neg_inf;
-#pragma unroll
-                for (int nt = 0; nt < NS; ++nt) mx = fmaxf(mx, fmaxf(s[mt][nt][2 * r], s[mt][nt][2 * r + 1]));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-                const float m_new = fmaxf(m[mt][r], mx * sl2);
-                const float base = m_new == neg_inf ? 0.f : m_new;   // all masked so far: no NaN
-                alpha[mt][r] = fast_exp2(m[mt][r] - base);           // exactly 1 if the max stayed
-                moved |= m_new != m[mt][r];
-                float rowsum = 0.f;
-#pragma unroll
-                for (int nt = 0; nt < NS; ++nt)
-#pragma unroll
-                    for (int e = 2 * r; e < 2 * r + 2; ++e) {
-                        s[mt][nt][e] = fast_exp2(fmaf(s[mt][nt][e], sl2, -base));
-                        rowsum += s[mt][nt][e];
-                    }
-                l[mt][r] = alpha[mt][r] * l[mt][r] + rowsum;   // this thread's share; the quad adds up at the end
-                m[mt][r] = m_new;
-            }
-            // Line 10's diag(alpha) Oi, skipped (exactly) when no row max of the warp moved:
-            // past the first tiles it rarely does.
+            for (int mt = 0; mt < MT; ++mt) moved |= softmax_rows<NS>(s[mt], m[mt], l[mt], alpha[mt], sl2);
             if (__any_sync(0xffffffffu, moved))
 #pragma unroll
-                for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                    for (int dt = 0; dt < ND; ++dt)
-#pragma unroll
-                        for (int e = 0; e < 4; ++e) o[mt][dt][e] *= alpha[mt][e / 2];
+                for (int mt = 0; mt < MT; ++mt) rescale_rows<ND>(o[mt], alpha[mt]);
 
             // Line 10: Oi += Pij Vj, Pij rounded to the MMA's input type as the A operand
             // (accumulators -> A fragments). 16-bit: a k-step is 16 keys (two Sij tiles) and
@@ -243,12 +190,7 @@ flash_fwd_mma(const T* __restrict__ Q, const T* __restrict__ K, const T* __restr
                 for (int kk = 0; kk < BC / 16; ++kk) {
                     operand<4> pa[MT];
 #pragma unroll
-                    for (int mt = 0; mt < MT; ++mt) {
-                        pa[mt].hi[0] = pack2<T, ARCH>(s[mt][2 * kk][0], s[mt][2 * kk][1]);
-                        pa[mt].hi[1] = pack2<T, ARCH>(s[mt][2 * kk][2], s[mt][2 * kk][3]);
-                        pa[mt].hi[2] = pack2<T, ARCH>(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
-                        pa[mt].hi[3] = pack2<T, ARCH>(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
-                    }
+                    for (int mt = 0; mt < MT; ++mt) p_fragment<T, ARCH, NS>(pa[mt].hi, s[mt], kk);
 #pragma unroll
                     for (int p = 0; p < D / 16; ++p) {
                         operand<4> vb;   // d tiles 2p (registers 0, 1) and 2p + 1 (2, 3)

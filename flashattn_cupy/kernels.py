@@ -18,8 +18,12 @@ from importlib import resources
 NVRTC_OPTIONS = ("-std=c++17",)   # no fast math: exact -inf masking and full-precision exp2f
 SOURCES = {"flash_fwd_simt": "flash_fwd_simt.cu",   # kernel family -> file in csrc/
            "flash_fwd_mma": "flash_fwd_mma.cu",
+           "flash_fwd_wgmma": "flash_fwd_wgmma.cu",
            "flash_decode": "flash_decode.cu",
            "flash_decode_combine": "flash_decode.cu"}
+# Families built for an arch-specific target: wgmma exists on sm_90a alone. CuPy appends its own
+# -arch=sm_XX (the device's) after these options; given both, NVRTC builds for the "a" target.
+ARCH_OPTIONS = {"flash_fwd_wgmma": ("-arch=sm_90a",)}
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.MULTILINE)
 
 
@@ -48,6 +52,11 @@ def source(filename: str) -> str:
 
 def family(name_expression: str) -> str:
     return name_expression.split("<", 1)[0]
+
+
+def target(family_name: str, arch: str) -> str:
+    """The NVRTC target ("sm_90", "sm_90a") a family's kernels are built for on a device of `arch`."""
+    return next((o.split("=")[1] for o in ARCH_OPTIONS.get(family_name, ()) if o.startswith("-arch=")), arch)
 
 
 _kernels: dict = {}
@@ -84,7 +93,8 @@ def _compile(cp, plan):
     memory from now on (CUPY_CACHE_IN_MEMORY=1, read by CuPy at each compile, its own kernels'
     too), with a KernelCacheWarning; an error that compiling in memory meets as well is raised."""
     def compile_once():
-        module = cp.RawModule(code=source(SOURCES[family(plan.kernel)]), options=NVRTC_OPTIONS,
+        name = family(plan.kernel)
+        module = cp.RawModule(code=source(SOURCES[name]), options=NVRTC_OPTIONS + ARCH_OPTIONS.get(name, ()),
                               name_expressions=(plan.kernel,))
         return module.get_function(plan.kernel)
 

@@ -71,18 +71,45 @@ DECODE_DTYPES = ("float16", "bfloat16")
 DECODE_BY_DEFAULT = True
 
 
+# Hopper's warpgroup MMA (csrc/flash_fwd_wgmma.cu): sm_90a instructions, which neither earlier nor
+# later GPUs run, so only compute capability 9.0 gets it; fp16/bf16 at head-dim bounds 64 and 128
+# (d in 33..64 and 97..128; other d keep the mma kernel). (D, (warpgroups, Bc, stages) candidates,
+# best first): Br = 64 * warpgroups; 3 stages let P(j-1) V(j-1) run during tile j's softmax.
+WGMMA_ARCH = 90
+WGMMA_DTYPES = ("float16", "bfloat16")
+WGMMA_TILES = ((64, ((3, 128, 3), (2, 128, 3), (3, 128, 2), (2, 128, 2), (2, 64, 3), (2, 64, 2))),
+               (128, ((2, 128, 3), (2, 128, 2), (3, 64, 3), (2, 64, 3), (2, 64, 2))))
+# Whether plan(wgmma=None) picks it where it can run; wgmma_default(on) sets it for a block of calls
+# (the benchmark's comparison with the mma kernel on the same call). Off until its gpu tests have
+# passed on an H100/H200: it compiles in CI but has not run on a GPU yet (session 6).
+WGMMA_BY_DEFAULT = False
+
+
 @contextlib.contextmanager
-def decode_default(on: bool):
-    """DECODE_BY_DEFAULT set to `on` within the block (cached plans dropped on the way in and
-    out): with False, every call in the block runs the one-pass kernels."""
-    global DECODE_BY_DEFAULT
-    before, DECODE_BY_DEFAULT = DECODE_BY_DEFAULT, on
+def _default(flag: str, on: bool):
+    """The module's `flag` set to `on` within the block (cached plans dropped on the way in and out)."""
+    before = globals()[flag]
+    globals()[flag] = on
     cached_plan.cache_clear()
     try:
         yield
     finally:
-        DECODE_BY_DEFAULT = before
+        globals()[flag] = before
         cached_plan.cache_clear()
+
+
+def decode_default(on: bool):
+    """DECODE_BY_DEFAULT set to `on` within a `with` block: with False, every call in the block
+    runs the one-pass kernels."""
+    return _default("DECODE_BY_DEFAULT", on)
+
+
+def wgmma_default(on: bool):
+    """WGMMA_BY_DEFAULT set to `on` within a `with` block: with True, calls in the block run the
+    wgmma kernel where it can run; with False, the mma.sync kernel."""
+    return _default("WGMMA_BY_DEFAULT", on)
+
+
 # (largest D, (warps NW, key tile BC, pipeline stages) candidates, best first). Every warp takes
 # BC / NW = 16 keys of a tile; BC = 64 keys of K and V are 18-34 KB a stage at D = 64-128, and
 # 2-3 stages (one or two tiles in flight a block, two or three blocks an SM) keep the 40+ KB an
@@ -143,6 +170,18 @@ def mma_smem_bytes(Br: int, Bc: int, D: int, itemsize: int = 2) -> int:
     """Exact dynamic shared memory of csrc/flash_fwd_mma.cu: Qi[Br], Kj[Bc], Vj[Bc] rows of
     D elements and a 16-byte pad (which keeps ldmatrix free of bank conflicts)."""
     return (Br + 2 * Bc) * (D * itemsize + 16)
+
+
+def wgmma_smem_bytes(Br: int, Bc: int, D: int, stages: int) -> int:
+    """Exact dynamic shared memory of csrc/flash_fwd_wgmma.cu: 1 KB of slack to align the swizzled
+    tiles on 1024 bytes, Qi [Br][D] and `stages` x (Kj, Vj [Bc][D]), in 16-bit elements."""
+    return 1024 + 2 * D * (Br + 2 * stages * Bc)
+
+
+def wgmma_tiles(D: int, smem_limit: int) -> tuple[int, int, int] | None:
+    """(warpgroups, Bc, stages) of the first wgmma candidate for D that fits, None if none (or D has none)."""
+    candidates = next((c for d_max, c in WGMMA_TILES if D == d_max), ())
+    return next((c for c in candidates if wgmma_smem_bytes(64 * c[0], c[1], D, c[2]) <= smem_limit), None)
 
 
 def mma_arch(arch: int, dtype: str) -> int | None:
@@ -223,7 +262,7 @@ def plan(Nq: int, Nk: int, d: int, *, dtype: str = "float32", causal: bool = Fal
          batch: int = 1, heads: int = 1, backend: str = "cuda",
          smem_limit: int | None = None, arch: int | None = None, num_threads: int = 1,
          fp32: str = "auto", window: bool = False, score_mod: bool = False, group: int = 1,
-         sm_count: int | None = None, decode: bool | None = None) -> Plan:
+         sm_count: int | None = None, decode: bool | None = None, wgmma: bool | None = None) -> Plan:
     """Choose the tiles and launch shape for one call.
 
     The call's shapes: q (batch, heads, Nq, d), k and v (batch, heads, Nk, d); dtype is q's
@@ -240,7 +279,9 @@ def plan(Nq: int, Nk: int, d: int, *, dtype: str = "float32", causal: bool = Fal
     the current device when None and needed), for the number of key splits when decoding.
     decode: split-KV decoding (csrc/flash_decode.cu): None chooses it when use_decode() says it
     pays (while DECODE_BY_DEFAULT is on), True asks for it (a ValueError where it cannot run),
-    False never.
+    False never. wgmma: Hopper's warpgroup-MMA kernel (csrc/flash_fwd_wgmma.cu) in place of the
+    mma.sync one: None where it can run (while WGMMA_BY_DEFAULT is on), True asks for it (a
+    ValueError where it cannot), False never.
     """
     if not (1 <= d <= MAX_HEAD_DIM):
         raise ValueError(f"head dim d must be in 1..{MAX_HEAD_DIM}, got {d}")
@@ -284,6 +325,16 @@ def plan(Nq: int, Nk: int, d: int, *, dtype: str = "float32", causal: bool = Fal
         else:
             return _decode_plan(Nq, Nk, d, D, dtype, causal, mask, batch, heads, group, dtiles,
                                 smem_limit, sm_count)
+    wtiles = wgmma_tiles(D, smem_limit) if arch == WGMMA_ARCH and dtype in WGMMA_DTYPES else None
+    if wgmma and wtiles is None:
+        raise ValueError(f"the wgmma kernel (wgmma=True) needs sm_{WGMMA_ARCH} (got sm_{arch}), "
+                         f"{' or '.join(WGMMA_DTYPES)} (got {dtype}) and d in 33..64 or 97..128 (got {d})")
+    if wtiles is not None and (wgmma or (wgmma is None and WGMMA_BY_DEFAULT)):
+        groups, Bc, stages = wtiles
+        name = f"flash_fwd_wgmma<{CUDA_TYPES[dtype]}, {D}, {groups}, {Bc}, {stages}, {mask}>"
+        grid = (math.ceil(Nq / (64 * groups)), min(heads, GRID_YZ_MAX), min(batch, GRID_YZ_MAX))
+        return Plan("cuda", name, dtype, d, D, 64 * groups, Bc, causal, mask, 128 * groups, grid,
+                    wgmma_smem_bytes(64 * groups, Bc, D, stages), smem_limit)
     isa = mma_arch(arch, dtype)
     itemsize = 4 if dtype == "float32" else 2
     tiles = mma_tiles(D, smem_limit, itemsize) if isa is not None else None
@@ -335,8 +386,10 @@ def cuda_variants(smem_limit: int, arch: int) -> list[str]:
                 for fp32 in (FP32_MODES if dtype == "float32" else ("auto",)):
                     if fp32 == "3xtf32" and arch < 80:
                         continue
-                    names.add(plan(1, 1, D, dtype=dtype, window=mask >= 1, score_mod=mask == 2,
-                                   smem_limit=smem_limit, arch=arch, fp32=fp32).kernel)
+                    can_wgmma = arch == WGMMA_ARCH and dtype in WGMMA_DTYPES and wgmma_tiles(D, smem_limit)
+                    for wgmma in (True, False) if can_wgmma else (False,):   # whatever the default
+                        names.add(plan(1, 1, D, dtype=dtype, window=mask >= 1, score_mod=mask == 2,
+                                       smem_limit=smem_limit, arch=arch, fp32=fp32, wgmma=wgmma).kernel)
                 if dtype in DECODE_DTYPES and arch >= 80 and decode_tiles(D, smem_limit):
                     p = plan(1, DECODE_MIN_KEYS, D, dtype=dtype, window=mask >= 1, score_mod=mask == 2,
                              smem_limit=smem_limit, arch=arch, sm_count=1, decode=True)

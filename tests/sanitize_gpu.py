@@ -14,7 +14,8 @@ each tool one Python process (this file with --worker; --shards N: N of them at 
 slice of the grid) makes one flash_attention call per point of a grid: for every kernel variant
 the planner emits for this device's shared-memory limit and arch (every head-dim bound D,
 dtype, mask (none, causal, and a sliding window with softcap and ALiBi: MASK 0, 1, 2) and
-float32 mode, as fp32_kernel / allow_tf32; the workers report which variant each call ran,
+float32 mode, as fp32_kernel / allow_tf32; on sm_90 both the wgmma kernel and the mma one,
+through planner.wgmma_default; the workers report which variant each call ran,
 from plan_for, and the run fails if one is missed), head dims D, D - 24 (a multiple of 8) and
 D - 31 (odd), shapes with ragged tiles ((77, 203), and (203, 77), whose first 126 causal rows
 see no key), in three layouts: contiguous, (B, N, H, d) memory
@@ -67,12 +68,15 @@ def calls(smem_limit: int, arch: int):
                 for mode in planner.FP32_MODES if dtype == "float32" else ("auto",):
                     if mode == "3xtf32" and arch < 80:
                         continue
-                    kernel = _plan(planner, 1, 1, D, dtype, MASK_OPTIONS[mask], smem_limit, arch, mode).kernel
-                    if kernel in seen:
-                        continue
-                    seen.add(kernel)
-                    grid += [(kernel, dtype, MASK_OPTIONS[mask], D - below, Nq, Nk, layout, API_FP32[mode])
-                             for below, layout, shapes in CASES for Nq, Nk in shapes]
+                    for wgmma in (True, False):   # the wgmma kernel where it runs, and the one it replaces
+                        with planner.wgmma_default(wgmma):
+                            kernel = _plan(planner, 1, 1, D, dtype, MASK_OPTIONS[mask], smem_limit, arch, mode).kernel
+                        if kernel in seen:
+                            continue
+                        seen.add(kernel)
+                        options = {**API_FP32[mode], "wgmma": wgmma}
+                        grid += [(kernel, dtype, MASK_OPTIONS[mask], D - below, Nq, Nk, layout, options)
+                                 for below, layout, shapes in CASES for Nq, Nk in shapes]
                 if dtype in planner.DECODE_DTYPES and arch >= 80 and planner.decode_tiles(D, smem_limit):
                     kernel = _plan(planner, 1, planner.DECODE_MIN_KEYS, D, dtype, MASK_OPTIONS[mask], smem_limit,
                                    arch, "auto", sm_count=1, decode=True).kernel
@@ -96,7 +100,8 @@ def kernels_reached(smem_limit: int, arch: int) -> tuple[set, set]:
     reached = set()
     for _, dtype, mods, d, Nq, Nk, _, options in calls(smem_limit, arch):
         fp32 = "tf32" if options.get("allow_tf32") else options.get("fp32_kernel", "auto")
-        p = _plan(planner, Nq, Nk, d, dtype, mods, smem_limit, arch, fp32, sm_count=132)
+        with planner.wgmma_default(options.get("wgmma", False)):
+            p = _plan(planner, Nq, Nk, d, dtype, mods, smem_limit, arch, fp32, sm_count=132)
         reached.update((p.kernel, p.combine) if p.splits else (p.kernel,))
     return reached, set(planner.cuda_variants(smem_limit, arch))
 
@@ -147,9 +152,11 @@ def worker(shard: int = 0, shards: int = 1) -> int:
         mods = {key: rng.uniform(0, 1, (2, 3)).astype(np.float32) if key == "alibi" else value
                 for key, value in mods.items()}
         kw = {("alibi_slopes" if key == "alibi" else key): value for key, value in mods.items()}
-        plan = plan_for(q, k, v, **kw, **options)
-        ran.update((plan.kernel, plan.combine) if plan.splits else (plan.kernel,))
-        O, L = flash_attention(q, k, v, return_lse=True, **kw, **options)
+        api = {key: value for key, value in options.items() if key != "wgmma"}   # "wgmma": the planner's default
+        with planner.wgmma_default(options.get("wgmma", False)):
+            plan = plan_for(q, k, v, **kw, **api)
+            ran.update((plan.kernel, plan.combine) if plan.splits else (plan.kernel,))
+            O, L = flash_attention(q, k, v, return_lse=True, **kw, **api)
         try:
             assert_attention_close(cp.asnumpy(O), cp.asnumpy(L), *(cp.asnumpy(x) for x in (q, k, v)),
                                    **kw, **kernel_rounding(plan))

@@ -1,4 +1,5 @@
-"""Every kernel variant the planner can emit compiles with NVRTC for sm_75, sm_80 and sm_90.
+"""Every kernel variant the planner can emit compiles with NVRTC for sm_75, sm_80 and sm_90 (the
+wgmma family for sm_90a, the target kernels.ARCH_OPTIONS gives it).
 
 No GPU needed: NVRTC and the CUDA headers come from pip wheels (the `test` extra: cuda-core,
 nvidia-cuda-nvrtc-cu12, nvidia-cuda-runtime-cu12), and compiling to a cubin for an explicit
@@ -26,7 +27,7 @@ def test_every_variant_compiles(arch):
     names = sorted({n for limit in ARCHES[arch] for n in planner.cuda_variants(limit, cc)})
     for family in sorted({kernels.family(n) for n in names}):
         wanted = [n for n in names if kernels.family(n) == family]
-        options = ProgramOptions(arch=arch, std=kernels.NVRTC_OPTIONS[0].split("=")[1])
+        options = ProgramOptions(arch=kernels.target(family, arch), std=kernels.NVRTC_OPTIONS[0].split("=")[1])
         program = Program(kernels.source(kernels.SOURCES[family]), "c++", options)
         cubin = program.compile("cubin", name_expressions=wanted)
         assert sorted(cubin.symbol_mapping) == wanted

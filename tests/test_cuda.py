@@ -79,6 +79,17 @@ def test_half_precision_sizes(cp, rng, Nq, Nk, dtype):
     _check(cp, *inputs(rng, (2,), Nq, Nk, 64, dtype=_dtype(dtype)), causal=True)
 
 
+@pytest.mark.parametrize("scale", [-0.3, 0.0, 2.5])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_scales(cp, rng, scale, dtype):
+    """Negative (Qi negated once in shared memory), zero and large scales on the kernels that take
+    d = 64 and 128 in half precision (on an H100 the wgmma kernel too)."""
+    for on in (False, True):
+        with planner.wgmma_default(on):
+            for d in (64, 128):
+                _check(cp, *inputs(rng, (2,), 200, 333, d, dtype=_dtype(dtype)), causal=True, softmax_scale=scale)
+
+
 def test_batch_heads_scale_and_masked_rows(cp, rng):
     _check(cp, *inputs(rng, (2, 3), 33, 65, 40), causal=True)
     _check(cp, *inputs(rng, (2, 1, 3), 17, 31, 16), softmax_scale=-0.37)
@@ -128,20 +139,41 @@ def test_every_tile_variant_runs(cp, rng, limit, d):
     assert any(", 75, 1>" in n for n in kernels) and any(", 80, 1>" in n for n in kernels)
 
 
-@pytest.mark.parametrize("arch", [75, 90])
+@pytest.mark.parametrize("arch", [75, 80, 90])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("Nq,Nk,d", size_cases())
 def test_tensor_core_sizes(cp, rng, Nq, Nk, d, causal, dtype, arch):
-    """Every size pair on the tensor-core kernel, with sm_80+ instructions and forced to Turing's
-    (bf16 on Turing falls back to the SIMT kernel: checked too)."""
+    """Every size pair on the tensor-core kernels: Hopper's wgmma one (arch 90, where its head-dim
+    bounds), the mma one with sm_80 instructions, and forced to Turing's (bf16 on Turing falls
+    back to the SIMT kernel: checked too)."""
+    if arch == 90 and cp.cuda.Device().compute_capability != "90":
+        pytest.skip("the wgmma kernel runs on sm_90 only")
+    wgmma = arch == 90 and planner.head_dim_bound(d) in (64, 128)
     plan = _check_plan(cp, *inputs(rng, (), Nq, Nk, d, dtype=_dtype(dtype)), causal,
-                       smem_limit=64 * KB if arch == 75 else None, arch=arch)
+                       smem_limit=64 * KB if arch == 75 else None, arch=arch, wgmma=wgmma or None)
     tensor_cores = arch >= 80 or dtype == "float16"
-    family = "flash_fwd_mma" if tensor_cores else "flash_fwd_simt"
+    family = "flash_fwd_wgmma" if wgmma else "flash_fwd_mma" if tensor_cores else "flash_fwd_simt"
     if planner.use_decode(Nq, Nk, 1, dtype, arch):   # split-KV decoding
         family = "flash_decode"
     assert plan.kernel.startswith(family)
+
+
+@pytest.mark.parametrize("D, tiles", [(D, c) for D, candidates in planner.WGMMA_TILES for c in candidates])
+def test_every_wgmma_tile_runs(cp, rng, D, tiles):
+    """Each of the wgmma kernel's tile candidates (planned for the shared-memory limit it needs:
+    later ones are what smaller limits get), fp16 and bf16, causal or not, on ragged sizes with
+    batch and heads, d at the bound and below it."""
+    if cp.cuda.Device().compute_capability != "90":
+        pytest.skip("the wgmma kernel runs on sm_90 only")
+    limit = planner.wgmma_smem_bytes(64 * tiles[0], tiles[1], D, tiles[2])
+    for dtype, d in (("float16", D), ("bfloat16", D - 24)):
+        for causal in (False, True):
+            q, k, v = inputs(rng, (2, 3), 300, 517, d, dtype=_dtype(dtype))
+            plan = _check_plan(cp, q, k, v, causal, smem_limit=limit, arch=90, wgmma=True)
+            assert plan.kernel == f"flash_fwd_wgmma<{planner.CUDA_TYPES[dtype]}, {D}, {tiles[0]}, {tiles[1]}, {tiles[2]}, {int(causal)}>"
+            q, k, v = inputs(rng, (2,), 517, 300, d, dtype=_dtype(dtype))   # causal: rows with no key
+            _check_plan(cp, q, k, v, causal, smem_limit=limit, arch=90, wgmma=True)
 
 
 def test_strided_views_without_copies(cp, rng):

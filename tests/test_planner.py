@@ -30,7 +30,10 @@ def test_every_plan_fits(limit, dtype, arch):
             p = plan(1000, 3000, d, dtype=dtype, causal=causal, batch=3, heads=5, smem_limit=limit,
                      arch=arch)
             assert p.smem_bytes <= limit
-            if "mma" in p.kernel:
+            if "wgmma" in p.kernel:
+                assert p.smem_bytes == planner.wgmma_smem_bytes(p.Br, p.Bc, p.head_dim_bound, int(p.kernel.split(", ")[4]))
+                assert p.threads == 2 * p.Br   # a warpgroup (128 threads) a 64-row slice
+            elif "mma" in p.kernel:
                 itemsize = 4 if dtype == "float32" else 2
                 assert p.smem_bytes == planner.mma_smem_bytes(p.Br, p.Bc, p.head_dim_bound, itemsize)
             else:
@@ -46,10 +49,11 @@ def test_every_plan_fits(limit, dtype, arch):
     (75, "float32", "tf32", "simt", 0),   # TF32 is allowed, not required: Turing has none
     (80, "float32", "auto", "mma", 3), (80, "float32", "3xtf32", "mma", 3), (80, "float32", "tf32", "mma", 1),
     (90, "float32", "simt", "simt", 0), (80, "float16", "auto", "mma", 1), (86, "bfloat16", "auto", "mma", 1),
-    (90, "bfloat16", "auto", "mma", 1),
+    (90, "bfloat16", "auto", "wgmma", 0), (90, "float16", "auto", "wgmma", 0), (90, "float32", "tf32", "mma", 1),
 ])
 def test_tensor_cores_where_the_device_has_them(arch, dtype, fp32, family, passes):
-    p = plan(4096, 4096, 128, dtype=dtype, smem_limit=99 * KB, arch=arch, fp32=fp32)
+    with planner.wgmma_default(True):
+        p = plan(4096, 4096, 128, dtype=dtype, smem_limit=99 * KB, arch=arch, fp32=fp32)
     assert p.kernel.startswith(f"flash_fwd_{family}<")
     if family == "mma":   # the instruction set (Turing's, or sm_80's with cp.async), the passes
         assert p.kernel.endswith(f", {75 if arch < 80 else 80}, {passes}>")
@@ -78,7 +82,8 @@ def test_larger_devices_get_larger_tiles():
     assert plan(4096, 4096, 64, smem_limit=227 * KB, arch=90, fp32="simt").Br == 64
     assert plan(4096, 4096, 256, smem_limit=48 * KB, arch=90, fp32="simt").Br == 8
     half = dict(dtype="float16", arch=90)
-    assert plan(4096, 4096, 64, smem_limit=227 * KB, **half).Br == 128
+    assert plan(4096, 4096, 64, smem_limit=227 * KB, wgmma=True, **half).Br == 192   # three warpgroups
+    assert plan(4096, 4096, 64, smem_limit=227 * KB, wgmma=False, **half).Br == 128
     assert plan(4096, 4096, 256, smem_limit=48 * KB, **half).Bc == 16
 
 
@@ -126,9 +131,9 @@ def test_mask_variant(causal, window, score_mod, mask):
         p = plan(100, 100, 64, dtype=dtype, causal=causal, window=window, score_mod=score_mod,
                  smem_limit=227 * KB, arch=90, fp32=fp32)
         assert p.mask == mask and p.causal == causal
-        # the MASK template argument: the simt kernel's last, the mma kernel's sixth
+        # the MASK template argument: the mma kernel's sixth, the others' last
         args = p.kernel.split("<")[1].rstrip(">").split(", ")
-        assert int(args[-1] if "simt" in p.kernel else args[5]) == mask
+        assert int(args[5] if p.kernel.startswith("flash_fwd_mma") else args[-1]) == mask
 
 
 def test_decoding_is_chosen_by_default_and_can_be_turned_off():
@@ -138,5 +143,56 @@ def test_decoding_is_chosen_by_default_and_can_be_turned_off():
     assert planner.plan(1, 32768, 128, **shape).kernel.startswith("flash_decode<")
     with planner.decode_default(False):
         p = planner.plan(1, 32768, 128, **shape)
-        assert p.kernel.startswith("flash_fwd_mma") and p.splits == 0
+        assert p.kernel.startswith(("flash_fwd_mma", "flash_fwd_wgmma")) and p.splits == 0
     assert planner.DECODE_BY_DEFAULT and planner.plan(1, 32768, 128, **shape).splits == 4
+
+
+@pytest.fixture
+def wgmma_on():
+    with planner.wgmma_default(True):
+        yield
+
+
+def test_wgmma_only_where_it_runs(wgmma_on):
+    """Hopper's wgmma kernel (when on by default): sm_90 exactly (sm_90a instructions, not carried
+    to later GPUs), fp16/bf16, head-dim bounds 64 and 128; elsewhere the mma kernel, as with
+    wgmma=False."""
+    H100 = dict(smem_limit=227 * KB, batch=2, heads=4)
+    for dtype in ("float16", "bfloat16"):
+        for d in (33, 64, 97, 128):
+            p = plan(1000, 1000, d, dtype=dtype, arch=90, **H100)
+            tiles = planner.wgmma_tiles(p.head_dim_bound, H100["smem_limit"])
+            assert tiles == next(c for D, c in planner.WGMMA_TILES if D == p.head_dim_bound)[0]   # the first fits
+            assert p.kernel == f"flash_fwd_wgmma<{planner.CUDA_TYPES[dtype]}, {p.head_dim_bound}, {tiles[0]}, {tiles[1]}, {tiles[2]}, 0>"
+            assert (p.Br, p.Bc, p.threads) == (64 * tiles[0], tiles[1], 128 * tiles[0])
+            assert plan(1000, 1000, d, dtype=dtype, arch=90, wgmma=False, **H100).kernel.startswith("flash_fwd_mma<")
+        for d in (32, 96, 160, 256):
+            assert plan(1000, 1000, d, dtype=dtype, arch=90, **H100).kernel.startswith("flash_fwd_mma<")
+        for arch in (80, 89, 100, 120):
+            assert plan(1000, 1000, 64, dtype=dtype, arch=arch, **H100).kernel.startswith("flash_fwd_mma<")
+    assert plan(1000, 1000, 64, arch=90, **H100).kernel.startswith("flash_fwd_mma<")   # fp32: 3xTF32
+    # each candidate is what some smaller limit gets (each needs less than those before it), then none: mma
+    for D, candidates in planner.WGMMA_TILES:
+        for i, (groups, Bc, stages) in enumerate(candidates):
+            limit = planner.wgmma_smem_bytes(64 * groups, Bc, D, stages)
+            first = next(c for c in candidates if planner.wgmma_smem_bytes(64 * c[0], c[1], D, c[2]) <= limit)
+            assert first == (groups, Bc, stages), "a candidate no limit reaches: drop it"
+            p = plan(9, 9, D, dtype="float16", arch=90, smem_limit=limit)
+            assert p.kernel == f"flash_fwd_wgmma<fa_half, {D}, {groups}, {Bc}, {stages}, 0>"
+        smallest = min(planner.wgmma_smem_bytes(64 * c[0], c[1], D, c[2]) for c in candidates)
+        assert plan(9, 9, D, dtype="float16", arch=90, smem_limit=smallest - 1).kernel.startswith("flash_fwd_mma<")
+
+
+def test_wgmma_can_be_forced_refused_or_turned_off():
+    half = dict(dtype="float16", smem_limit=227 * KB)
+    with pytest.raises(ValueError, match="sm_90"):
+        plan(9, 9, 64, arch=80, wgmma=True, **half)
+    with pytest.raises(ValueError, match="d in 33..64 or 97..128"):
+        plan(9, 9, 80, arch=90, wgmma=True, **half)
+    assert plan(9, 9, 64, arch=90, wgmma=True, **half).kernel.startswith("flash_fwd_wgmma<")
+    for on in (False, True):
+        with planner.wgmma_default(on):
+            family = "flash_fwd_wgmma<" if on else "flash_fwd_mma<"
+            assert plan(9, 9, 64, arch=90, **half).kernel.startswith(family)
+            assert plan(9, 9, 64, arch=90, wgmma=True, **half).kernel.startswith("flash_fwd_wgmma<")
+            assert plan(9, 9, 64, arch=90, wgmma=False, **half).kernel.startswith("flash_fwd_mma<")

@@ -66,7 +66,7 @@ def kernel_rounding(plan) -> dict:
     """bounds() keywords for the kernel a plan runs (the tensor-core kernel rounds operands)."""
     if plan is not None and getattr(plan, "splits", 0):   # split-KV decoding
         return {"compute": "tensor_core", "p": plan.dtype, "splits": plan.splits}
-    if plan is None or not plan.kernel.startswith("flash_fwd_mma"):
+    if plan is None or not plan.kernel.startswith(("flash_fwd_mma", "flash_fwd_wgmma")):
         return {}
     if plan.dtype != "float32":
         return {"compute": "tensor_core", "p": plan.dtype}

@@ -1,0 +1,129 @@
+// fa_wgmma.cuh: Hopper's warpgroup MMA (wgmma, sm_90a) as inline PTX, and the 128-byte swizzled
+// shared-memory tiles its descriptors read. Only flash_fwd_wgmma.cu includes it; its kernels are
+// compiled for sm_90a (kernels.py), which no other GPU runs.
+//
+// A warpgroup (4 consecutive warps, the first a multiple of 4) issues one m64nNk16 MMA together:
+// A (64 x 16) from shared memory or registers, B (16 x N) from shared memory, fp32 accumulators in
+// registers, laid out per warp as mma.sync's m16n8 (fa_softmax.cuh): warp w of the group holds rows
+// 16 w .. 16 w + 15, d[nt][e] = (row g + 8 (e / 2), column 8 nt + 2t + e % 2). The MMA runs
+// asynchronously: its registers must not be touched between issue and wgmma_wait, and
+// reg_fence tells the compiler so.
+#pragma once
+#include "fa_mma.cuh"
+
+// A tile of ROWS rows x D 16-bit columns sits in shared memory as D / 64 panels of [ROWS][64]
+// (128 bytes a row), the layout wgmma's 128-byte swizzle mode reads: the 16-byte chunk c of row
+// r is stored at chunk c ^ (r % 8) of its row (address bits 4-6 xor bits 7-9), so a panel starts
+// on a 1024-byte boundary. ldmatrix-free, and a warp's stores of 8 rows hit 8 distinct chunks.
+template <int ROWS>
+__device__ __forceinline__ int swz(int r, int c16) {   // byte offset of row r's 16-byte chunk c16
+    return (c16 / 8) * (ROWS * 128) + r * 128 + (((c16 % 8) ^ (r % 8)) << 4);
+}
+
+// Rows [0, ROWS) x columns [0, D) of a tile into the swizzled layout; rows past `rows` and
+// columns past d become zeros. cp.async's 16-byte chunks when `vec`, elements otherwise.
+template <typename T, int ROWS, int D, int NT>
+__device__ __forceinline__ void load_tile_swz(unsigned char* dst, const T* src, long long stride, int rows, int d,
+                                              bool vec) {
+    using bits = typename fa_elem<T>::bits;
+    constexpr int CH = D / 8;
+    for (int i = threadIdx.x; i < ROWS * CH; i += NT) {
+        const int r = i / CH, c = i % CH;
+        unsigned char* s = dst + swz<ROWS>(r, c);
+        const bool in = r < rows && c * 8 < d;
+        const T* g = src + (in ? r * stride + c * 8 : 0);
+        if (vec) {
+            cp_async_16(s, g, in ? 16 : 0);
+        } else {
+#pragma unroll
+            for (int e = 0; e < 8; ++e)
+                reinterpret_cast<bits*>(s)[e] = (in && c * 8 + e < d) ? fa_elem<T>::get(g[e]) : 0;
+        }
+    }
+}
+
+// A shared-memory matrix descriptor (PTX ISA, "matrix descriptor"): start address, leading and
+// stride byte offsets (all >> 4), 128-byte swizzle (mode 1, bits 62-63). For a K-major operand
+// (rows of the MMA's M or N, 16 k-elements contiguous) SBO = 1024 steps 8 rows and LBO is unused;
+// for an MN-major one (transposed: N contiguous), LBO steps from one 64-column panel to the
+// next along N and SBO = 1024 steps 8 rows along K.
+__device__ __forceinline__ unsigned long long wgmma_desc(unsigned addr, unsigned lbo, unsigned sbo) {
+    return (unsigned long long)((addr & 0x3FFFF) >> 4) | (unsigned long long)(lbo >> 4) << 16 |
+           (unsigned long long)(sbo >> 4) << 32 | 1ull << 62;
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;" :: "n"(N) : "memory"); }
+// Shared memory written through the generic proxy (stores, cp.async) and read next by wgmma
+// (the async proxy) needs this in each writing thread before the barrier.
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+
+// The compiler sees a register change here: reads after it stay after a wgmma_wait before it,
+// and registers an in-flight MMA still reads are not reused before it.
+template <int R, int C>
+__device__ __forceinline__ void reg_fence(float (&x)[R][C]) {
+#pragma unroll
+    for (int i = 0; i < R; ++i)
+#pragma unroll
+        for (int j = 0; j < C; ++j) asm volatile("" : "+f"(x[i][j]) :: "memory");
+}
+template <int R, int C>
+__device__ __forceinline__ void reg_fence(unsigned (&x)[R][C]) {
+#pragma unroll
+    for (int i = 0; i < R; ++i)
+#pragma unroll
+        for (int j = 0; j < C; ++j) asm volatile("" : "+r"(x[i][j]) :: "memory");
+}
+
+#define FA_F4(x, c) "+f"(x[c][0]), "+f"(x[c][1]), "+f"(x[c][2]), "+f"(x[c][3])
+#define FA_ACC_OPS32(x) FA_F4(x, 0), FA_F4(x, 1), FA_F4(x, 2), FA_F4(x, 3), FA_F4(x, 4), FA_F4(x, 5), FA_F4(x, 6), FA_F4(x, 7)
+#define FA_ACC_OPS64(x) FA_F4(x, 0), FA_F4(x, 1), FA_F4(x, 2), FA_F4(x, 3), FA_F4(x, 4), FA_F4(x, 5), FA_F4(x, 6), FA_F4(x, 7), FA_F4(x, 8), FA_F4(x, 9), FA_F4(x, 10), FA_F4(x, 11), FA_F4(x, 12), FA_F4(x, 13), FA_F4(x, 14), FA_F4(x, 15)
+#define FA_ACC32 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
+#define FA_ACC64 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
+// One asm statement per (shape, type); operand numbers follow the N / 2 accumulators.
+#define FA_WGMMA_SS(SHAPE, TY, ACC, IA, IB, IS, OPS)                                               \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" IS ", 0;\n"                                  \
+                 "wgmma.mma_async.sync.aligned." SHAPE ".f32." TY "." TY " " ACC ", %" IA ", %" IB   \
+                 ", p, 1, 1, 0, 0;\n}\n"                                                           \
+                 : OPS : "l"(a), "l"(b), "r"(accumulate))
+#define FA_WGMMA_RS(SHAPE, TY, ACC, IA, IB, IS, OPS)                                               \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" IS ", 0;\n"                                  \
+                 "wgmma.mma_async.sync.aligned." SHAPE ".f32." TY "." TY " " ACC ", " IA ", %" IB    \
+                 ", p, 1, 1, 1;\n}\n"                                                              \
+                 : OPS : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate))
+
+// x (+)= A B, A (64 x 16) and B (16 x N, K-major) from shared memory by descriptors a and b;
+// accumulate = 0 overwrites x (the first k-step of Sij = Qi Kj^T).
+template <typename T, int N>
+__device__ __forceinline__ void wgmma_ss(float (&x)[N / 8][4], unsigned long long a, unsigned long long b,
+                                         int accumulate) {
+    static_assert(N == 64 || N == 128, "the kernels' tiles: N = 64 or 128");
+    constexpr bool BF16 = fa_same<T, fa_bfloat16>::value;
+    if constexpr (N == 64 && BF16)
+        FA_WGMMA_SS("m64n64k16", "bf16", FA_ACC32, "32", "33", "34", FA_ACC_OPS32(x));
+    else if constexpr (N == 64)
+        FA_WGMMA_SS("m64n64k16", "f16", FA_ACC32, "32", "33", "34", FA_ACC_OPS32(x));
+    else if constexpr (BF16)
+        FA_WGMMA_SS("m64n128k16", "bf16", FA_ACC64, "64", "65", "66", FA_ACC_OPS64(x));
+    else
+        FA_WGMMA_SS("m64n128k16", "f16", FA_ACC64, "64", "65", "66", FA_ACC_OPS64(x));
+}
+
+// x (+)= A B, A (64 x 16) from registers (each warp its 16 rows, mma.sync's A fragment) and B
+// (16 x N) MN-major from shared memory by descriptor b (transposed: Vj's rows are keys, N is d).
+template <typename T, int N>
+__device__ __forceinline__ void wgmma_rs(float (&x)[N / 8][4], const unsigned (&a)[4], unsigned long long b,
+                                         int accumulate) {
+    static_assert(N == 64 || N == 128, "the kernels' tiles: N = 64 or 128");
+    constexpr bool BF16 = fa_same<T, fa_bfloat16>::value;
+    if constexpr (N == 64 && BF16)
+        FA_WGMMA_RS("m64n64k16", "bf16", FA_ACC32, "{%32, %33, %34, %35}", "36", "37", FA_ACC_OPS32(x));
+    else if constexpr (N == 64)
+        FA_WGMMA_RS("m64n64k16", "f16", FA_ACC32, "{%32, %33, %34, %35}", "36", "37", FA_ACC_OPS32(x));
+    else if constexpr (BF16)
+        FA_WGMMA_RS("m64n128k16", "bf16", FA_ACC64, "{%64, %65, %66, %67}", "68", "69", FA_ACC_OPS64(x));
+    else
+        FA_WGMMA_RS("m64n128k16", "f16", FA_ACC64, "{%64, %65, %66, %67}", "68", "69", FA_ACC_OPS64(x));
+}
