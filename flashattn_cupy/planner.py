@@ -74,15 +74,20 @@ DECODE_BY_DEFAULT = True
 # Hopper's warpgroup MMA (csrc/flash_fwd_wgmma.cu): sm_90a instructions, which neither earlier nor
 # later GPUs run, so only compute capability 9.0 gets it; fp16/bf16 at head-dim bounds 64 and 128
 # (d in 33..64 and 97..128; other d keep the mma kernel). (D, (warpgroups, Bc, stages) candidates,
-# best first): Br = 64 * warpgroups; 3 stages let P(j-1) V(j-1) run during tile j's softmax.
+# best first): Br = 64 * warpgroups; 3 stages let P(j-1) V(j-1) run during tile j's softmax. From a
+# sweep on an H200 (fp16, B4 H16 N4k, 2026-12-02, TFLOP/s dense / causal): at d = 64, (2, 128, 2)
+# 325 / 206 (81 KB and 128 registers: two blocks an SM) against (3, 128, 2) 300 / 220, (3, 128, 3)
+# 271 / 207 and (2, 128, 3) 220 / 190; at d = 128, (3, 64, 3) 332 / 266 against (2, 128, 2)
+# 294 / 249, (2, 128, 3) 267 / 248 and (2, 64, 3) 255 / 224. Each later candidate needs less
+# shared memory, for smaller limits.
 WGMMA_ARCH = 90
 WGMMA_DTYPES = ("float16", "bfloat16")
-WGMMA_TILES = ((64, ((3, 128, 3), (2, 128, 3), (3, 128, 2), (2, 128, 2), (2, 64, 3), (2, 64, 2))),
-               (128, ((2, 128, 3), (2, 128, 2), (3, 64, 3), (2, 64, 3), (2, 64, 2))))
-# Whether plan(wgmma=None) picks it where it can run; wgmma_default(on) sets it for a block of calls
-# (the benchmark's comparison with the mma kernel on the same call). Off until its gpu tests have
-# passed on an H100/H200: it compiles in CI but has not run on a GPU yet (session 6).
-WGMMA_BY_DEFAULT = False
+WGMMA_TILES = ((64, ((2, 128, 2), (2, 64, 3), (2, 64, 2))),
+               (128, ((3, 64, 3), (2, 64, 3), (2, 64, 2))))
+# Whether plan(wgmma=None) picks it where it can run (on since its gpu tests passed on an H200,
+# 2026-12-02); wgmma_default(on) sets it for a block of calls (the benchmark's comparison with the
+# mma kernel on the same call).
+WGMMA_BY_DEFAULT = True
 
 
 @contextlib.contextmanager

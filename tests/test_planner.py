@@ -82,7 +82,7 @@ def test_larger_devices_get_larger_tiles():
     assert plan(4096, 4096, 64, smem_limit=227 * KB, arch=90, fp32="simt").Br == 64
     assert plan(4096, 4096, 256, smem_limit=48 * KB, arch=90, fp32="simt").Br == 8
     half = dict(dtype="float16", arch=90)
-    assert plan(4096, 4096, 64, smem_limit=227 * KB, wgmma=True, **half).Br == 192   # three warpgroups
+    assert plan(4096, 4096, 128, smem_limit=227 * KB, wgmma=True, **half).Br == 192   # three warpgroups
     assert plan(4096, 4096, 64, smem_limit=227 * KB, wgmma=False, **half).Br == 128
     assert plan(4096, 4096, 256, smem_limit=48 * KB, **half).Bc == 16
 
