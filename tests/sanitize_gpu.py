@@ -6,6 +6,7 @@ racecheck, initcheck and synccheck, with a summary per tool.
     python tests/sanitize_gpu.py --tools memcheck,racecheck --log-dir logs
     python tests/sanitize_gpu.py --jobs 8 --parallel --timeout 900   # compile first, tools at once
     python tests/sanitize_gpu.py --tools racecheck --shards 12        # the grid over 12 processes
+    python tests/sanitize_gpu.py --family flash_fwd_wgmma --parallel  # one kernel family's variants
     python tests/sanitize_gpu.py --list --arch 90 --smem-limit 232448   # the calls only, no GPU
 
 compute-sanitizer is taken from --sanitizer, PATH, $CUDA_HOME/bin, /usr/local/cuda/bin or the pip
@@ -56,11 +57,11 @@ API_FP32 = {"auto": {}, "3xtf32": {"fp32_kernel": "3xtf32"}, "tf32": {"allow_tf3
 MASK_OPTIONS = {0: {}, 1: {"causal": True}, 2: {"window": (40, 8), "softcap": 5.0, "alibi": True}}
 
 
-def calls(smem_limit: int, arch: int):
+def calls(smem_limit: int, arch: int, family: str = ""):
     """The grid, as (kernel, dtype, mods, d, Nq, Nk, layout, options): for every variant the
     planner emits here (every head-dim bound, dtype, mask and float32 mode), each case; mods are
-    MASK_OPTIONS' entries."""
-    from flashattn_cupy import planner
+    MASK_OPTIONS' entries. family: only that kernel family's calls ("" for all)."""
+    from flashattn_cupy import kernels, planner
     grid, seen = [], set()
     for D in range(planner.HEAD_DIM_STEP, planner.MAX_HEAD_DIM + 1, planner.HEAD_DIM_STEP):
         for dtype in planner.CUDA_TYPES:
@@ -84,7 +85,18 @@ def calls(smem_limit: int, arch: int):
                         seen.add(kernel)
                         grid += [(kernel, dtype, MASK_OPTIONS[mask], D - below, Nq, Nk, layout, {})
                                  for below, layout, shapes in DECODE_CASES for Nq, Nk in shapes]
-    return grid
+    return [call for call in grid if not family or kernels.family(call[0]) == family]
+
+
+def variants(smem_limit: int, arch: int, family: str = "") -> set:
+    """Every variant the planner emits here, of `family` only when given (a decoding kernel's
+    combine kernel belongs to it)."""
+    from flashattn_cupy import kernels, planner
+    names = set(planner.cuda_variants(smem_limit, arch))
+    if family:
+        names = {n for n in names if kernels.family(n) == family or
+                 (family == "flash_decode" and kernels.family(n) == "flash_decode_combine")}
+    return names
 
 
 def _plan(planner, Nq, Nk, d, dtype, mods, smem_limit, arch, fp32, **extra):
@@ -94,16 +106,16 @@ def _plan(planner, Nq, Nk, d, dtype, mods, smem_limit, arch, fp32, **extra):
                         score_mod="softcap" in mods or "alibi" in mods, **extra)
 
 
-def kernels_reached(smem_limit: int, arch: int) -> tuple[set, set]:
+def kernels_reached(smem_limit: int, arch: int, family: str = "") -> tuple[set, set]:
     """(the kernels the grid's calls are planned to run, every variant the planner emits here)."""
     from flashattn_cupy import planner
     reached = set()
-    for _, dtype, mods, d, Nq, Nk, _, options in calls(smem_limit, arch):
+    for _, dtype, mods, d, Nq, Nk, _, options in calls(smem_limit, arch, family):
         fp32 = "tf32" if options.get("allow_tf32") else options.get("fp32_kernel", "auto")
         with planner.wgmma_default(options.get("wgmma", False)):
             p = _plan(planner, Nq, Nk, d, dtype, mods, smem_limit, arch, fp32, sm_count=132)
         reached.update((p.kernel, p.combine) if p.splits else (p.kernel,))
-    return reached, set(planner.cuda_variants(smem_limit, arch))
+    return reached, variants(smem_limit, arch, family)
 
 
 def _arrays(cp, rng, dtype, d, Nq, Nk, layout):
@@ -130,7 +142,7 @@ def shard_of(items: list, shard: int, shards: int) -> list:
     return items[len(items) * shard // shards:len(items) * (shard + 1) // shards]
 
 
-def worker(shard: int = 0, shards: int = 1) -> int:
+def worker(shard: int = 0, shards: int = 1, family: str = "") -> int:
     """The shard-th of `shards` contiguous slices of the grid (which lists each variant's calls
     together, so a shard loads only its own variants: the sanitizers instrument every module a
     process loads), each call on its own seeded inputs (the same whatever the sharding); prints
@@ -144,7 +156,7 @@ def worker(shard: int = 0, shards: int = 1) -> int:
     cp.cuda.set_pinned_memory_allocator(None)
     smem_limit, arch = _device.smem_limit(), _device.compute_capability()
     ran, failures = set(), []
-    grid = shard_of(list(enumerate(calls(smem_limit, arch))), shard, shards)
+    grid = shard_of(list(enumerate(calls(smem_limit, arch, family))), shard, shards)
     for index, (_, dtype, mods, d, Nq, Nk, layout, options) in grid:
         rng = np.random.default_rng([0, index])
         q, k, v = _arrays(cp, rng, dtype, d, Nq, Nk, layout)
@@ -194,13 +206,13 @@ def summarize(output: str) -> tuple[int, int] | None:
     return sum(errors) + sum(int(e) for e, _ in races), sum(int(w) for _, w in races)
 
 
-def warm(jobs: int) -> None:
+def warm(jobs: int, family: str = "") -> None:
     """Compile every variant the planner emits here into CuPy's disk cache, on `jobs` processes,
     so the plain run and the tools load cubins instead of each compiling ~100 kernels in turn."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
     from flashattn_cupy import _device, planner
-    names = sorted(planner.cuda_variants(_device.smem_limit(), _device.compute_capability()))
+    names = sorted(variants(_device.smem_limit(), _device.compute_capability(), family))
     start = time.perf_counter()
     # spawn, not fork: this process has a CUDA context already, which a forked child cannot use
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -216,17 +228,18 @@ def _compile_slice(names) -> None:
         kernels.get(SimpleNamespace(kernel=name, smem_bytes=0), _device.current_device())
 
 
-def _run_tool(sanitizer: str, tool: str, log_dir: Path, timeout: int, shards: int = 1) -> tuple[str, int]:
+def _run_tool(sanitizer: str, tool: str, log_dir: Path, timeout: int, shards: int = 1,
+              family: str = "") -> tuple[str, int]:
     """(the summary row, 0 if clean) of one tool (or "plain") over the worker, the grid cut into
     `shards` worker processes run at once (a sanitizer's time is host time, one core each); the
     shards' logs to log_dir, one file."""
-    from flashattn_cupy import _device, planner
+    from flashattn_cupy import _device
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     prefix = [] if tool == "plain" else \
         [sanitizer, "--tool", tool, "--print-limit", "20", *TOOL_OPTIONS.get(tool, [])]
     start = time.perf_counter()
     procs = [subprocess.Popen([*prefix, sys.executable, str(Path(__file__).resolve()), "--worker",
-                               "--shard", str(i), "--shards", str(shards)],
+                               "--shard", str(i), "--shards", str(shards), "--family", family],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
              for i in range(shards)]
     outputs, codes = [], []
@@ -244,7 +257,7 @@ def _run_tool(sanitizer: str, tool: str, log_dir: Path, timeout: int, shards: in
     (log_dir / f"{tool}.log").write_text(output)
     smem_limit, arch = _device.smem_limit(), _device.compute_capability()
     ran = {name for line in output.splitlines() if line.startswith("ran: ") for name in line[5:].split("|") if name}
-    missed = set(planner.cuda_variants(smem_limit, arch)) - ran
+    missed = variants(smem_limit, arch, family) - ran
     reports = re.findall(r"^worker: (\d+) calls; wrong results: (\d+)", output, re.M)
     worker_line = (f"worker: {sum(int(n) for n, _ in reports)} calls in {len(reports)} of {shards} processes, "
                    f"{len(ran)} kernel variants (shared-memory limit {smem_limit} B, sm_{arch}); wrong results: "
@@ -257,14 +270,15 @@ def _run_tool(sanitizer: str, tool: str, log_dir: Path, timeout: int, shards: in
     return row, int(not clean)
 
 
-def run_tools(sanitizer: str, tools, log_dir: Path, timeout: int, parallel: bool = False, shards: int = 1) -> int:
+def run_tools(sanitizer: str, tools, log_dir: Path, timeout: int, parallel: bool = False, shards: int = 1,
+              family: str = "") -> int:
     """The plain run, then each tool; with parallel, the tools at once (each its own process and
     CUDA context: the kernels are tiny, the sanitizers' time is host time)."""
     from concurrent.futures import ThreadPoolExecutor
     log_dir.mkdir(parents=True, exist_ok=True)
-    results = [_run_tool(sanitizer, "plain", log_dir, timeout, shards)]
+    results = [_run_tool(sanitizer, "plain", log_dir, timeout, shards, family)]
     with ThreadPoolExecutor(len(tools) if parallel and tools else 1) as pool:
-        results += list(pool.map(lambda tool: _run_tool(sanitizer, tool, log_dir, timeout, shards), tools))
+        results += list(pool.map(lambda tool: _run_tool(sanitizer, tool, log_dir, timeout, shards, family), tools))
     print(f"\nsummary (logs in {log_dir}):")
     print("\n".join(row for row, _ in results))
     return int(any(failed for _, failed in results))
@@ -284,11 +298,12 @@ def main(argv=None) -> int:
                         help="first compile every variant into the kernel cache on this many processes")
     parser.add_argument("--shards", type=int, default=1,
                         help="cut the grid into this many worker processes per tool, run at once")
+    parser.add_argument("--family", default="", help="only this kernel family's variants, e.g. flash_fwd_wgmma")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--shard", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        return worker(args.shard, args.shards)
+        return worker(args.shard, args.shards, args.family)
     tools = [t for t in args.tools.split(",") if t]
     if any(t not in TOOLS for t in tools):
         parser.error(f"--tools takes {', '.join(TOOLS)}")
@@ -297,11 +312,11 @@ def main(argv=None) -> int:
             from flashattn_cupy import _device
             args.arch = args.arch or _device.compute_capability()
             args.smem_limit = args.smem_limit or _device.smem_limit()
-        reached, variants = kernels_reached(args.smem_limit, args.arch)
-        for call in calls(args.smem_limit, args.arch):
+        reached, emitted = kernels_reached(args.smem_limit, args.arch, args.family)
+        for call in calls(args.smem_limit, args.arch, args.family):
             print(*call)
-        print(f"{len(reached & variants)} of {len(variants)} variants reached; missed: {sorted(variants - reached)}")
-        return 0 if variants <= reached else 1
+        print(f"{len(reached & emitted)} of {len(emitted)} variants reached; missed: {sorted(emitted - reached)}")
+        return 0 if emitted <= reached else 1
     sanitizer = find_sanitizer(args.sanitizer)
     if sanitizer is None:
         print("compute-sanitizer not found (PATH, $CUDA_HOME/bin, /usr/local/cuda/bin, pip's nvidia/"
@@ -309,8 +324,9 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     if args.jobs > 0:
-        warm(args.jobs)
-    return run_tools(sanitizer, tools, Path(args.log_dir), args.timeout, args.parallel, max(1, args.shards))
+        warm(args.jobs, args.family)
+    return run_tools(sanitizer, tools, Path(args.log_dir), args.timeout, args.parallel, max(1, args.shards),
+                     args.family)
 
 
 if __name__ == "__main__":
