@@ -30,6 +30,25 @@ struct fa_seq {
     }
 };
 
+// The Q tile a block computes and the first (batch, head) it takes (the kernels' grid is (Q tiles,
+// heads, batch), striding over heads and batch past 65535). Without a mask every tile costs the
+// same, and consecutive blocks share a head, whose K and V then stay in L2. With one, tile i of a
+// causal call sees i + 1 key tiles: the heaviest tile index goes first over the whole grid (tile
+// index slowest), so the blocks still running at the end are short ones. On an H200 (wgmma, fp16,
+// causal) that ran 4-13% faster than heaviest-first within each head, the most at long N.
+struct fa_block {
+    int tile, h, b;
+
+    template <int MASK>
+    __device__ static fa_block of() {
+        if (!MASK) return fa_block{(int)blockIdx.x, (int)blockIdx.y, (int)blockIdx.z};
+        const long long heads = (long long)gridDim.y * gridDim.z;   // (batch, head) slots
+        const long long lin = blockIdx.x + gridDim.x * (blockIdx.y + (long long)gridDim.y * blockIdx.z);
+        const int bh = (int)(lin % heads);
+        return fa_block{(int)(gridDim.x - 1 - lin / heads), bh % (int)gridDim.y, bh / (int)gridDim.y};
+    }
+};
+
 struct fa_window {
     long long shift;
     int left, right, nk;

@@ -67,9 +67,9 @@ flash_fwd_mma(const T* __restrict__ Q, const T* __restrict__ K, const T* __restr
     // turned into the log2 domain one by one instead (fa_mask.cuh, score_mod), so the factor is 1.
     const float sl2 = MASK == FA_MODS ? 1.f : fmaxf(fabsf(scale) * LOG2E, 1.17549435e-38f);
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
-    // Masked: later Q tiles see more keys (causal); launch them first so the tail is short.
-    const int tile = MASK ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
-    const int row0 = tile * BR;
+    // Masked: later Q tiles see more keys (causal); fa_block launches them first, so the tail is short.
+    const fa_block blk = fa_block::of<MASK>();
+    const int row0 = blk.tile * BR;
     const bool q_vec = vec_ok(Q, q_sb, q_sh, q_sn, d), k_vec = vec_ok(K, k_sb, k_sh, k_sn, d);
     const bool v_vec = vec_ok(V, v_sb, v_sh, v_sn, d), o_vec = vec_ok(O, o_sb, o_sh, o_sn, d);
     // This lane's ldmatrix row addresses (bytes, shared space) for the A operand from Qi, the
@@ -82,9 +82,9 @@ flash_fwd_mma(const T* __restrict__ Q, const T* __restrict__ K, const T* __restr
     // 2t and 2t + 1 of each 8 (the order Pij's accumulators hold them in), column g.
     const float* v_f32 = reinterpret_cast<const float*>(Vs) + 2 * t * DP + g;
 
-    // Grid-stride over (batch, head): gridDim.y/z are capped at 65535 by the planner.
-    for (int b = blockIdx.z; b < B; b += gridDim.z)
-    for (int h = blockIdx.y; h < H; h += gridDim.y) {
+    // Grid-stride over (batch, head) from the block's first: gridDim.y/z are capped at 65535 by the planner.
+    for (int b = blk.b; b < B; b += gridDim.z)
+    for (int h = blk.h; h < H; h += gridDim.y) {
         const fa_seq sq = fa_seq::of(b, row0, Nq, Nk, cu_q, cu_k);
         if (sq.rows <= 0) continue;   // varlen: a shorter sequence has no row in this tile
         const int rows = min(BR, sq.rows), nk = sq.nk;

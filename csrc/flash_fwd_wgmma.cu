@@ -8,24 +8,25 @@
 //   Oi += Pij Vj    m64nDk16, A = Pij from registers (the Sij accumulators rounded to T, as in
 //                   flash_fwd_mma.cu) and B = Vj from shared memory, transposed (MN-major).
 // Qi, Kj and Vj sit in the 128-byte swizzled layout the MMA reads (fa_wgmma.cuh): conflict-free
-// without padding. Kj and Vj stream through STAGES buffers by cp.async, tile j + 1 loading while
-// tile j is computed, one barrier a tile. With 3 stages the MMAs also overlap the softmax (as in
-// FlashAttention-3, within a warpgroup): P(j-1) V(j-1) is issued behind Sij = Qi Kj^T and runs
-// while tile j's softmax does; diag(alpha) Oi waits for it. Row work (mask, online softmax in exp2
-// with the scale folded into the exponent, rescale, the final Oi / li and Li) is fa_softmax.cuh's,
-// as in flash_fwd_mma.cu, whose argument list, scale handling (negative: Qi negated once; zero:
+// without padding. Kj and Vj stream through two buffers by cp.async, tile j + 1 loading while
+// tile j is computed, one barrier a tile. Two blocks share an SM (launch bounds: at most 128
+// registers a thread at NWG = 2), so one block's MMAs run while the other does its softmax, its
+// prologue or its epilogue: an H200 sweep measured that ahead of one block with three stages
+// and P(j-1) V(j-1) overlapping tile j's softmax inside it (FlashAttention-3's in-warpgroup
+// pipelining), and ahead of 3 warpgroups a block. Row work (mask, online softmax in exp2 with
+// the scale folded into the exponent, rescale, the final Oi / li and Li) is fa_softmax.cuh's, as
+// in flash_fwd_mma.cu, whose argument list, scale handling (negative: Qi negated once; zero:
 // FLT_MIN) and causal order (heaviest Q tiles first) this kernel keeps: the planner swaps one for
 // the other.
 //
 // Compile-time: T (fa_half, fa_bfloat16), the head-dim bound D (64 or 128, d <= D zero-padded),
-// warpgroups NWG, key tile BC (64 or 128), STAGES (2, or 3: overlapped), MASK (fa_mask.cuh).
-// Shared memory, mirrored by planner.wgmma_smem_bytes: 1 KB of alignment slack, Qi [BR][D], then
-// STAGES x (Kj, Vj [BC][D]).
+// warpgroups NWG (1 or 2), key tile BC (64 or 128), MASK (fa_mask.cuh). Shared memory, mirrored by
+// planner.wgmma_smem_bytes: 1 KB of alignment slack, Qi [BR][D], then 2 x (Kj, Vj [BC][D]).
 #include "fa_softmax.cuh"
 #include "fa_wgmma.cuh"
 
-template <typename T, int D, int NWG, int BC, int STAGES, int MASK>
-__global__ void __launch_bounds__(NWG * 128, 1)
+template <typename T, int D, int NWG, int BC, int MASK>
+__global__ void __launch_bounds__(NWG * 128, 2)
 flash_fwd_wgmma(const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V,
                 const float* __restrict__ alibi, const int* __restrict__ cu_q, const int* __restrict__ cu_k,
                 T* __restrict__ O, float* __restrict__ L,
@@ -43,25 +44,24 @@ flash_fwd_wgmma(const T* __restrict__ Q, const T* __restrict__ K, const T* __res
     constexpr int QB = BR * D * 2, KB = BC * D * 2; // bytes of Qi, of Kj (and of Vj)
     static_assert(sizeof(T) == 2, "fp16 / bf16 only");
     static_assert((D == 64 || D == 128) && (BC == 64 || BC == 128), "wgmma N = 64 or 128");
-    static_assert(STAGES == 2 || STAGES == 3, "2 stages, or 3 with P(j-1) V(j-1) overlapping tile j");
-    constexpr bool OVERLAP = STAGES == 3;
+    static_assert(NWG == 1 || NWG == 2, "two blocks an SM: 128 registers a thread at NWG = 2");
     constexpr float LOG2E = 1.4426950408889634f;
 
     extern __shared__ __align__(1024) unsigned char smem_raw[];
     unsigned char* Qs = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);   // [D/64][BR][128 B]
-    unsigned char* KV = Qs + QB;   // stage s: Kj at KV + 2 s KB, Vj at KV + (2 s + 1) KB, [D/64][BC][128 B]
+    unsigned char* KV = Qs + QB;   // buffer s: Kj at KV + 2 s KB, Vj at KV + (2 s + 1) KB, [D/64][BC][128 B]
     const unsigned q_base = smem_addr(Qs), kv_base = smem_addr(KV);
 
     const float neg_inf = __int_as_float(0xff800000);
     const float sl2 = MASK == FA_MODS ? 1.f : fmaxf(fabsf(scale) * LOG2E, 1.17549435e-38f);
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, wg = warp / 4, g = lane / 4, t = lane % 4;
-    const int tile = MASK ? gridDim.x - 1 - blockIdx.x : blockIdx.x;   // heaviest causal tiles first
-    const int row0 = tile * BR;
+    const fa_block blk = fa_block::of<MASK>();   // causal: heaviest Q tiles first
+    const int row0 = blk.tile * BR;
     const bool q_vec = vec_ok(Q, q_sb, q_sh, q_sn, d), k_vec = vec_ok(K, k_sb, k_sh, k_sn, d);
     const bool v_vec = vec_ok(V, v_sb, v_sh, v_sn, d), o_vec = vec_ok(O, o_sb, o_sh, o_sn, d);
 
-    for (int b = blockIdx.z; b < B; b += gridDim.z)
-    for (int h = blockIdx.y; h < H; h += gridDim.y) {
+    for (int b = blk.b; b < B; b += gridDim.z)
+    for (int h = blk.h; h < H; h += gridDim.y) {
         const fa_seq sq = fa_seq::of(b, row0, Nq, Nk, cu_q, cu_k);
         if (sq.rows <= 0) continue;   // varlen: a shorter sequence has no row in this tile
         const int rows = min(BR, sq.rows), nk = sq.nk;
@@ -72,7 +72,7 @@ flash_fwd_wgmma(const T* __restrict__ Q, const T* __restrict__ K, const T* __res
         const T* Qbh = Q + b * q_sb + h * q_sh + (sq.q0 + row0) * q_sn;
         const T* Kbh = K + b * k_sb + (h / group) * k_sh + sq.k0 * k_sn;
         const T* Vbh = V + b * v_sb + (h / group) * v_sh + sq.k0 * v_sn;
-        auto load_kv = [&](int j, int stage) {   // line 7: Kj and Vj into a stage
+        auto load_kv = [&](int j, int stage) {   // line 7: Kj and Vj into buffer `stage`
             const long long c0 = (long long)j * BC;
             load_tile_swz<T, BC, D, NT>(KV + 2 * stage * KB, Kbh + c0 * k_sn, k_sn, nk - (int)c0, d, k_vec);
             load_tile_swz<T, BC, D, NT>(KV + (2 * stage + 1) * KB, Vbh + c0 * v_sn, v_sn, nk - (int)c0, d, v_vec);
@@ -85,32 +85,23 @@ flash_fwd_wgmma(const T* __restrict__ Q, const T* __restrict__ K, const T* __res
 
         float o[ND][4] = {};   // line 5: Oi = 0, mi = -inf, li = 0
         float m[2] = {neg_inf, neg_inf}, l[2] = {0.f, 0.f};
-        unsigned pa[BC / 16][4];   // Pij as the A operand of Pij Vj (kept to the next tile when overlapped)
-        auto pv_issue = [&](int stage) {   // line 10: Oi += Pij Vj, k-steps of 16 keys (2048 bytes of Vj)
-            const unsigned v_base = kv_base + (2 * stage + 1) * KB;
-#pragma unroll
-            for (int kk = 0; kk < BC / 16; ++kk)
-                wgmma_rs<T, D>(o, pa[kk], wgmma_desc(v_base + kk * 16 * 128, BC * 128, 1024), 1);
-            wgmma_commit();
-        };
         for (int j = j0; j < j1; ++j) {   // line 6
-            const int stage = (j - j0) % STAGES, col0 = j * BC;
+            const int stage = (j - j0) % 2, col0 = j * BC;
             cp_async_wait_all();
             fence_proxy_async();   // the copies (generic proxy) are read by wgmma (async proxy)
-            __syncthreads();       // tile j has landed; every warp is done with the stage refilled next
+            __syncthreads();       // tile j has landed; every warp is done with the buffer refilled next
             if (j == j0 && scale < 0.f) {   // s * scale = (-s) * |scale|: negate Qi once
                 for (int i = threadIdx.x; i < QB / 4; i += NT) reinterpret_cast<unsigned*>(Qs)[i] ^= 0x80008000u;
                 fence_proxy_async();
                 __syncthreads();
             }
             if (j + 1 < j1) {   // tile j + 1 streams in while tile j is computed
-                load_kv(j + 1, (j + 1 - j0) % STAGES);
+                load_kv(j + 1, 1 - stage);
                 cp_async_commit();
             }
-            const unsigned k_base = kv_base + 2 * stage * KB;
+            const unsigned k_base = kv_base + 2 * stage * KB, v_base = k_base + KB;
 
-            // Line 8: Sij = Qi Kj^T over KS k-steps of 16 (32 bytes into a panel's 128-byte rows);
-            // overlapped, P(j-1) V(j-1) is issued behind it and runs during this tile's softmax.
+            // Line 8: Sij = Qi Kj^T over KS k-steps of 16 (32 bytes into a panel's 128-byte rows).
             float s[1][NS][4];   // one m-tile of 16 rows a warp (fa_softmax.cuh's MT = 1)
             wgmma_fence();
 #pragma unroll
@@ -120,38 +111,23 @@ flash_fwd_wgmma(const T* __restrict__ Q, const T* __restrict__ K, const T* __res
                                 wgmma_desc(k_base + kk / 4 * BC * 128 + k_off, 16, 1024), kk > 0);
             }
             wgmma_commit();
-            if (OVERLAP && j > j0) {
-                pv_issue((j - 1 - j0) % STAGES);
-                wgmma_wait<1>();   // Sij done; P(j-1) V(j-1) may still run
-            } else {
-                wgmma_wait<0>();
-            }
+            wgmma_wait<0>();
             reg_fence(s[0]);
 
-            // Score mods, mask, online softmax (fa_softmax.cuh) on this warp's rows; then
-            // diag(alpha) Oi once Oi is out of the MMA.
+            // Score mods, mask, online softmax and diag(alpha) Oi (fa_softmax.cuh) on this warp's rows.
             mask_scores<1, NS, MASK>(s, win, row0 + warp * 16, col0, nk, scale, softcap, slope);
             float alpha[2];
-            const bool moved = softmax_rows<NS>(s[0], m, l, alpha, sl2);
-            if (OVERLAP && j > j0) {
-                wgmma_wait<0>();
-                reg_fence(o);
-                reg_fence(pa);
-            }
-            if (__any_sync(0xffffffffu, moved)) rescale_rows<ND>(o, alpha);
+            if (__any_sync(0xffffffffu, softmax_rows<NS>(s[0], m, l, alpha, sl2))) rescale_rows<ND>(o, alpha);
+
+            // Line 10: Oi += Pij Vj, k-steps of 16 keys (2048 bytes of Vj).
+            unsigned pa[BC / 16][4];
 #pragma unroll
             for (int kk = 0; kk < BC / 16; ++kk) p_fragment<T, ARCH, NS>(pa[kk], s[0], kk);
-            if (!OVERLAP) {
-                wgmma_fence();
-                pv_issue(stage);
-                wgmma_wait<0>();
-                reg_fence(o);
-                reg_fence(pa);
-            }
-        }
-        if (OVERLAP && j0 < j1) {   // the last tile's P V
             wgmma_fence();
-            pv_issue((j1 - 1 - j0) % STAGES);
+#pragma unroll
+            for (int kk = 0; kk < BC / 16; ++kk)
+                wgmma_rs<T, D>(o, pa[kk], wgmma_desc(v_base + kk * 16 * 128, BC * 128, 1024), 1);
+            wgmma_commit();
             wgmma_wait<0>();
             reg_fence(o);
             reg_fence(pa);

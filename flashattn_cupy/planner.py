@@ -73,17 +73,21 @@ DECODE_BY_DEFAULT = True
 
 # Hopper's warpgroup MMA (csrc/flash_fwd_wgmma.cu): sm_90a instructions, which neither earlier nor
 # later GPUs run, so only compute capability 9.0 gets it; fp16/bf16 at head-dim bounds 64 and 128
-# (d in 33..64 and 97..128; other d keep the mma kernel). (D, (warpgroups, Bc, stages) candidates,
-# best first): Br = 64 * warpgroups; 3 stages let P(j-1) V(j-1) run during tile j's softmax. From a
-# sweep on an H200 (fp16, B4 H16 N4k, 2026-12-02, TFLOP/s dense / causal): at d = 64, (2, 128, 2)
-# 325 / 206 (81 KB and 128 registers: two blocks an SM) against (3, 128, 2) 300 / 220, (3, 128, 3)
-# 271 / 207 and (2, 128, 3) 220 / 190; at d = 128, (3, 64, 3) 332 / 266 against (2, 128, 2)
-# 294 / 249, (2, 128, 3) 267 / 248 and (2, 64, 3) 255 / 224. Each later candidate needs less
-# shared memory, for smaller limits.
+# (d in 33..64 and 97..128; other d keep the mma kernel). (D, (warpgroups, Bc) candidates, best
+# first): Br = 64 * warpgroups, two K/V buffers, and two blocks an SM, which the kernel's launch
+# bounds (128 registers a thread) and each candidate's shared memory (WGMMA_SM_SMEM) allow. From a
+# sweep on an H200 (fp16, 2026-12-02, TFLOP/s at B16 H16 N1k / B4 H16 N4k / B1 H16 N16k, dense and
+# causal): d = 64, (2, 128) 293 / 326 / 328 and 192 / 262 / 290 causal, against (2, 64) 263 / 286 /
+# 297 and 176 / 238 / 267; d = 128, (2, 64) 331 / 354 / 366 and 234 / 302 / 337 causal, against
+# (1, 64) 214 / 227 / 236. One block an SM lost everywhere: three warpgroups (d = 128, (3, 64)
+# 291 / 348 / 367 and 183 / 282 / 346), three stages with P(j-1) V(j-1) overlapping tile j's
+# softmax ((3, 64) 3 stages 278 / 305 / 336), and (2, 128) at d = 64 with the causal mask's 134
+# registers (139 / 204 / 242 causal). Each later candidate needs less shared memory.
 WGMMA_ARCH = 90
 WGMMA_DTYPES = ("float16", "bfloat16")
-WGMMA_TILES = ((64, ((2, 128, 2), (2, 64, 3), (2, 64, 2))),
-               (128, ((3, 64, 3), (2, 64, 3), (2, 64, 2))))
+WGMMA_TILES = ((64, ((2, 128), (2, 64))),
+               (128, ((2, 64), (1, 64))))
+WGMMA_SM_SMEM = 228 * 1024   # shared memory of one sm_90 SM, 1 KB of it reserved per resident block
 # Whether plan(wgmma=None) picks it where it can run (on since its gpu tests passed on an H200,
 # 2026-12-02); wgmma_default(on) sets it for a block of calls (the benchmark's comparison with the
 # mma kernel on the same call).
@@ -177,16 +181,16 @@ def mma_smem_bytes(Br: int, Bc: int, D: int, itemsize: int = 2) -> int:
     return (Br + 2 * Bc) * (D * itemsize + 16)
 
 
-def wgmma_smem_bytes(Br: int, Bc: int, D: int, stages: int) -> int:
+def wgmma_smem_bytes(Br: int, Bc: int, D: int) -> int:
     """Exact dynamic shared memory of csrc/flash_fwd_wgmma.cu: 1 KB of slack to align the swizzled
-    tiles on 1024 bytes, Qi [Br][D] and `stages` x (Kj, Vj [Bc][D]), in 16-bit elements."""
-    return 1024 + 2 * D * (Br + 2 * stages * Bc)
+    tiles on 1024 bytes, Qi [Br][D] and two buffers of (Kj, Vj [Bc][D]), in 16-bit elements."""
+    return 1024 + 2 * D * (Br + 4 * Bc)
 
 
-def wgmma_tiles(D: int, smem_limit: int) -> tuple[int, int, int] | None:
-    """(warpgroups, Bc, stages) of the first wgmma candidate for D that fits, None if none (or D has none)."""
+def wgmma_tiles(D: int, smem_limit: int) -> tuple[int, int] | None:
+    """(warpgroups, Bc) of the first wgmma candidate for D that fits, None if none (or D has none)."""
     candidates = next((c for d_max, c in WGMMA_TILES if D == d_max), ())
-    return next((c for c in candidates if wgmma_smem_bytes(64 * c[0], c[1], D, c[2]) <= smem_limit), None)
+    return next((c for c in candidates if wgmma_smem_bytes(64 * c[0], c[1], D) <= smem_limit), None)
 
 
 def mma_arch(arch: int, dtype: str) -> int | None:
@@ -335,11 +339,11 @@ def plan(Nq: int, Nk: int, d: int, *, dtype: str = "float32", causal: bool = Fal
         raise ValueError(f"the wgmma kernel (wgmma=True) needs sm_{WGMMA_ARCH} (got sm_{arch}), "
                          f"{' or '.join(WGMMA_DTYPES)} (got {dtype}) and d in 33..64 or 97..128 (got {d})")
     if wtiles is not None and (wgmma or (wgmma is None and WGMMA_BY_DEFAULT)):
-        groups, Bc, stages = wtiles
-        name = f"flash_fwd_wgmma<{CUDA_TYPES[dtype]}, {D}, {groups}, {Bc}, {stages}, {mask}>"
+        groups, Bc = wtiles
+        name = f"flash_fwd_wgmma<{CUDA_TYPES[dtype]}, {D}, {groups}, {Bc}, {mask}>"
         grid = (math.ceil(Nq / (64 * groups)), min(heads, GRID_YZ_MAX), min(batch, GRID_YZ_MAX))
         return Plan("cuda", name, dtype, d, D, 64 * groups, Bc, causal, mask, 128 * groups, grid,
-                    wgmma_smem_bytes(64 * groups, Bc, D, stages), smem_limit)
+                    wgmma_smem_bytes(64 * groups, Bc, D), smem_limit)
     isa = mma_arch(arch, dtype)
     itemsize = 4 if dtype == "float32" else 2
     tiles = mma_tiles(D, smem_limit, itemsize) if isa is not None else None

@@ -166,12 +166,12 @@ def test_every_wgmma_tile_runs(cp, rng, D, tiles):
     batch and heads, d at the bound and below it."""
     if cp.cuda.Device().compute_capability != "90":
         pytest.skip("the wgmma kernel runs on sm_90 only")
-    limit = planner.wgmma_smem_bytes(64 * tiles[0], tiles[1], D, tiles[2])
+    limit = planner.wgmma_smem_bytes(64 * tiles[0], tiles[1], D)
     for dtype, d in (("float16", D), ("bfloat16", D - 24)):
         for causal in (False, True):
             q, k, v = inputs(rng, (2, 3), 300, 517, d, dtype=_dtype(dtype))
             plan = _check_plan(cp, q, k, v, causal, smem_limit=limit, arch=90, wgmma=True)
-            assert plan.kernel == f"flash_fwd_wgmma<{planner.CUDA_TYPES[dtype]}, {D}, {tiles[0]}, {tiles[1]}, {tiles[2]}, {int(causal)}>"
+            assert plan.kernel == f"flash_fwd_wgmma<{planner.CUDA_TYPES[dtype]}, {D}, {tiles[0]}, {tiles[1]}, {int(causal)}>"
             q, k, v = inputs(rng, (2,), 517, 300, d, dtype=_dtype(dtype))   # causal: rows with no key
             _check_plan(cp, q, k, v, causal, smem_limit=limit, arch=90, wgmma=True)
 

@@ -31,7 +31,7 @@ def test_every_plan_fits(limit, dtype, arch):
                      arch=arch)
             assert p.smem_bytes <= limit
             if "wgmma" in p.kernel:
-                assert p.smem_bytes == planner.wgmma_smem_bytes(p.Br, p.Bc, p.head_dim_bound, int(p.kernel.split(", ")[4]))
+                assert p.smem_bytes == planner.wgmma_smem_bytes(p.Br, p.Bc, p.head_dim_bound)
                 assert p.threads == 2 * p.Br   # a warpgroup (128 threads) a 64-row slice
             elif "mma" in p.kernel:
                 itemsize = 4 if dtype == "float32" else 2
@@ -82,7 +82,7 @@ def test_larger_devices_get_larger_tiles():
     assert plan(4096, 4096, 64, smem_limit=227 * KB, arch=90, fp32="simt").Br == 64
     assert plan(4096, 4096, 256, smem_limit=48 * KB, arch=90, fp32="simt").Br == 8
     half = dict(dtype="float16", arch=90)
-    assert plan(4096, 4096, 128, smem_limit=227 * KB, wgmma=True, **half).Br == 192   # three warpgroups
+    assert plan(4096, 4096, 128, smem_limit=227 * KB, wgmma=True, **half).Bc == 64   # two blocks an SM
     assert plan(4096, 4096, 64, smem_limit=227 * KB, wgmma=False, **half).Br == 128
     assert plan(4096, 4096, 256, smem_limit=48 * KB, **half).Bc == 16
 
@@ -163,7 +163,7 @@ def test_wgmma_only_where_it_runs(wgmma_on):
             p = plan(1000, 1000, d, dtype=dtype, arch=90, **H100)
             tiles = planner.wgmma_tiles(p.head_dim_bound, H100["smem_limit"])
             assert tiles == next(c for D, c in planner.WGMMA_TILES if D == p.head_dim_bound)[0]   # the first fits
-            assert p.kernel == f"flash_fwd_wgmma<{planner.CUDA_TYPES[dtype]}, {p.head_dim_bound}, {tiles[0]}, {tiles[1]}, {tiles[2]}, 0>"
+            assert p.kernel == f"flash_fwd_wgmma<{planner.CUDA_TYPES[dtype]}, {p.head_dim_bound}, {tiles[0]}, {tiles[1]}, 0>"
             assert (p.Br, p.Bc, p.threads) == (64 * tiles[0], tiles[1], 128 * tiles[0])
             assert plan(1000, 1000, d, dtype=dtype, arch=90, wgmma=False, **H100).kernel.startswith("flash_fwd_mma<")
         for d in (32, 96, 160, 256):
@@ -173,13 +173,16 @@ def test_wgmma_only_where_it_runs(wgmma_on):
     assert plan(1000, 1000, 64, arch=90, **H100).kernel.startswith("flash_fwd_mma<")   # fp32: 3xTF32
     # each candidate is what some smaller limit gets (each needs less than those before it), then none: mma
     for D, candidates in planner.WGMMA_TILES:
-        for i, (groups, Bc, stages) in enumerate(candidates):
-            limit = planner.wgmma_smem_bytes(64 * groups, Bc, D, stages)
-            first = next(c for c in candidates if planner.wgmma_smem_bytes(64 * c[0], c[1], D, c[2]) <= limit)
-            assert first == (groups, Bc, stages), "a candidate no limit reaches: drop it"
+        for groups, Bc in candidates:
+            limit = planner.wgmma_smem_bytes(64 * groups, Bc, D)
+            first = next(c for c in candidates if planner.wgmma_smem_bytes(64 * c[0], c[1], D) <= limit)
+            assert first == (groups, Bc), "a candidate no limit reaches: drop it"
             p = plan(9, 9, D, dtype="float16", arch=90, smem_limit=limit)
-            assert p.kernel == f"flash_fwd_wgmma<fa_half, {D}, {groups}, {Bc}, {stages}, 0>"
-        smallest = min(planner.wgmma_smem_bytes(64 * c[0], c[1], D, c[2]) for c in candidates)
+            assert p.kernel == f"flash_fwd_wgmma<fa_half, {D}, {groups}, {Bc}, 0>"
+            # the kernel's launch bounds ask for two blocks an SM: their registers (128 a thread at
+            # two warpgroups) and their shared memory must fit one
+            assert groups <= 2 and 2 * (limit + 1024) <= planner.WGMMA_SM_SMEM
+        smallest = min(planner.wgmma_smem_bytes(64 * c[0], c[1], D) for c in candidates)
         assert plan(9, 9, D, dtype="float16", arch=90, smem_limit=smallest - 1).kernel.startswith("flash_fwd_mma<")
 
 
