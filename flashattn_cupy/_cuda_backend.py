@@ -3,6 +3,7 @@ Nothing here synchronizes the host; the kernel comes from kernels.get (compiled 
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 
@@ -15,32 +16,87 @@ def _unit_stride(x, cp):
     return cp.ascontiguousarray(x) if x.shape[-1] > 1 and x.strides[-1] != x.itemsize else x
 
 
-_NULL = np.uint64(0)   # a null pointer argument (the kernels test for it)
-_PACKED: dict = {}     # (int32s, int64s, float32s) -> the kernel arguments, as NumPy scalars
+_PACKED: dict = {}     # (int32s, int64s, float32s) -> the kernel arguments
+
+
+_VALUE: list = []       # the Value class below, made once CuPy is imported
+
+
+def _value_type():
+    """A class of launch arguments CuPy passes on untouched, or None (no CuPy imported yet, or
+    one without its base). CuPy turns each NumPy scalar argument into a C value again at every
+    launch (~0.7 µs each, and a launch has 20 to 30); an instance of its CPointer
+    (cupy/cuda/function.pyx, a pass-through since 2018) is taken as it is, its .ptr the address
+    of the value's bytes."""
+    if not _VALUE and "cupy" in sys.modules:
+        try:
+            from cupy.cuda.function import CPointer
+        except ImportError:
+            return None
+
+        class Value(CPointer):
+            """A scalar argument: .ptr addresses its bytes in `block` (kept alive here); .value
+            is the number, as a NumPy scalar of the kernel parameter's type."""
+
+            def __init__(self, value, block, offset):
+                super().__init__(block.ctypes.data + offset)
+                self.value, self.block = value, block
+
+            def __repr__(self):
+                return f"Value({self.value!r})"
+
+        _VALUE.append(Value)
+    return _VALUE[0] if _VALUE else None
+
+
+def _values(scalars: tuple) -> tuple:
+    """NumPy scalars as launch arguments: Values over one buffer (8 bytes a slot, each value at
+    the start of its own: the driver copies each parameter's size from its address), or the
+    scalars themselves without CuPy's CPointer."""
+    Value = _value_type()
+    if Value is None:
+        return scalars
+    block = np.zeros(8 * len(scalars), np.uint8)
+    for i, x in enumerate(scalars):
+        block[8 * i:8 * i + x.itemsize] = np.frombuffer(x.tobytes(), np.uint8)
+    return tuple(Value(x, block, 8 * i) for i, x in enumerate(scalars))
+
+
+def null():
+    """A null pointer argument (the kernels test for it): 8 zero bytes."""
+    return packed((), (0,))[0]
 
 
 def packed(i32s: tuple, i64s: tuple, f32s: tuple = ()) -> tuple:
-    """A launch's scalar arguments typed as the kernel declares them (int, long long, float),
-    made once per distinct tuple: NumPy scalars cost ~0.2 µs each and a launch passes 20 to 30,
-    the same ones call after call in a model's loop."""
+    """A launch's scalar arguments typed as the kernels declare them (int, long long, float),
+    made once per distinct tuple (the same ones call after call in a model's loop), as CuPy
+    takes them fastest (_values)."""
     key = (i32s, i64s, f32s, tuple(math.copysign(1.0, f) for f in f32s))   # -0.0 == 0.0, but not as an argument
     found = _PACKED.get(key)
     if found is None:
         if len(_PACKED) >= 4096:   # a bound, for programs whose shapes never repeat
-            _PACKED.clear()
-        found = _PACKED[key] = (*map(np.int32, i32s), *map(np.int64, i64s), *map(np.float32, f32s))
+            _PACKED.clear()        # (the Values of a dropped entry keep their own buffer alive)
+        found = _PACKED[key] = _values((*map(np.int32, i32s), *map(np.int64, i64s), *map(np.float32, f32s)))
     return found
 
 
-def _batch_stride(x):
-    """The element stride sb with x's batch dims (every leading dim but the last) at sb * b for
-    their flattened index b; None when they do not collapse into one stride."""
-    if x.ndim <= 4:   # the usual (B, H, N, d), (H, N, d), (N, d): at most one batch dim, no walk
-        return x.strides[0] // x.itemsize if x.ndim == 4 and x.shape[0] != 1 else 0
-    bdims = [(n, s // x.itemsize) for n, s in zip(x.shape[:-3], x.strides[:-3]) if n != 1]
+def _batch_stride(shape: tuple, strides: tuple):
+    """The element stride sb with the batch dims (every leading dim but the last) at sb * b for
+    their flattened index b, of an array of this shape and element strides; None when they do
+    not collapse into one stride."""
+    if len(shape) <= 4:   # the usual (B, H, N, d), (H, N, d), (N, d): at most one batch dim, no walk
+        return strides[0] if len(shape) == 4 and shape[0] != 1 else 0
+    bdims = [(n, s) for n, s in zip(shape[:-3], strides[:-3]) if n != 1]
     if any(outer != inner * n for (_, outer), (n, inner) in zip(bdims, bdims[1:])):
         return None
     return bdims[-1][1] if bdims else 0
+
+
+def _layout(shape: tuple, strides: tuple):
+    """(sb, sh, sn) with element [b, h, n, c] at sb*b + sh*h + sn*n + c (b: the flattened batch
+    dims, h: the last leading dim), from element strides; None if the batch dims do not collapse."""
+    sb = _batch_stride(shape, strides)
+    return None if sb is None else (sb, strides[-3] if len(shape) > 2 else 0, strides[-2])
 
 
 def _strides(x, cp):
@@ -49,11 +105,17 @@ def _strides(x, cp):
     when its layout has no such form (last dim not contiguous, or batch dims that do not
     collapse into one stride)."""
     x = _unit_stride(x, cp)
-    sb = _batch_stride(x)
-    if sb is None:
-        return _strides(cp.ascontiguousarray(x), cp)
-    sh = x.strides[-3] // x.itemsize if x.ndim > 2 else 0
-    return x, (sb, sh, x.strides[-2] // x.itemsize)
+    found = _layout(x.shape, tuple(s // x.itemsize for s in x.strides))
+    return (x, found) if found is not None else _strides(cp.ascontiguousarray(x), cp)
+
+
+def _contiguous_layout(shape: tuple) -> tuple:
+    """_layout of a C-contiguous array of this shape (the outputs we allocate)."""
+    strides, n = [], 1
+    for extent in reversed(shape):
+        strides.append(n)
+        n *= extent
+    return _layout(shape, tuple(reversed(strides)))
 
 
 def window_args(window, Nq: int, Nk: int) -> tuple[int, int]:
@@ -61,6 +123,10 @@ def window_args(window, Nq: int, Nk: int) -> tuple[int, int]:
     side clamped to Nk (left) or Nq (right), which covers every row (csrc/fa_mask.cuh)."""
     left, right = window
     return (Nk if left < 0 else min(left, Nk)), (Nq if right < 0 else min(right, Nq))
+
+
+COMBINE_WARPS = 4           # flash_decode_combine: one warp a query row, 128 threads a block
+COMBINE_BLOCKS_MAX = 65535   # its grid strides over the rest
 
 
 def features(problem):
@@ -74,29 +140,79 @@ def mask_options(problem) -> dict:
     return {"window": problem.window != (-1, -1), "score_mod": problem.softcap > 0 or problem.alibi is not None}
 
 
+class Call:
+    """One CUDA call with everything but its arrays fixed: the plan's kernels, the outputs' shapes
+    and the launch arguments. run() makes one per call; api keeps those of CuPy calls and, when a
+    later call's arrays and options match in all that validation and planning read, calls it
+    again, skipping their ~60 µs of Python (a model's forward repeats its calls step after step)."""
+
+    def __init__(self, problem, plan, device_id: int, layouts: tuple, copies: bool):
+        cp = cupy()
+        self.plan, self.device_id, self.copies = plan, device_id, copies
+        self.out_shape, self.dtype = tuple(problem.q.shape), problem.q.dtype
+        self.lse_shape = self.out_shape[:-1]
+        window, softcap, alibi = features(problem)
+        H, Nq, Nk = problem.heads, problem.Nq, problem.Nk
+        sizes = (problem.batch, H, problem.group, Nq, Nk, problem.d, *window_args(window, Nq, Nk))
+        os_, ls = _contiguous_layout(self.out_shape), (H * Nq, Nq)
+        self.pointers = (null() if alibi is None else alibi, null(), null())   # alibi, cu_q, cu_k
+        with cp.cuda.Device(device_id):
+            self.kernel = kernels.get(plan, device_id)
+            if plan.splits:   # split-KV decoding: no output strides, then the merge's launch
+                self.scalars = packed(sizes, sum(layouts, ()), (problem.scale, softcap))
+                self.combine = kernels.get(kernels.Variant(plan.combine), device_id)
+                rows = problem.batch * H * Nq
+                self.work = (rows * plan.splits * plan.head_dim_bound, rows * plan.splits)   # Op, Lp floats
+                self.combine_grid = (min(-(-rows // COMBINE_WARPS), COMBINE_BLOCKS_MAX),)
+                self.combine_scalars = packed((problem.batch, H, Nq, problem.d, plan.head_dim_bound, plan.splits),
+                                              (*os_, *ls))
+            else:
+                self.scalars = packed(sizes, (*sum(layouts, ()), *os_, *ls), (problem.scale, softcap))
+
+    def __call__(self, q, k, v):
+        """(O, L) for arrays like those this call was made for (CuPy arrays on its device, or any
+        arrays when it copies them there)."""
+        cp = cupy()
+        with cp.cuda.Device(self.device_id):
+            if self.copies:
+                q, k, v = (_strides(cp.asarray(x), cp)[0] for x in (q, k, v))
+            return self.launch(cp, q, k, v)
+
+    def launch(self, cp, q, k, v):
+        """The launches on q, k, v as they are (laid out as the call's strides say), on the
+        current stream; the current device must be the call's."""
+        plan = self.plan
+        O = cp.empty(self.out_shape, dtype=self.dtype)
+        L = cp.empty(self.lse_shape, dtype=cp.float32)
+        if not plan.splits:
+            self.kernel(plan.grid, (plan.threads,), (q, k, v, *self.pointers, O, L, *self.scalars),
+                        shared_mem=plan.smem_bytes)
+            return O, L
+        # Decoding: each split's partial (O_s, L_s) into a float32 workspace from CuPy's pool (which
+        # hands it out again only in stream order, so returning it at the end is safe), then the merge.
+        work = cp.empty(sum(self.work), dtype=cp.float32)
+        Op, Lp = work[:self.work[0]], work[self.work[0]:]
+        self.kernel(plan.grid, (plan.threads,), (q, k, v, self.pointers[0], Op, Lp, *self.scalars),
+                    shared_mem=plan.smem_bytes)
+        self.combine(self.combine_grid, (32 * COMBINE_WARPS,), (Op, Lp, O, L, *self.combine_scalars))
+        return O, L
+
+
 def run(problem, plan, device_id: int):
     """(O, L) as CuPy arrays on device_id: O like q (contiguous), L float32 (..., Nq). GQA needs
     no copies: the kernels read k/v head h // group for q head h."""
+    return run_call(problem, plan, device_id)[:2]
+
+
+def run_call(problem, plan, device_id: int):
+    """run()'s (O, L), and the Call that computed them."""
     cp = cupy()
     with cp.cuda.Device(device_id):
-        q, k, v = (cp.asarray(x) for x in (problem.q, problem.k, problem.v))
-        O = cp.empty(q.shape, dtype=q.dtype)
-        L = cp.empty(q.shape[:-1], dtype=cp.float32)
-        (q, qs), (k, ks), (v, vs) = (_strides(x, cp) for x in (q, k, v))
-        os_ = _strides(O, cp)[1]   # O and L are ours: contiguous
-        window, softcap, alibi = features(problem)
-        H = problem.heads
-        if plan.splits:   # split-KV decoding: the partials, then their merge
-            launch_decode(plan, device_id, q, k, v, O, L, qs, ks, vs, os_, (H * problem.Nq, problem.Nq),
-                          batch=problem.batch, heads=H, group=problem.group, Nq=problem.Nq, Nk=problem.Nk,
-                          d=problem.d, window=window_args(window, problem.Nq, problem.Nk),
-                          scale=problem.scale, softcap=softcap, alibi=alibi)
-            return O, L
-        launch(plan, device_id, q, k, v, O, L, qs, ks, vs, os_, (H * problem.Nq, problem.Nq),
-               batch=problem.batch, heads=H, group=problem.group, Nq=problem.Nq, Nk=problem.Nk,
-               d=problem.d, window=window_args(window, problem.Nq, problem.Nk), scale=problem.scale,
-               softcap=softcap, alibi=alibi)
-    return O, L
+        given = (problem.q, problem.k, problem.v)
+        (q, qs), (k, ks), (v, vs) = (_strides(cp.asarray(x), cp) for x in given)
+        call = Call(problem, plan, device_id, (qs, ks, vs), copies=any(a is not b for a, b in zip((q, k, v), given)))
+        O, L = call.launch(cp, q, k, v)
+    return O, L, call
 
 
 def launch(plan, device_id, q, k, v, O, L, qs, ks, vs, os_, ls, *, batch, heads, group, Nq, Nk, d,
@@ -104,34 +220,10 @@ def launch(plan, device_id, q, k, v, O, L, qs, ks, vs, os_, ls, *, batch, heads,
     """One launch of plan's kernel: arrays, their element strides (b, h, n) (L's (b, h)), sizes,
     the kernels' window pair, scale, softcap; alibi (float32, one slope per (b, h), contiguous)
     and the varlen offsets cu_q, cu_k (int32, batch + 1 each) or None."""
-    args = (q, k, v, _NULL if alibi is None else alibi, _NULL if cu_q is None else cu_q,
-            _NULL if cu_k is None else cu_k, O, L,
+    args = (q, k, v, null() if alibi is None else alibi, null() if cu_q is None else cu_q,
+            null() if cu_k is None else cu_k, O, L,
             *packed((batch, heads, group, Nq, Nk, d, *window), (*qs, *ks, *vs, *os_, *ls), (scale, softcap)))
     kernels.get(plan, device_id)(plan.grid, (plan.threads,), args, shared_mem=plan.smem_bytes)
-
-
-COMBINE_WARPS = 4           # flash_decode_combine: one warp a query row, 128 threads a block
-COMBINE_BLOCKS_MAX = 65535   # its grid strides over the rest
-
-
-def launch_decode(plan, device_id, q, k, v, O, L, qs, ks, vs, os_, ls, *, batch, heads, group, Nq, Nk, d,
-                  window, scale, softcap=0.0, alibi=None):
-    """Split-KV decoding (csrc/flash_decode.cu): plan.splits partial (O_s, L_s) per query row into a
-    float32 workspace from CuPy's memory pool, then their merge into O (q's dtype) and L. Two
-    launches on the current stream; the workspace returns to the pool when this returns, which
-    is safe: the pool hands it out again only in stream order."""
-    cp = cupy()
-    D, splits = plan.head_dim_bound, plan.splits
-    rows = batch * heads * Nq
-    work = cp.empty(rows * splits * (D + 1), dtype=cp.float32)
-    Op, Lp = work[:rows * splits * D], work[rows * splits * D:]
-    args = (q, k, v, _NULL if alibi is None else alibi, Op, Lp,
-            *packed((batch, heads, group, Nq, Nk, d, *window), (*qs, *ks, *vs), (scale, softcap)))
-    kernels.get(plan, device_id)(plan.grid, (plan.threads,), args, shared_mem=plan.smem_bytes)
-    combine = kernels.get(kernels.Variant(plan.combine), device_id)
-    blocks = min(-(-rows // COMBINE_WARPS), COMBINE_BLOCKS_MAX)
-    combine((blocks,), (32 * COMBINE_WARPS,),
-            (Op, Lp, O, L, *packed((batch, heads, Nq, d, D, splits), (*os_, *ls))))
 
 
 def run_varlen(problem, device_id: int):

@@ -19,6 +19,12 @@ def is_cupy_array(x) -> bool:
     return type(x).__module__.split(".")[0] == "cupy" and hasattr(x, "data") and hasattr(x, "device")
 
 
+def ndarray_type():
+    """cupy.ndarray once CuPy is imported (by the caller or by us), else None (without importing it)."""
+    module = sys.modules.get("cupy")
+    return getattr(module, "ndarray", None)
+
+
 @functools.cache
 def _probe():
     if "cupy" not in sys.modules and importlib.util.find_spec("cupy") is not None:

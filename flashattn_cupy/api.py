@@ -54,12 +54,49 @@ def flash_attention(q: Array, k: Array, v: Array, *, causal: bool = False, softm
     other DLPack / __cuda_array_interface__ arrays go in without copies and come back as their
     own kind (CUDA torch tensors run on torch's current stream); see flashattn_cupy._interop.
     """
+    key = _call_key(q, k, v, (causal, softmax_scale, window, softcap, alibi_slopes, backend, num_threads,
+                              allow_tf32, fp32_kernel), return_lse)
+    try:
+        call = _CALLS.get(key) if key is not None else None
+    except TypeError:   # an unhashable option (a window given as a list): not kept
+        key = call = None
+    if call is not None:   # validated and planned before: the same launches on these arrays
+        O, L = call(q, k, v)
+        return (O, L) if return_lse else O
     with _interop.caller_arrays(q, k, v) as (q, k, v, export):
         problem = validate(q, k, v, causal=causal, softmax_scale=softmax_scale, return_lse=return_lse,
                            backend=backend, num_threads=num_threads, allow_tf32=allow_tf32,
                            fp32_kernel=fp32_kernel, window=window, softcap=softcap, alibi_slopes=alibi_slopes)
-        O, L = _run(problem)
+        O, L, call = _run(problem)
+        if key is not None and call is not None:
+            if len(_CALLS) >= _CALLS_MAX:   # a bound, for programs whose shapes never repeat
+                _CALLS.clear()
+            _CALLS[key] = call
         return (export(O), export(L)) if return_lse else export(O)
+
+
+# CUDA calls on CuPy arrays, by _call_key: a call that matches an earlier one in all that
+# validation and planning read reuses its Call (_cuda_backend), skipping ~60 µs of Python: the
+# checks, the plan, the strides and the kernel's arguments. A model repeats its calls step after
+# step; a call with new shapes, layouts, dtypes, device, options or planner defaults gets its own.
+_CALLS: dict = {}
+_CALLS_MAX = 1024
+
+
+def _call_key(q, k, v, options: tuple, return_lse):
+    """What validation and planning read of a call, as a dict key; None where a call is not kept:
+    inputs other than three cupy.ndarray (NumPy's C backend is not worth it, other libraries go
+    through _interop), ALiBi slopes (their values are checked), return_lse not a bool (refused).
+    return_lse only picks what is returned, so both values share a key. It may hold an unhashable
+    option (a list): the caller's lookup catches that."""
+    ndarray = _device.ndarray_type()
+    if ndarray is None or type(q) is not ndarray or type(k) is not ndarray or type(v) is not ndarray \
+            or options[4] is not None or (return_lse is not True and return_lse is not False):
+        return None
+    # the options' types too: causal=1 equals True, but validation refuses it
+    return (q.shape, q.strides, q.dtype, q.data.device_id, k.shape, k.strides, k.dtype, k.data.device_id,
+            v.shape, v.strides, v.dtype, v.data.device_id, options, tuple(map(type, options)),
+            planner.WGMMA_BY_DEFAULT, planner.DECODE_BY_DEFAULT)
 
 
 def plan_for(q: Array, k: Array, v: Array, *, causal: bool = False, softmax_scale: float | None = None,
@@ -103,11 +140,13 @@ def _host(x):
 
 
 def _run(problem: Problem):
+    """(O, L, call): the results as the caller's array type, and for a CUDA call on CuPy arrays
+    the _cuda_backend.Call that computed them (else None)."""
     plan = _plan(problem)
     if problem.backend == "cuda":
         from . import _cuda_backend
-        O, L = _cuda_backend.run(problem, plan, _device_id(problem))
-        return (O, L) if problem.on_gpu else (O.get(), L.get())
+        O, L, call = _cuda_backend.run_call(problem, plan, _device_id(problem))
+        return (O, L, call) if problem.on_gpu else (O.get(), L.get(), None)
     if problem.backend == "c":
         from . import _c_backend
         O, L = _c_backend.run(problem, plan, *(_host(x) for x in (problem.q, problem.k, problem.v)))
@@ -119,5 +158,5 @@ def _run(problem: Problem):
     if problem.on_gpu:
         cp = _device.cupy()
         with cp.cuda.Device(problem.q.device.id):
-            return cp.asarray(O), cp.asarray(L)
-    return O, L
+            return cp.asarray(O), cp.asarray(L), None
+    return O, L, None

@@ -3,7 +3,7 @@ import zlib
 import numpy as np
 import pytest
 
-from flashattn_cupy import _device
+from flashattn_cupy import _device, api
 
 
 def pytest_collection_modifyitems(config, items):
@@ -31,3 +31,10 @@ def rng(request):
 @pytest.fixture
 def cp():
     return _device.cupy()
+
+
+@pytest.fixture(autouse=True)
+def fresh_calls(monkeypatch):
+    """Each test starts without api's kept calls (api._CALLS), so a test that watches the CUDA
+    path's steps sees them whatever ran before it; repeats within a test still reuse theirs."""
+    monkeypatch.setattr(api, "_CALLS", {})

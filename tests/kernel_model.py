@@ -26,6 +26,12 @@ NAMES = ("q", "k", "v", "alibi", "cu_q", "cu_k", "O", "L", "B", "H", "group", "N
 
 
 
+def _number(x):
+    """A launch argument as the kernel reads it: _cuda_backend's Values (where CuPy is present)
+    hold theirs in .value."""
+    return getattr(x, "value", x)
+
+
 def _softmax_rows(S, V):
     """(O, L) of scores S (rows, keys) against V in float64: a row with every key masked gives
     O = 0 and L = -inf, as the kernels write it."""
@@ -59,7 +65,7 @@ def _rows(x, start, sn, n, d):
 
 def make_kernel(mask, launches):
     def kernel(grid, block, args, shared_mem):
-        a = dict(zip(NAMES, args))
+        a = dict(zip(NAMES, map(_number, args)))
         launches.append(a)
         B, H, G, d = int(a["B"]), int(a["H"]), int(a["group"]), int(a["d"])
         assert grid[1] == min(H, 65535) and grid[2] == min(B, 65535)
@@ -133,7 +139,7 @@ def decode_kernel(plan, launches):
     mask, BC, D = plan.mask, plan.Bc, plan.head_dim_bound
 
     def kernel(grid, block, args, shared_mem):
-        a = dict(zip(DECODE_NAMES, args))
+        a = dict(zip(DECODE_NAMES, map(_number, args)))
         launches.append(dict(a, kernel=plan.kernel, grid=grid, block=block, shared_mem=shared_mem))
         B, H, G, Nq, Nk, d = (int(a[n]) for n in ("B", "H", "group", "Nq", "Nk", "d"))
         Hk, splits, R = H // G, grid[0], G * Nq
@@ -166,7 +172,7 @@ def decode_kernel(plan, launches):
 
 def combine_kernel(launches):
     def kernel(grid, block, args, shared_mem=0):
-        a = dict(zip(COMBINE_NAMES, args))
+        a = dict(zip(COMBINE_NAMES, map(_number, args)))
         launches.append(dict(a, kernel="combine", grid=grid, block=block))
         B, H, Nq, d, pitch, splits = (int(a[n]) for n in ("B", "H", "Nq", "d", "pitch", "splits"))
         assert grid[0] * block[0] // 32 >= min(B * H * Nq, 65535 * 4)

@@ -9,12 +9,18 @@ from flashattn_cupy._cuda_backend import _strides, packed
 
 def test_packed_arguments_are_typed_reused_and_keep_the_sign_of_zero():
     """A launch's scalars as the kernels declare them (int, long long, float), made once per
-    distinct tuple; -0.0 and 0.0 compare equal but are different arguments."""
+    distinct tuple; -0.0 and 0.0 compare equal but are different arguments. With CuPy imported
+    they are Values whose bytes (8 a slot) hold the numbers; without, NumPy scalars."""
     args = packed((3, -1), (2**40,), (0.125, 0.0))
-    assert [type(a) for a in args] == [np.int32, np.int32, np.int64, np.float32, np.float32]
-    assert args == (3, -1, 2**40, 0.125, 0.0) and packed((3, -1), (2**40,), (0.125, 0.0)) is args
+    numbers = [getattr(a, "value", a) for a in args]
+    assert [type(a) for a in numbers] == [np.int32, np.int32, np.int64, np.float32, np.float32]
+    assert numbers == [3, -1, 2**40, 0.125, 0.0] and packed((3, -1), (2**40,), (0.125, 0.0)) is args
     negative = packed((3, -1), (2**40,), (0.125, -0.0))
-    assert np.signbit(negative[-1]) and not np.signbit(args[-1])
+    assert np.signbit(getattr(negative[-1], "value", negative[-1])) and not np.signbit(numbers[-1])
+    if hasattr(args[0], "value"):   # the bytes the driver copies, at each Value's .ptr
+        for a in args:
+            at = a.ptr - a.block.ctypes.data
+            assert a.block[at:at + a.value.itemsize].tobytes() == a.value.tobytes()
 
 
 @pytest.mark.parametrize("shape, view", [((2, 3, 5, 8), None), ((1, 3, 5, 8), None), ((3, 5, 8), None),

@@ -86,6 +86,7 @@ def no_kernels(monkeypatch):
         raise AssertionError("a backend ran before the argument error")
     for module in (_c_backend, _cuda_backend):
         monkeypatch.setattr(module, "run", ran)
+    monkeypatch.setattr(_cuda_backend, "run_call", ran)
     monkeypatch.setattr(reference, "attention", ran)
 
 
