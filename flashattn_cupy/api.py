@@ -50,7 +50,9 @@ def flash_attention(q: Array, k: Array, v: Array, *, causal: bool = False, softm
         "3xtf32" (each operand split into two TF32 parts, three MMAs), "simt" (CUDA cores).
 
     Returns O with q's dtype and array type (and L when return_lse). On CuPy arrays the call
-    runs on the current stream and does not synchronize the host. torch tensors, JAX arrays and
+    runs on the current stream and does not synchronize the host; a call that repeats an earlier
+    one's shapes, strides, dtypes, device and keywords (ALiBi aside) reuses its checks and plan
+    (~16 µs of host time instead of ~100). torch tensors, JAX arrays and
     other DLPack / __cuda_array_interface__ arrays go in without copies and come back as their
     own kind (CUDA torch tensors run on torch's current stream); see flashattn_cupy._interop.
     """
