@@ -13,7 +13,7 @@
 // registers a thread at NWG = 2), so one block's MMAs run while the other does its softmax, its
 // prologue or its epilogue: an H200 sweep measured that ahead of one block with three stages
 // and P(j-1) V(j-1) overlapping tile j's softmax inside it (FlashAttention-3's in-warpgroup
-// pipelining), and ahead of 3 warpgroups a block. Row work (mask, online softmax in exp2 with
+// pipelining), and ahead of 3 warpgroups a block at all but the longest calls (planner.py). Row work (mask, online softmax in exp2 with
 // the scale folded into the exponent, rescale, the final Oi / li and Li) is fa_softmax.cuh's, as
 // in flash_fwd_mma.cu, whose argument list, scale handling (negative: Qi negated once; zero:
 // FLT_MIN) and causal order (heaviest Q tiles first) this kernel keeps: the planner swaps one for

@@ -77,12 +77,14 @@ DECODE_BY_DEFAULT = True
 # first): Br = 64 * warpgroups, two K/V buffers, and two blocks an SM, which the kernel's launch
 # bounds (128 registers a thread) and each candidate's shared memory (WGMMA_SM_SMEM) allow. From a
 # sweep on an H200 (fp16, 2026-12-02, TFLOP/s at B16 H16 N1k / B4 H16 N4k / B1 H16 N16k, dense and
-# causal): d = 64, (2, 128) 293 / 326 / 328 and 192 / 262 / 290 causal, against (2, 64) 263 / 286 /
+# causal): d = 64, (2, 128) 293 / 322 / 328 and 192 / 262 / 290 causal, against (2, 64) 263 / 286 /
 # 297 and 176 / 238 / 267; d = 128, (2, 64) 331 / 354 / 366 and 234 / 302 / 337 causal, against
-# (1, 64) 214 / 227 / 236. One block an SM lost everywhere: three warpgroups (d = 128, (3, 64)
-# 291 / 348 / 367 and 183 / 282 / 346), three stages with P(j-1) V(j-1) overlapping tile j's
-# softmax ((3, 64) 3 stages 278 / 305 / 336), and (2, 128) at d = 64 with the causal mask's 134
-# registers (139 / 204 / 242 causal). Each later candidate needs less shared memory.
+# (1, 64) 214 / 227 / 236. One block an SM lost at short N and at best tied at long N: three
+# warpgroups (d = 128, (3, 64): 291 / 348 / 367 and 183 / 282 / 346, ahead only at N = 16k
+# causal), three stages with P(j-1) V(j-1) overlapping tile j's softmax ((3, 64) 3 stages 278 /
+# 305 / 336), and (2, 128) at d = 64 with the causal mask's 134 registers (139 / 204 / 242 causal).
+# (All before the grid-wide causal order, which added 4-13% to the chosen tiles' causal rows.)
+# Each later candidate needs less shared memory.
 WGMMA_ARCH = 90
 WGMMA_DTYPES = ("float16", "bfloat16")
 WGMMA_TILES = ((64, ((2, 128), (2, 64))),
