@@ -88,14 +88,17 @@ _CALLS_MAX = 1024
 def _call_key(q, k, v, options: tuple, return_lse):
     """What validation and planning read of a call, as a dict key; None where a call is not kept:
     inputs other than three cupy.ndarray (NumPy's C backend is not worth it, other libraries go
-    through _interop), ALiBi slopes (their values are checked), return_lse not a bool (refused).
-    return_lse only picks what is returned, so both values share a key. It may hold an unhashable
-    option (a list): the caller's lookup catches that."""
+    through _interop), ALiBi slopes (their values are checked), return_lse not a bool (refused),
+    a window other than a tuple of ints. return_lse only picks what is returned, so both values
+    share a key. The key holds the options' types (causal=1 equals True, but is refused); it may
+    hold an unhashable option (a list as softmax_scale): the caller's lookup catches that."""
     ndarray = _device.ndarray_type()
     if ndarray is None or type(q) is not ndarray or type(k) is not ndarray or type(v) is not ndarray \
             or options[4] is not None or (return_lse is not True and return_lse is not False):
         return None
-    # the options' types too: causal=1 equals True, but validation refuses it
+    window = options[2]   # a pair's hash hides its items' types, which validation reads (True == 1 == 1.0)
+    if window is not None and (type(window) is not tuple or any(type(w) is not int for w in window)):
+        return None
     return (q.shape, q.strides, q.dtype, q.data.device_id, k.shape, k.strides, k.dtype, k.data.device_id,
             v.shape, v.strides, v.dtype, v.data.device_id, options, tuple(map(type, options)),
             planner.WGMMA_BY_DEFAULT, planner.DECODE_BY_DEFAULT)

@@ -4,7 +4,7 @@ import pytest
 
 import flashattn_cupy
 from cases import inputs
-from flashattn_cupy import _device, flash_attention, plan_for
+from flashattn_cupy import _device, api, flash_attention, plan_for, planner
 from tolerances import assert_attention_close
 
 
@@ -141,3 +141,44 @@ def test_num_threads_on_cupy_arrays(rng, cp):
         flash_attention(q, k, v, num_threads=2)   # auto: CuPy arrays run on "cuda"
     O = flash_attention(q, k, v, backend="c", num_threads=2)
     cp.testing.assert_array_equal(O, flash_attention(q, k, v, backend="c"))
+
+
+class _StandIn:
+    """Enough of a cupy.ndarray for api._call_key: shape, strides, dtype, data.device_id."""
+
+    def __init__(self, shape, strides=None, dtype=np.float16, device=0):
+        self.shape, self.dtype = shape, np.dtype(dtype)
+        self.strides = strides or tuple(int(s) for s in np.empty(shape, dtype).strides)
+        self.data = type("MemoryPointer", (), {"device_id": device})()
+
+
+def _options(causal=False, softmax_scale=None, window=None, softcap=0.0, alibi_slopes=None, backend="auto",
+             num_threads=1, allow_tf32=False, fp32_kernel="auto"):
+    """flash_attention's keywords in the order api passes them to _call_key, its defaults."""
+    return (causal, softmax_scale, window, softcap, alibi_slopes, backend, num_threads, allow_tf32, fp32_kernel)
+
+
+def test_the_key_of_kept_calls_holds_what_validation_reads(monkeypatch):
+    """On a stand-in for cupy.ndarray (tests/test_call_reuse.py runs kept calls on a GPU): equal calls share
+    a key, and anything validation or planning reads tells calls apart, down to the options'
+    types; calls whose key would hide what validation reads are not kept (None)."""
+    monkeypatch.setattr(_device, "ndarray_type", lambda: _StandIn)
+    q, k = _StandIn((2, 3, 64, 32)), _StandIn((2, 3, 96, 32))
+    key = lambda *arrays, lse=False, **kw: api._call_key(*arrays, _options(**kw), lse)  # noqa: E731
+    base = key(q, k, k)
+    assert base is not None and base == key(_StandIn((2, 3, 64, 32)), k, k) and hash(base) == hash(key(q, k, k))
+    assert key(q, k, k, lse=True) == base                                    # only picks what is returned
+    others = [key(q, k, k, causal=True), key(q, k, k, causal=1), key(q, k, k, softmax_scale=0.5),
+              key(q, k, k, softmax_scale=np.float32(0.5)), key(q, k, k, window=(8, 0)), key(q, k, k, softcap=2.0),
+              key(q, k, k, backend="cuda"), key(q, k, k, allow_tf32=True), key(q, k, k, fp32_kernel="simt"),
+              key(_StandIn((2, 3, 64, 32), dtype=np.float32), k, k), key(_StandIn((2, 3, 64, 32), device=1), k, k),
+              key(_StandIn((2, 3, 64, 32), strides=(2 * 64 * 3 * 32, 2 * 32, 2 * 3 * 32, 2)), k, k),
+              key(q, k, _StandIn((2, 1, 96, 32)))]
+    assert len({base, *others}) == len(others) + 1
+    with planner.wgmma_default(not planner.WGMMA_BY_DEFAULT):
+        assert key(q, k, k) != base
+    for window in ((True, 0), (8.0, 0), [8, 0], (np.int64(8), 0)):         # equal to (8, 0) or (1, 0) by value
+        assert key(q, k, k, window=window) is None
+    assert key(q, k, k, alibi_slopes=np.ones(3, np.float32)) is None
+    assert key(q, k, k, lse=np.True_) is None and key(q, k, k, lse=1) is None
+    assert key(np.zeros((2, 3, 64, 32), np.float16), k, k) is None

@@ -62,6 +62,9 @@ def test_what_validation_reads_is_in_the_key(cp, rng, calls):
     with planner.wgmma_default(not planner.WGMMA_BY_DEFAULT):   # planner defaults are read too
         flash_attention(q, k, v, causal=True)
     assert len(api._CALLS) == before + 1
+    flash_attention(q, k, v, window=(1, 0))
+    with pytest.raises(TypeError, match="window"):          # (True, 0) == (1, 0), but refused
+        flash_attention(q, k, v, window=(True, 0))
 
 
 def test_copied_inputs_are_copied_on_every_call(cp, rng, calls):
