@@ -1,5 +1,6 @@
-"""The CUDA path: strides and sizes from CuPy arrays, one launch on the current stream.
-Nothing here synchronizes the host; the kernel comes from kernels.get (compiled once)."""
+"""The CUDA path: strides and sizes from CuPy arrays, a call's launches on the current stream
+(a Call, which api keeps for repeated calls). Nothing here synchronizes the host; the kernels
+come from kernels.get (compiled once)."""
 from __future__ import annotations
 
 import math
@@ -17,9 +18,7 @@ def _unit_stride(x, cp):
 
 
 _PACKED: dict = {}     # (int32s, int64s, float32s) -> the kernel arguments
-
-
-_VALUE: list = []       # the Value class below, made once CuPy is imported
+_VALUE: list = []      # the Value class below, made once CuPy is imported
 
 
 def _value_type():
@@ -144,7 +143,7 @@ class Call:
     """One CUDA call with everything but its arrays fixed: the plan's kernels, the outputs' shapes
     and the launch arguments. run() makes one per call; api keeps those of CuPy calls and, when a
     later call's arrays and options match in all that validation and planning read, calls it
-    again, skipping their ~60 µs of Python (a model's forward repeats its calls step after step)."""
+    again, skipping ~85 µs of Python (a model's forward repeats its calls step after step)."""
 
     def __init__(self, problem, plan, device_id: int, layouts: tuple, copies: bool):
         cp = cupy()
