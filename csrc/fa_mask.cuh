@@ -42,10 +42,10 @@ struct fa_block {
     template <int MASK>
     __device__ static fa_block of() {
         if (!MASK) return fa_block{(int)blockIdx.x, (int)blockIdx.y, (int)blockIdx.z};
-        const long long heads = (long long)gridDim.y * gridDim.z;   // (batch, head) slots
+        const long long heads = (long long)gridDim.y * gridDim.z;   // (batch, head) slots: up to 2^32
         const long long lin = blockIdx.x + gridDim.x * (blockIdx.y + (long long)gridDim.y * blockIdx.z);
-        const int bh = (int)(lin % heads);
-        return fa_block{(int)(gridDim.x - 1 - lin / heads), bh % (int)gridDim.y, bh / (int)gridDim.y};
+        const long long bh = lin % heads;
+        return fa_block{(int)(gridDim.x - 1 - lin / heads), (int)(bh % gridDim.y), (int)(bh / gridDim.y)};
     }
 };
 
