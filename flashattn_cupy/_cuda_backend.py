@@ -146,7 +146,6 @@ class Call:
     again, skipping ~85 µs of Python (a model's forward repeats its calls step after step)."""
 
     def __init__(self, problem, plan, device_id: int, layouts: tuple, copies: bool):
-        cp = cupy()
         self.plan, self.device_id, self.copies = plan, device_id, copies
         self.out_shape, self.dtype = tuple(problem.q.shape), problem.q.dtype
         self.lse_shape = self.out_shape[:-1]
@@ -155,18 +154,17 @@ class Call:
         sizes = (problem.batch, H, problem.group, Nq, Nk, problem.d, *window_args(window, Nq, Nk))
         os_, ls = _contiguous_layout(self.out_shape), (H * Nq, Nq)
         self.pointers = (null() if alibi is None else alibi, null(), null())   # alibi, cu_q, cu_k
-        with cp.cuda.Device(device_id):
-            self.kernel = kernels.get(plan, device_id)
-            if plan.splits:   # split-KV decoding: no output strides, then the merge's launch
-                self.scalars = packed(sizes, sum(layouts, ()), (problem.scale, softcap))
-                self.combine = kernels.get(kernels.Variant(plan.combine), device_id)
-                rows = problem.batch * H * Nq
-                self.work = (rows * plan.splits * plan.head_dim_bound, rows * plan.splits)   # Op, Lp floats
-                self.combine_grid = (min(-(-rows // COMBINE_WARPS), COMBINE_BLOCKS_MAX),)
-                self.combine_scalars = packed((problem.batch, H, Nq, problem.d, plan.head_dim_bound, plan.splits),
-                                              (*os_, *ls))
-            else:
-                self.scalars = packed(sizes, (*sum(layouts, ()), *os_, *ls), (problem.scale, softcap))
+        self.kernel = kernels.get(plan, device_id)   # compiled for device_id (kernels.get sets it)
+        if plan.splits:   # split-KV decoding: no output strides, then the merge's launch
+            self.scalars = packed(sizes, sum(layouts, ()), (problem.scale, softcap))
+            self.combine = kernels.get(kernels.Variant(plan.combine), device_id)
+            rows = problem.batch * H * Nq
+            self.work = (rows * plan.splits * plan.head_dim_bound, rows * plan.splits)   # Op, Lp floats
+            self.combine_grid = (min(-(-rows // COMBINE_WARPS), COMBINE_BLOCKS_MAX),)
+            self.combine_scalars = packed((problem.batch, H, Nq, problem.d, plan.head_dim_bound, plan.splits),
+                                          (*os_, *ls))
+        else:
+            self.scalars = packed(sizes, (*sum(layouts, ()), *os_, *ls), (problem.scale, softcap))
 
     def __call__(self, q, k, v):
         """(O, L) for arrays like those this call was made for (CuPy arrays on its device, or any
