@@ -1,21 +1,27 @@
-"""flashattn_cupy's kernels in CuPy's kernel cache: which variants it holds, and removing them
-(`python -m flashattn_cupy info` and `clear-cache`).
+"""flashattn_cupy's compiled kernels on disk: storing and reading them back, which variants the
+directory holds, and removing them (`python -m flashattn_cupy info` and `clear-cache`).
 
-CuPy names each cache file by a SHA-1 of the source, options and compiler versions
-(<hash>.cubin, plus <hash>.cubin.cu under CUPY_CACHE_SAVE_CUDA_SOURCE=1), so a file's name says
-nothing of what it holds. Its content does: a cubin's symbol table keeps every kernel's mangled
+Our kernels live in CuPy's kernel cache directory (CUPY_CACHE_DIR), one file a variant, named
+flashattn_cupy_<SHA-256 of source, name expression, options, CuPy and CUDA versions>.cubin and
+holding MAGIC, a SHA-256 of the rest, the kernel's mangled name and the cubin (pack/unpack).
+kernels.py writes and reads them itself rather than through CuPy's cache: CuPy's hit path runs
+NVRTC once per option set to build its cache key (~40 ms in a new process), ours needs no NVRTC.
+
+Files are recognized by content, not name: a cubin's symbol table keeps every kernel's mangled
 name, e.g. _Z13flash_fwd_mmaIfLi64ELi4ELi2ELi64ELi0ELi80ELi3EEv... for
 flash_fwd_mma<float, 64, 4, 2, 64, 0, 80, 3>, and the template arguments read back into the
-planner's name expression. That holds for every layout CuPy 14 writes (a hash, then the cubin,
-or, from 14.2, the mangled names and then the cubin). Files holding none of our kernels are
-never touched, except by clear(everything=True).
+planner's name expression. That finds our own files and the ones CuPy's cache kept of our
+kernels before (a hash, then the cubin, or, from CuPy 14.2, the mangled names and then the
+cubin). Files holding none of our kernels are never touched, except by clear(everything=True).
 """
 from __future__ import annotations
 
 import atexit
+import hashlib
 import os
 import re
 import shutil
+import struct
 import tempfile
 import warnings
 from pathlib import Path
@@ -34,6 +40,56 @@ class KernelCacheWarning(RuntimeWarning):
 def cache_dir() -> Path:
     """Where CuPy keeps compiled kernels (its CUPY_CACHE_DIR, by default ~/.cupy/kernel_cache)."""
     return Path(os.environ.get("CUPY_CACHE_DIR", Path.home() / ".cupy" / "kernel_cache"))
+
+
+MAGIC = b"flashattn_cupy cubin 1\n"
+
+
+def file_name(*key: str) -> str:
+    """The file of the kernel that key (source, name expression, options, versions) identifies."""
+    return "flashattn_cupy_" + hashlib.sha256("\0".join(key).encode()).hexdigest() + ".cubin"
+
+
+def pack(mangled: str, cubin: bytes) -> bytes:
+    name = mangled.encode()
+    payload = struct.pack("<I", len(name)) + name + cubin
+    return MAGIC + hashlib.sha256(payload).digest() + payload
+
+
+def unpack(data: bytes) -> tuple[str, bytes] | None:
+    """(mangled name, cubin), or None where data is not a whole file pack() wrote."""
+    start = len(MAGIC) + 32
+    if len(data) < start + 4 or not data.startswith(MAGIC):
+        return None
+    payload = data[start:]
+    if hashlib.sha256(payload).digest() != data[len(MAGIC):start]:
+        return None                                  # truncated, garbled, or half written
+    (length,) = struct.unpack_from("<I", payload)
+    return payload[4:4 + length].decode(errors="replace"), payload[4 + length:]
+
+
+def read(path: Path) -> tuple[str, bytes] | None:
+    """The stored kernel at path, None if there is none to use (missing, unreadable, damaged)."""
+    try:
+        return unpack(path.read_bytes())
+    except OSError:
+        return None
+
+
+def write(path: Path, data: bytes) -> OSError | None:
+    """Store data at path whole or not at all (a temporary file renamed over it, so a reader in
+    another process never sees half a file); the error, if the directory refused it."""
+    temporary = None
+    try:
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".flashattn_cupy_", delete=False) as f:
+            temporary = Path(f.name)
+            f.write(data)
+        os.replace(temporary, path)
+        return None
+    except OSError as e:
+        if temporary is not None:
+            temporary.unlink(missing_ok=True)
+        return e
 
 
 def ensure_cache_dir() -> Path:
@@ -113,7 +169,7 @@ def ours(contents: dict[Path, list[str]]) -> list[Path]:
 
 def clear(everything: bool = False, path: Path | None = None) -> list[Path]:
     """Remove flashattn_cupy's files from the cache directory (every file with everything=True);
-    returns what was removed. CuPy compiles a removed kernel again on its next use."""
+    returns what was removed. A removed kernel is compiled again on its next use."""
     contents = scan(path)
     doomed = list(contents) if everything else ours(contents)
     for p in doomed:
@@ -155,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m flashattn_cupy clear-cache",
         description="Remove flashattn_cupy's compiled kernels from CuPy's kernel cache directory "
                     "(CUPY_CACHE_DIR, by default ~/.cupy/kernel_cache), found by the kernel names inside "
-                    "the files; other kernels stay. CuPy compiles a removed variant again on its next use.")
+                    "the files; other kernels stay. A removed variant is compiled again on its next use.")
     parser.add_argument("--all", action="store_true",
                         help="remove every file in the directory: CuPy's whole kernel cache, other libraries' too")
     parser.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")

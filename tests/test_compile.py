@@ -1,9 +1,9 @@
 """Every kernel variant the planner can emit compiles with NVRTC for sm_75, sm_80 and sm_90 (the
-wgmma family for sm_90a, the target kernels.ARCH_OPTIONS gives it).
+wgmma family for sm_90a, the target kernels.ARCH_TARGETS gives it).
 
 No GPU needed: NVRTC and the CUDA headers come from pip wheels (the `test` extra: cuda-core,
 nvidia-cuda-nvrtc-cu12, nvidia-cuda-runtime-cu12), and compiling to a cubin for an explicit
-arch never touches a driver. The source and options are the ones kernels.py hands to CuPy."""
+arch never touches a driver. The source and options are the ones kernels.py hands to NVRTC."""
 import pytest
 
 from flashattn_cupy import kernel_cache, kernels, planner
@@ -27,9 +27,11 @@ def test_every_variant_compiles(arch):
     names = sorted({n for limit in ARCHES[arch] for n in planner.cuda_variants(limit, cc)})
     for family in sorted({kernels.family(n) for n in names}):
         wanted = [n for n in names if kernels.family(n) == family]
-        options = ProgramOptions(arch=kernels.target(family, arch), std=kernels.NVRTC_OPTIONS[0].split("=")[1])
+        target = kernels.target(family, arch)
+        assert kernels.nvrtc_options(family, arch) == ("-std=c++17", "-ftz=true", f"-arch={target}")
+        options = ProgramOptions(arch=target, std="c++17", ftz=True)
         program = Program(kernels.source(kernels.SOURCES[family]), "c++", options)
         cubin = program.compile("cubin", name_expressions=wanted)
         assert sorted(cubin.symbol_mapping) == wanted
-        assert kernel_cache.variants(cubin.code) == wanted   # what `info` reads back from CuPy's cache
+        assert kernel_cache.variants(cubin.code) == wanted   # what `info` reads back from the cache
         assert len(cubin.code) > 0

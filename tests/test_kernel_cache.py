@@ -1,15 +1,17 @@
-"""Our variants in CuPy's kernel cache (`info`) and `clear-cache`, on a temporary CUPY_CACHE_DIR.
+"""Our kernels on disk, on a temporary CUPY_CACHE_DIR: `info` and `clear-cache`, and how
+kernels.get stores, reads back and recovers its files.
 
-The cache files are real: cubins NVRTC compiles here for sm_80 (no GPU needed, as in
-test_compile), stored in the two layouts CuPy 14 writes (cupy/cuda/_compiler_cache.py and
-compiler.py: a SHA-1 of the payload in hex, then the cubin; from CuPy 14.2, for modules built
-with name_expressions, a header with the mangled names before the cubin), beside another
-library's kernels and files that are not cubins at all.
+The files `info` reads are real: cubins NVRTC compiles here for sm_80 (no GPU needed, as in
+test_compile), stored in the two layouts CuPy 14's cache wrote our kernels in before we kept our
+own files (a SHA-1 of the payload in hex, then the cubin; from CuPy 14.2, for modules built with
+name_expressions, a header with the mangled names before the cubin), beside another library's
+kernels and files that are not cubins at all.
 
-And the recovery from a cache that cannot be used, on the CPU: a directory that cannot be
-created (before CuPy's import), and, with a stand-in for CuPy, every failure kernels.get falls
-back from (compiling in memory, with a KernelCacheWarning). test_kernel_cache_damage does it to
-real cache files on the GPU.
+kernels.get runs here on a stand-in for CuPy whose NVRTC is the real one (the test extra's
+wheels): stored once, read back without NVRTC, a damaged file compiled again and replaced, a
+file or directory that cannot be written costing a compile and one KernelCacheWarning, and a
+directory that cannot be created (before CuPy's import). test_kernel_cache_damage does it to
+real files in fresh processes on the GPU.
 """
 import contextlib
 import hashlib
@@ -127,8 +129,8 @@ def test_clear_cache_without_a_cache(tmp_path, monkeypatch):
 
 
 @pytest.mark.gpu
-def test_cupy_caches_what_the_planner_named(tmp_path):
-    # CuPy itself writes the cache: the variant that ran, and nothing else of ours
+def test_the_variant_that_ran_is_stored(tmp_path):
+    # a real process on a real device: the variant that ran is on disk, and nothing else of ours
     script = ("import cupy as cp, flashattn_cupy as fa\n"
               "q = cp.ones((2, 100, 64), cp.float16)\n"
               "fa.flash_attention(q, q, q)\n"
@@ -159,83 +161,202 @@ def test_a_cache_dir_that_cannot_be_created_gives_way_to_a_temporary_one(tmp_pat
         shutil.rmtree(temporary)
 
 
-class _FakeCupy:
-    """What kernels.get touches of CuPy, with a cache that fails until compiling in memory:
-    RawModule.get_function raises `failure` unless CUPY_CACHE_IN_MEMORY=1 (or always)."""
+class _NVRTC:
+    """CuPy's NVRTC binding (cupy.cuda.nvrtc) over the real NVRTC of the test extra's wheels, so
+    the stand-in below compiles with exactly the options kernels.py passes; records each compile."""
 
-    class cuda:
-        class Device(contextlib.nullcontext):
-            pass
+    class NVRTCError(RuntimeError):
+        pass
+
+    def __init__(self):
+        from cuda.bindings import nvrtc
+        self.lib, self.compiles = nvrtc, []
+
+    def _check(self, result):
+        if result[0] != self.lib.nvrtcResult.NVRTC_SUCCESS:
+            raise self.NVRTCError(str(result[0]))
+        return result[1] if len(result) > 1 else None
+
+    def createProgram(self, src, name, headers, include_names):
+        return self._check(self.lib.nvrtcCreateProgram(src.encode(), name.encode(), 0, [], []))
+
+    def addNameExpression(self, program, name):
+        self._check(self.lib.nvrtcAddNameExpression(program, name.encode()))
+
+    def compileProgram(self, program, options):
+        self.compiles.append(tuple(options))
+        self._check(self.lib.nvrtcCompileProgram(program, len(options), [o.encode() for o in options]))
+
+    def getProgramLog(self, program):
+        log = b" " * self._check(self.lib.nvrtcGetProgramLogSize(program))
+        self._check(self.lib.nvrtcGetProgramLog(program, log))
+        return log.rstrip(b"\0 ").decode()
+
+    def getLoweredName(self, program, name):
+        return self._check(self.lib.nvrtcGetLoweredName(program, name.encode())).decode()
+
+    def getCUBIN(self, program):
+        cubin = b" " * self._check(self.lib.nvrtcGetCUBINSize(program))
+        self._check(self.lib.nvrtcGetCUBIN(program, cubin))
+        return cubin
+
+    def destroyProgram(self, program):
+        self._check(self.lib.nvrtcDestroyProgram(program))
+
+
+class _FakeCupy:
+    """What kernels.get touches of CuPy, on an sm_80 "device" whose driver takes any ELF file
+    (a cubin) and refuses anything else, as cuModuleLoadData does."""
+
+    __version__ = "14.9.9"
+
+    def __init__(self):
+        fake = self
+        self.loads, self.attributes = [], []
 
         class driver:
             class CUDADriverError(RuntimeError):
                 pass
 
-    def __init__(self, failure, always=False):
-        self.failure, self.always, self.compiles = failure, always, []
-
-    def RawModule(self, code, options, name_expressions):
-        fake = self
+            @staticmethod
+            def funcSetAttribute(function, attribute, value):
+                fake.attributes.append((function, attribute, value))
 
         class Module:
+            def load(self, cubin):
+                fake.loads.append(cubin)
+                if not cubin.startswith(b"\x7fELF"):
+                    raise driver.CUDADriverError("CUDA_ERROR_INVALID_IMAGE: device kernel image is invalid")
+
             def get_function(self, name):
-                in_memory = os.environ.get("CUPY_CACHE_IN_MEMORY") == "1"
-                fake.compiles.append((name, in_memory))
-                if fake.always or not in_memory:
-                    raise fake.failure
-                return types.SimpleNamespace(name=name)
-        return Module()
+                return types.SimpleNamespace(name=name, ptr=id(self))
+
+        class Device(contextlib.nullcontext):
+            compute_capability = "80"
+
+        self.cuda = types.SimpleNamespace(
+            Device=Device, driver=driver, nvrtc=_NVRTC(), function=types.SimpleNamespace(Module=Module),
+            runtime=types.SimpleNamespace(runtimeGetVersion=lambda: 12090))
 
 
 @pytest.fixture
 def fake_cupy(monkeypatch, tmp_path):
+    """A stand-in CuPy with an empty cache directory: tmp_path/cache."""
+    pytest.importorskip("cuda.bindings", reason="cuda-bindings is missing: install the test extra")
     monkeypatch.setattr(kernels, "_kernels", {})
-    monkeypatch.delenv("CUPY_CACHE_IN_MEMORY", raising=False)
-    monkeypatch.setenv("CUPY_CACHE_DIR", str(tmp_path))
-
-    def install(failure, always=False):
-        fake = _FakeCupy(failure, always)
-        monkeypatch.setattr(_device, "cupy", lambda: fake)
-        return fake
-    return install
+    monkeypatch.setattr(kernels, "_store_warned", False)
+    monkeypatch.setenv("CUPY_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "cache").mkdir()
+    fake = _FakeCupy()
+    monkeypatch.setattr(_device, "cupy", lambda: fake)
+    return fake
 
 
 SMALL = planner.plan(100, 100, 64, dtype="float16", smem_limit=48 * KB, arch=80)
 OTHER = planner.plan(100, 100, 32, dtype="float16", smem_limit=48 * KB, arch=80)
 
 
-@pytest.mark.parametrize("failure", [
-    PermissionError(13, "Permission denied", "cache/tmpx1y2"),        # a read-only directory
-    IsADirectoryError(21, "Is a directory", "cache/abc.cubin"),      # a file it cannot read
-    _FakeCupy.cuda.driver.CUDADriverError("CUDA_ERROR_INVALID_IMAGE: device kernel image is invalid"),
-], ids=["read-only", "unreadable", "refused-by-the-driver"])
-def test_a_cache_failure_compiles_in_memory_with_a_warning(fake_cupy, tmp_path, failure):
-    fake = fake_cupy(failure)
-    with pytest.warns(kernel_cache.KernelCacheWarning) as caught:
-        kernel = kernels.get(SMALL, 0)
-    assert kernel.name == SMALL.kernel and fake.compiles == [(SMALL.kernel, False), (SMALL.kernel, True)]
-    message = str(caught[0].message)
-    assert f"CuPy's kernel cache {tmp_path} could not be used for {SMALL.kernel} ({type(failure).__name__}" in message
-    assert f"make {tmp_path} writable or point CUPY_CACHE_DIR" in message and "clear-cache" in message
-    assert os.environ["CUPY_CACHE_IN_MEMORY"] == "1"
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")               # the rest of the process: in memory, no warning
-        assert kernels.get(OTHER, 0).name == OTHER.kernel
-    assert fake.compiles[2:] == [(OTHER.kernel, True)]
+def _fresh_process():
+    kernels._kernels.clear()    # what a new process starts with; the file stays
 
 
-def test_an_error_compiling_in_memory_meets_too_is_raised(fake_cupy):
-    fake = fake_cupy(_FakeCupy.cuda.driver.CUDADriverError("CUDA_ERROR_OUT_OF_MEMORY"), always=True)
+def _stored(cache):
+    files = [p for p, found in kernel_cache.scan(cache).items() if found]
+    assert len(files) == 1 and files[0].name.startswith("flashattn_cupy_"), files
+    return files[0]
+
+
+def test_a_kernel_is_compiled_once_and_read_back_without_nvrtc(fake_cupy, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        with pytest.raises(_FakeCupy.cuda.driver.CUDADriverError, match="OUT_OF_MEMORY"):
-            kernels.get(SMALL, 0)
-    assert len(fake.compiles) == 2 and "CUPY_CACHE_IN_MEMORY" not in os.environ   # restored
-    assert kernels._kernels == {}
+        assert kernels.get(SMALL, 0).name.startswith("_Z13flash_fwd_mma")
+        assert fake_cupy.cuda.nvrtc.compiles == [("-std=c++17", "-ftz=true", "-arch=sm_80")]
+        path = _stored(tmp_path / "cache")
+        assert kernel_cache.scan(tmp_path / "cache")[path] == [SMALL.kernel]     # what info and clear-cache see
+        assert kernels.get(SMALL, 0) is kernels.get(SMALL, 0)                    # memoized in the process
+        _fresh_process()
+        assert kernels.get(SMALL, 0).name.startswith("_Z13flash_fwd_mma")
+    assert len(fake_cupy.cuda.nvrtc.compiles) == 1 and fake_cupy.loads[0] == fake_cupy.loads[1]
+    assert kernels.get(OTHER, 0) and len(fake_cupy.cuda.nvrtc.compiles) == 2   # another variant, another file
+    assert len([p for p, found in kernel_cache.scan(tmp_path / "cache").items() if found]) == 2
 
 
-def test_other_errors_are_not_taken_for_the_cache(fake_cupy):
-    fake = fake_cupy(ValueError("an NVRTC compile error, say"))
-    with pytest.raises(ValueError, match="NVRTC"):
+def test_a_plan_past_48_kb_gets_the_shared_memory_it_asks_for(fake_cupy):
+    big = planner.plan(100, 100, 128, dtype="float16", smem_limit=163 * KB, arch=80)
+    assert big.smem_bytes > 48 * KB
+    kernel = kernels.get(big, 0)
+    kernels.get(SMALL, 0)
+    # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, once, for the big plan alone
+    assert fake_cupy.attributes == [(kernel.ptr, 8, big.smem_bytes)]
+
+
+def test_the_file_name_follows_everything_the_cubin_depends_on(fake_cupy, tmp_path, monkeypatch):
+    kernels.get(SMALL, 0)
+    first = _stored(tmp_path / "cache")
+    for change in (lambda: monkeypatch.setattr(type(fake_cupy), "__version__", "15.0.0"),
+                   lambda: monkeypatch.setattr(fake_cupy.cuda.runtime, "runtimeGetVersion", lambda: 13000),
+                   lambda: monkeypatch.setattr(fake_cupy.cuda.Device, "compute_capability", "86")):
+        change()
+        _fresh_process()
         kernels.get(SMALL, 0)
-    assert fake.compiles == [(SMALL.kernel, False)]
+    names = {p.name for p, found in kernel_cache.scan(tmp_path / "cache").items() if found}
+    assert first.name in names and len(names) == 4 and len(fake_cupy.cuda.nvrtc.compiles) == 4
+    assert fake_cupy.cuda.nvrtc.compiles[-1][-1] == "-arch=sm_86"
+
+
+def _refused(data):
+    mangled, cubin = kernel_cache.unpack(data)
+    return kernel_cache.pack(mangled, b"\0" * len(cubin))     # the hash holds, the driver refuses it
+
+
+@pytest.mark.parametrize("damage", [
+    lambda data: data[:len(data) // 2],                          # truncated
+    lambda data: data[:-100] + bytes(100),                       # garbled
+    lambda data: b"",
+    _refused,
+], ids=["truncated", "garbled", "empty", "refused-by-the-driver"])
+def test_a_damaged_file_is_compiled_again_and_replaced(fake_cupy, tmp_path, damage):
+    kernels.get(SMALL, 0)
+    path = _stored(tmp_path / "cache")
+    good = path.read_bytes()
+    path.write_bytes(damage(good))
+    _fresh_process()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert kernels.get(SMALL, 0).name == kernel_cache.unpack(good)[0]
+    assert len(fake_cupy.cuda.nvrtc.compiles) == 2 and path.read_bytes() == good   # NVRTC is deterministic
+
+
+def test_a_file_that_cannot_be_read_or_written_costs_a_compile_and_one_warning(fake_cupy, tmp_path):
+    kernels.get(SMALL, 0)
+    path = _stored(tmp_path / "cache")
+    path.unlink()
+    path.mkdir()                                        # a directory in the file's place: for root too
+    _fresh_process()
+    with pytest.warns(kernel_cache.KernelCacheWarning) as caught:
+        assert kernels.get(SMALL, 0).name.startswith("_Z13flash_fwd_mma")
+    message = str(caught[0].message)
+    assert len(caught) == 1 and f"could not store the compiled kernel {SMALL.kernel} in {path.parent}" in message
+    assert "(IsADirectoryError" in message and f"make {path.parent} writable or point CUPY_CACHE_DIR" in message
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                  # once a process
+        _fresh_process()
+        kernels.get(SMALL, 0)
+    assert len(fake_cupy.cuda.nvrtc.compiles) == 3 and not list(path.parent.glob(".flashattn_cupy_*"))
+
+
+def test_a_directory_that_refuses_files(fake_cupy, tmp_path, monkeypatch):
+    monkeypatch.setenv("CUPY_CACHE_DIR", str(tmp_path / "gone"))   # removed after CuPy's import created it
+    with pytest.warns(kernel_cache.KernelCacheWarning, match=r"\(FileNotFoundError"):
+        kernels.get(SMALL, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kernels.get(OTHER, 0)
+    assert not (tmp_path / "gone").exists()
+
+
+def test_an_nvrtc_error_says_what_failed(fake_cupy, monkeypatch):
+    monkeypatch.setattr(kernels, "source", lambda filename: "this is not CUDA;")
+    with pytest.raises(RuntimeError, match=r"NVRTC could not compile flash_fwd_mma<.*-arch=sm_80 .*\n.*error"):
+        kernels.get(SMALL, 0)
+    assert kernels._kernels == {}
