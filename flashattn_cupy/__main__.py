@@ -73,7 +73,7 @@ def run_cuda(N: int, d: int, causal: bool, seed: int, dtype: str) -> None:
           f"Shared mem: {plan.smem_bytes / 1024:.2f} KB (Limit: {plan.smem_limit / 1024:.2f} KB)")
     print(f"Kernel: {plan.kernel}")
     start = time.perf_counter()
-    flash_attention(qd, kd, vd, causal=causal)   # compiles with NVRTC, or loads CuPy's cache
+    flash_attention(qd, kd, vd, causal=causal)   # compiles with NVRTC, or loads the kernel cache
     cp.cuda.Device().synchronize()
     first = time.perf_counter() - start
     begin, end = cp.cuda.Event(), cp.cuda.Event()
@@ -107,7 +107,7 @@ def main(argv=None) -> int:
                     "standard-normal (N, d) matrices; errors are against the float64 reference. "
                     "`python -m flashattn_cupy bench --device cpu|gpu` runs the benchmarks instead, "
                     "`python -m flashattn_cupy info` says what this installation can run, "
-                    "`python -m flashattn_cupy clear-cache` removes our kernels from CuPy's cache.")
+                    "`python -m flashattn_cupy clear-cache` removes our compiled kernels from the kernel cache.")
     parser.add_argument("--n", type=int, default=None,
                         help="sequence length N (default: 256 for C and 512 for CUDA, as in the seed)")
     parser.add_argument("--d", type=int, default=64, help="head dimension, 1..256 (default 64)")

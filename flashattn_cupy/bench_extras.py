@@ -1,6 +1,6 @@
 """GPU figures beside the main table: `python -m flashattn_cupy bench --device gpu --extras`.
 
-* start-up: a cold NVRTC compile per kernel variant (empty CuPy kernel cache), and what a second
+* start-up: a cold NVRTC compile per kernel variant (empty kernel cache directory), and what a second
   process spends loading the same kernels from the disk cache beyond CUDA's own start-up;
 * small shapes: one B1 H1 N128 d64 call end to end, Python included, against SDPA's;
 * head dims other than 64/128, and N off the tile, in TFLOP/s beside the fitted sizes.
