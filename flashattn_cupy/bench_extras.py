@@ -17,20 +17,24 @@ import numpy as np
 
 from . import flash_attention, plan_for
 
-# A second process: CUDA context and CuPy first (timed apart), then the first call per dtype.
+# A second process: CUDA context and CuPy first (timed apart), then importing us, then the first
+# call per dtype; and whether NVRTC was loaded at all (Linux: its library among the mappings).
 _SECOND = r"""
-import sys, time
+import os, sys, time
 t0 = time.perf_counter()
 import cupy as cp, numpy as np
 xs = [cp.ones((1, 1, 128, 64), dtype=np.float32).astype(dtype) for dtype in sys.argv[1:]]
 cp.cuda.Device().synchronize()                             # CUDA context, CuPy's own kernels
 t1 = time.perf_counter()
 from flashattn_cupy import flash_attention
+t2 = time.perf_counter()
 for x in xs:
     flash_attention(x, x, x)
 cp.cuda.Device().synchronize()
-t2 = time.perf_counter()
-print(f"{(t1 - t0) * 1e3:.1f} {(t2 - t1) * 1e3:.1f}")
+t3 = time.perf_counter()
+maps = "/proc/self/maps"
+nvrtc = ("yes" if "libnvrtc" in open(maps).read() else "no") if os.path.exists(maps) else "?"
+print(f"{(t1 - t0) * 1e3:.1f} {(t2 - t1) * 1e3:.1f} {(t3 - t2) * 1e3:.1f} {nvrtc}")
 """
 _DTYPES = ("float16", "float32")
 
@@ -68,8 +72,9 @@ def startup() -> list[str]:
         for run in (1, 2):
             out = subprocess.run([sys.executable, "-c", _SECOND, *_DTYPES], env=env, check=True,
                                  capture_output=True, text=True).stdout.split()
-            lines.append(f"- second process #{run}: CUDA context + CuPy {out[0]} ms; then both "
-                         f"variants loaded from the disk cache and run: {out[1]} ms")
+            lines.append(f"- second process #{run}: CUDA context + CuPy {out[0]} ms; import flashattn_cupy "
+                         f"{out[1]} ms; both variants loaded from the disk cache and run: {out[2]} ms "
+                         f"(NVRTC loaded: {out[3]})")
     return lines
 
 
