@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -238,8 +239,9 @@ def validate(q, k, v, *, causal, softmax_scale, return_lse, backend,
             raise ValueError(f"q, k and v are on different GPUs (devices {devices}); "
                              "copy them to one device first")
 
+    masked = sys.modules.get("numpy.ma")   # no masked array exists before numpy.ma is imported (~10 ms)
     for name, x in (("q", q), ("k", k), ("v", v)):
-        if isinstance(x, np.ma.MaskedArray):
+        if masked is not None and isinstance(x, masked.MaskedArray):
             raise TypeError(f"{name} is a numpy.ma.MaskedArray, whose mask flash_attention would "
                             f"ignore; pass a plain array ({name}.filled(value) or numpy.asarray({name}))")
         if not _dtype(x)[0].isnative:

@@ -1,9 +1,13 @@
 """The CUDA backend's host side, on the CPU: the typed scalar arguments of a launch and the
 element strides it reads arrays with (NumPy arrays stand in for CuPy's: both have shape,
 strides and itemsize)."""
+import sys
+import types
+
 import numpy as np
 import pytest
 
+from flashattn_cupy import _cuda_backend
 from flashattn_cupy._cuda_backend import _strides, packed
 
 
@@ -21,6 +25,27 @@ def test_packed_arguments_are_typed_reused_and_keep_the_sign_of_zero():
         for a in args:
             at = a.ptr - a.block.ctypes.data
             assert a.block[at:at + a.value.itemsize].tobytes() == a.value.tobytes()
+
+
+def test_values_address_their_bytes(monkeypatch):
+    """The Values CuPy gets, here over a stand-in for its CPointer (so this runs without CuPy):
+    each .ptr is the address of its number's bytes, in a block kept alive with it."""
+    class CPointer:
+        def __init__(self, ptr):
+            self.ptr = ptr
+    cupy = types.ModuleType("cupy")
+    function = types.SimpleNamespace(CPointer=CPointer)
+    monkeypatch.setitem(sys.modules, "cupy", cupy)
+    monkeypatch.setitem(sys.modules, "cupy.cuda", types.SimpleNamespace(function=function))
+    monkeypatch.setitem(sys.modules, "cupy.cuda.function", function)
+    monkeypatch.setattr(_cuda_backend, "_VALUE", [])
+    monkeypatch.setattr(_cuda_backend, "_PACKED", {})
+    args = packed((3, -1, 7), (2**40, -5), (0.125, -0.0))
+    assert all(isinstance(a, CPointer) for a in args)
+    for a in args:
+        at = a.ptr - a.block.ctypes.data
+        assert at % 8 == 0 and a.block[at:at + a.value.itemsize].tobytes() == a.value.tobytes()
+    assert [a.value for a in args] == [3, -1, 7, 2**40, -5, 0.125, 0.0] and np.signbit(args[-1].value)
 
 
 @pytest.mark.parametrize("shape, view", [((2, 3, 5, 8), None), ((1, 3, 5, 8), None), ((3, 5, 8), None),
