@@ -81,6 +81,7 @@ def write(path: Path, data: bytes) -> OSError | None:
     another process never sees half a file); the error, if the directory refused it."""
     temporary = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)   # CUPY_CACHE_DIR may have changed since CuPy's import
         with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".flashattn_cupy_", delete=False) as f:
             temporary = Path(f.name)
             f.write(data)

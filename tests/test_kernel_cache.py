@@ -345,14 +345,20 @@ def test_a_file_that_cannot_be_read_or_written_costs_a_compile_and_one_warning(f
     assert len(fake_cupy.cuda.nvrtc.compiles) == 3 and not list(path.parent.glob(".flashattn_cupy_*"))
 
 
-def test_a_directory_that_refuses_files(fake_cupy, tmp_path, monkeypatch):
-    monkeypatch.setenv("CUPY_CACHE_DIR", str(tmp_path / "gone"))   # removed after CuPy's import created it
-    with pytest.warns(kernel_cache.KernelCacheWarning, match=r"\(FileNotFoundError"):
+def test_a_directory_that_is_missing_or_cannot_be(fake_cupy, tmp_path, monkeypatch):
+    monkeypatch.setenv("CUPY_CACHE_DIR", str(tmp_path / "new" / "cache"))   # set after CuPy's import made one
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kernels.get(SMALL, 0)
+    assert _stored(tmp_path / "new" / "cache")                             # created, as CuPy would
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("CUPY_CACHE_DIR", str(tmp_path / "file" / "cache"))  # a file in the way
+    _fresh_process()
+    with pytest.warns(kernel_cache.KernelCacheWarning, match=r"\((FileExistsError|NotADirectoryError)"):
         kernels.get(SMALL, 0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         kernels.get(OTHER, 0)
-    assert not (tmp_path / "gone").exists()
 
 
 def test_an_nvrtc_error_says_what_failed(fake_cupy, monkeypatch):
