@@ -99,9 +99,9 @@ def _compile(cp, plan, device_id: int):
     is compiled again and replaced; a directory that refuses the file costs this process a
     compile per variant, with one KernelCacheWarning, never a result."""
     global _store_warned
-    from . import kernel_cache                       # it reads SOURCES from here
+    from . import _device, kernel_cache              # kernel_cache reads SOURCES from here
     name = family(plan.kernel)
-    options = nvrtc_options(name, f"sm_{cp.cuda.Device(device_id).compute_capability}")
+    options = nvrtc_options(name, f"sm_{_device.compute_capability(device_id)}")
     text = source(SOURCES[name])
     # CuPy's version and the CUDA major/minor it runs on stand for NVRTC's (asking NVRTC would load it)
     path = kernel_cache.cache_dir() / kernel_cache.file_name(

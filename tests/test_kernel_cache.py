@@ -249,7 +249,9 @@ def fake_cupy(monkeypatch, tmp_path):
     (tmp_path / "cache").mkdir()
     fake = _FakeCupy()
     monkeypatch.setattr(_device, "cupy", lambda: fake)
-    return fake
+    _device._compute_capability.cache_clear()           # it is read from the stand-in
+    yield fake
+    _device._compute_capability.cache_clear()
 
 
 SMALL = planner.plan(100, 100, 64, dtype="float16", smem_limit=48 * KB, arch=80)
@@ -297,6 +299,7 @@ def test_the_file_name_follows_everything_the_cubin_depends_on(fake_cupy, tmp_pa
                    lambda: monkeypatch.setattr(fake_cupy.cuda.runtime, "runtimeGetVersion", lambda: 13000),
                    lambda: monkeypatch.setattr(fake_cupy.cuda.Device, "compute_capability", "86")):
         change()
+        _device._compute_capability.cache_clear()       # a process on another device
         _fresh_process()
         kernels.get(SMALL, 0)
     names = {p.name for p, found in kernel_cache.scan(tmp_path / "cache").items() if found}
