@@ -3,6 +3,7 @@
 come from kernels.get (compiled once)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 
@@ -145,7 +146,9 @@ class Call:
     again, skipping ~85 µs of Python (a model's forward repeats its calls step after step)."""
 
     def __init__(self, problem, plan, device_id: int, layouts: tuple, copies: bool):
-        self.plan, self.device_id, self.copies = plan, device_id, copies
+        self.plan, self.device_id, self.layouts, self.copies = plan, device_id, layouts, copies
+        # what for_keys re-plans from, without the arrays (a kept Call must not keep them alive)
+        self.problem = dataclasses.replace(problem, q=None, k=None, v=None)
         self.out_shape, self.dtype = tuple(problem.q.shape), problem.q.dtype
         self.lse_shape = self.out_shape[:-1]
         window, softcap, alibi = features(problem)
@@ -164,6 +167,19 @@ class Call:
                                           (*os_, *ls))
         else:
             self.scalars = packed(sizes, (*sum(layouts, ()), *os_, *ls), (problem.scale, softcap))
+
+    def for_keys(self, q, k, v, Nk: int, window: tuple, plan_of) -> Call:
+        """This call for other k and v that differ from its own in the number of keys Nk alone
+        (shape and strides otherwise; 1 <= Nk < 2**31): a decoding loop's KV cache, one key longer
+        each step. Only what depends on Nk is made again: the window's clamping, the plan (key
+        splits, even the kernel) and the scalars; the checks of validation are not repeated.
+        window: the caller's option; plan_of(problem, device_id): api's planning."""
+        from ._validate import window_pair
+        if self.copies:   # the layouts were the copies', whose strides follow Nk
+            raise ValueError("for_keys needs a call on arrays the kernels read as they are")
+        p = self.problem
+        problem = dataclasses.replace(p, q=q, k=k, v=v, Nk=Nk, window=window_pair(window, p.causal, p.Nq, Nk))
+        return Call(problem, plan_of(problem, self.device_id), self.device_id, self.layouts, False)
 
     def __call__(self, q, k, v):
         """(O, L) for arrays like those this call was made for (CuPy arrays on its device, or any

@@ -7,7 +7,7 @@ import numpy as np
 
 from . import _device, _interop, planner, reference
 from ._typing import Array, Backend, Fp32Kernel
-from ._validate import Problem, validate
+from ._validate import _INT32_MAX, Problem, validate
 
 
 def flash_attention(q: Array, k: Array, v: Array, *, causal: bool = False, softmax_scale: float | None = None,
@@ -62,6 +62,8 @@ def flash_attention(q: Array, k: Array, v: Array, *, causal: bool = False, softm
         call = _CALLS.get(key) if key is not None else None
     except TypeError:   # an unhashable option (a window given as a list): not kept
         key = call = None
+    if call is None and key is not None:   # the same call but for the number of keys?
+        call = _for_keys(key, q, k, v, window)
     if call is not None:   # validated and planned before: the same launches on these arrays
         O, L = call(q, k, v)
         return (O, L) if return_lse else O
@@ -73,7 +75,10 @@ def flash_attention(q: Array, k: Array, v: Array, *, causal: bool = False, softm
         if key is not None and call is not None:
             if len(_CALLS) >= _CALLS_MAX:   # a bound, for programs whose shapes never repeat
                 _CALLS.clear()
+                _GROWING.clear()
             _CALLS[key] = call
+            if not call.copies:
+                _GROWING[_growing_key(key)] = call
         return (export(O), export(L)) if return_lse else export(O)
 
 
@@ -83,6 +88,29 @@ def flash_attention(q: Array, k: Array, v: Array, *, causal: bool = False, softm
 # step; a call with new shapes, layouts, dtypes, device, options or planner defaults gets its own.
 _CALLS: dict = {}
 _CALLS_MAX = 1024
+
+
+# Kept calls by _growing_key: _CALLS' key less the number of keys. A decoding loop reads a KV
+# cache one key longer each step (k_cache[:, :, :n]: the same strides, a new shape), so each step
+# is a new key of _CALLS; the Call kept for another Nk is re-made for this one (Call.for_keys),
+# without validating again. Not kept in _CALLS: a growing cache never repeats its Nk.
+_GROWING: dict = {}
+
+
+def _growing_key(key: tuple) -> tuple:
+    """A _call_key without k's and v's Nk (their shapes, items 4 and 8, less dim -2)."""
+    k_shape, v_shape = key[4], key[8]
+    return (*key[:4], k_shape[:-2] + k_shape[-1:], *key[5:8], v_shape[:-2] + v_shape[-1:], *key[9:])
+
+
+def _for_keys(key: tuple, q, k, v, window):
+    """The call kept for another number of keys, made for this one's (k.shape[-2]); None if none
+    is kept, or if Nk is one validation would refuse (0, 2**31 or more, k's not v's)."""
+    template = _GROWING.get(_growing_key(key))   # hashable: _CALLS.get(key) was
+    Nk = key[4][-2]
+    if template is None or key[8][-2] != Nk or not 1 <= Nk <= _INT32_MAX:
+        return None
+    return template.for_keys(q, k, v, Nk, window, _plan)
 
 
 def _call_key(q, k, v, options: tuple, return_lse):
@@ -124,12 +152,13 @@ def _device_id(problem: Problem) -> int:
     return problem.q.device.id if problem.on_gpu else _device.current_device()
 
 
-def _plan(problem: Problem):
+def _plan(problem: Problem, device_id: int | None = None):
+    """The problem's plan; for CUDA on device_id (None: the arrays' device, or the current one)."""
     if problem.backend == "reference":
         return None
     smem_limit = arch = sm_count = None
     if problem.backend == "cuda":
-        device_id = _device_id(problem)
+        device_id = _device_id(problem) if device_id is None else device_id
         smem_limit, arch = _device.smem_limit(device_id), _device.compute_capability(device_id)
         sm_count = _device.sm_count(device_id)
     from ._cuda_backend import mask_options

@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -108,13 +109,40 @@ def small_shapes() -> list[str]:
 
     def first_call():   # no kept call to reuse: validated and planned, as a call with new shapes is
         api._CALLS.clear()
+        api._GROWING.clear()
         flash_attention(q, k, v)
     kept, fresh = _host_time(lambda: flash_attention(q, k, v), 2000), _host_time(first_call, 2000)
     lines += ["", "Host time a call, queued without synchronizing (mean of 2000):", "",
               f"- ours, a repeated call (it reuses the kept call of the first): {kept * 1e6:.1f} µs",
               f"- ours, validated and planned each time: {fresh * 1e6:.1f} µs"]
     lines += [f"- {name}: {_host_time(fn, 2000) * 1e6:.1f} µs" for name, fn in rivals.items()]
-    return lines
+    return lines + decode_steps()
+
+
+def decode_steps(steps: int = 2000) -> list[str]:
+    """Host time of a decoding step on a KV cache that grows by one key a step (fp16, 32 q heads
+    over 8 k/v heads, d = 128, from 4096 keys): each step a new Nk, so no kept call matches it."""
+    import cupy as cp
+    from . import api
+    rng = np.random.default_rng(0)
+    q = cp.asarray(rng.standard_normal((1, 32, 1, 128))).astype(cp.float16)
+    k_cache, v_cache = (cp.asarray(rng.standard_normal((1, 8, 4096 + steps, 128))).astype(cp.float16)
+                        for _ in range(2))
+    n = itertools.count(1)
+
+    def grown(forget: bool = False):   # the next step, k and v one key longer (wrapping round)
+        if forget:
+            api._CALLS.clear()
+            api._GROWING.clear()
+        Nk = 4096 + next(n) % steps
+        flash_attention(q, k_cache[:, :, :Nk], v_cache[:, :, :Nk])
+    same = _host_time(lambda: flash_attention(q, k_cache[:, :, :4096], v_cache[:, :, :4096]), steps)
+    growing, fresh = _host_time(grown, steps), _host_time(lambda: grown(True), steps)
+    return ["", f"Host time of a decoding step on a growing KV cache (B1, 32 / 8 heads, d = 128, fp16, "
+                f"4096 keys and more; mean of {steps}):", "",
+            f"- the same Nk again (a kept call): {same * 1e6:.1f} µs",
+            f"- one key more each step (the kept call re-made for the new Nk): {growing * 1e6:.1f} µs",
+            f"- one key more each step, validated and planned each time: {fresh * 1e6:.1f} µs"]
 
 
 def head_dims() -> list[str]:

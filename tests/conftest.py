@@ -35,6 +35,7 @@ def cp():
 
 @pytest.fixture(autouse=True)
 def fresh_calls(monkeypatch):
-    """Each test starts without api's kept calls (api._CALLS), so a test that watches the CUDA
+    """Each test starts without api's kept calls (api._CALLS, api._GROWING), so a test that watches the CUDA
     path's steps sees them whatever ran before it; repeats within a test still reuse theirs."""
     monkeypatch.setattr(api, "_CALLS", {})
+    monkeypatch.setattr(api, "_GROWING", {})

@@ -147,6 +147,7 @@ def worker(shard: int = 0, shards: int = 1, family: str = "") -> int:
     together, so a shard loads only its own variants: the sanitizers instrument every module a
     process loads), each call on its own seeded inputs (the same whatever the sharding); prints
     the wrong results and the kernels run ("ran: a|b|..."), for the parent."""
+    begun = time.perf_counter()
     import numpy as np
     sys.path.insert(0, str(HERE))
     from flashattn_cupy import _device, flash_attention, plan_for, planner
@@ -157,7 +158,11 @@ def worker(shard: int = 0, shards: int = 1, family: str = "") -> int:
     smem_limit, arch = _device.smem_limit(), _device.compute_capability()
     ran, failures = set(), []
     grid = shard_of(list(enumerate(calls(smem_limit, arch, family))), shard, shards)
-    for index, (_, dtype, mods, d, Nq, Nk, layout, options) in grid:
+    start = time.perf_counter()
+    print(f"worker: ready in {start - begun:.1f} s (imports, CUDA context)", flush=True)
+    for done, (index, (_, dtype, mods, d, Nq, Nk, layout, options)) in enumerate(grid):
+        if done:   # progress, so a log cut short by --timeout says how far and how fast it went
+            print(f"worker: {done} of {len(grid)} calls in {time.perf_counter() - start:.1f} s", flush=True)
         rng = np.random.default_rng([0, index])
         q, k, v = _arrays(cp, rng, dtype, d, Nq, Nk, layout)
         # slopes made on the host, one per (batch, head): validation copies them as they are

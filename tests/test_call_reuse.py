@@ -4,6 +4,7 @@ is reused: other layouts, dtypes, options (down to their types), planner default
 import numpy as np
 import pytest
 
+from backends import np_dtype
 from cases import inputs
 from flashattn_cupy import api, flash_attention, plan_for, planner
 from tolerances import assert_attention_close, kernel_rounding
@@ -78,3 +79,59 @@ def test_copied_inputs_are_copied_on_every_call(cp, rng, calls):
     assert len(calls) == 1
     assert cp.array_equal(second, flash_attention(cp.ascontiguousarray(qt), k, v))
     assert not cp.array_equal(first, second)
+
+
+@pytest.mark.parametrize("dtype, Nq, kernels", [("float16", 1, 3), ("float32", 1, 2), ("bfloat16", 3, 2)])
+def test_a_growing_kv_cache_is_validated_once_and_planned_per_step(cp, rng, calls, monkeypatch, dtype, Nq, kernels):
+    """A decoding loop: k and v are slices of a cache one key longer each step (new shapes, the
+    same strides). Each step re-makes the kept call for its Nk (api._GROWING) without validating
+    again, and must equal a call validated afresh, bit for bit: across the window's clamping
+    (left 100 covers every key up to Nk = 101) and, in fp16, the planner's switch to split-KV
+    decoding at DECODE_MIN_KEYS keys, which changes the kernel. kernels: how many the steps run
+    (with Nq = 3 the window's right side masks keys whatever Nk, and fp32 does not decode)."""
+    from flashattn_cupy import _cuda_backend
+    made = []
+    for_keys = _cuda_backend.Call.for_keys
+
+    def spying(self, *args):
+        made.append(for_keys(self, *args))
+        return made[-1]
+    monkeypatch.setattr(_cuda_backend.Call, "for_keys", spying)
+    q = cp.asarray(rng.standard_normal((2, 8, Nq, 40)).astype(np_dtype(dtype)))   # GQA: 8 q heads over 2
+    k_cache, v_cache = (cp.asarray(rng.standard_normal((2, 2, 600, 40)).astype(np_dtype(dtype))) for _ in range(2))
+    steps = [*range(97, 106), *range(planner.DECODE_MIN_KEYS - 3, planner.DECODE_MIN_KEYS + 4)]
+    grown = [flash_attention(q, k_cache[:, :, :n], v_cache[:, :, :n], window=(100, 0), return_lse=True)
+             for n in steps]
+    assert len(calls) == 1 and len(made) == len(steps) - 1 and len(api._CALLS) == 1
+    ran = set()
+    for n, (O, L), call in zip(steps, grown, [None, *made]):
+        k, v = k_cache[:, :, :n], v_cache[:, :, :n]
+        api._CALLS.clear()
+        api._GROWING.clear()
+        fresh = flash_attention(q, k, v, window=(100, 0), return_lse=True)
+        plan = plan_for(q, k, v, window=(100, 0))
+        assert call is None or call.plan == plan
+        ran.add(plan.kernel)
+        assert cp.array_equal(O, fresh[0]) and cp.array_equal(L, fresh[1]), n
+        if n in (steps[0], steps[-1]):
+            assert_attention_close(cp.asnumpy(O), cp.asnumpy(L), *(cp.asnumpy(x) for x in (q, k, v)),
+                                   window=(100, 0), **kernel_rounding(plan))
+    assert len(ran) == kernels
+
+
+def test_a_growing_cache_still_refuses_what_validation_refuses(cp, rng, calls):
+    """The re-made call checks what depends on Nk alone; what it cannot take goes to validation."""
+    q = cp.asarray(rng.standard_normal((2, 1, 64))).astype(cp.float16)
+    cache = cp.asarray(rng.standard_normal((2, 300, 64))).astype(cp.float16)
+    flash_attention(q, cache[:, :100], cache[:, :100])
+    with pytest.raises(ValueError, match="empty dimension"):
+        flash_attention(q, cache[:, :0], cache[:, :0])
+    with pytest.raises(ValueError, match="same shape"):
+        flash_attention(q, cache[:, :101], cache[:, :102])
+    strided = cp.asarray(rng.standard_normal((2, 300, 128))).astype(cp.float16)[..., ::2]   # copied by each call
+    flash_attention(q, strided[:, :100], strided[:, :100])
+    before = len(calls)
+    O = flash_attention(q, strided[:, :101], strided[:, :101])   # validated again: its copies' strides follow Nk
+    assert len(calls) == before + 1
+    expected = flash_attention(q, *(cp.ascontiguousarray(strided[:, :101]) for _ in range(2)))
+    assert cp.array_equal(O, expected)

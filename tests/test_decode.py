@@ -10,7 +10,6 @@ ulp of the output type), which a lost, doubled or misplaced tile of 64 keys exce
 """
 import dataclasses
 import math
-import types
 
 import numpy as np
 import pytest
@@ -143,10 +142,7 @@ def _problem(q, k, v, causal=False, **features):
     on_host = isinstance(q, np.ndarray)
     problem = dataclasses.replace(validate(q, k, v, causal=causal, softmax_scale=None, return_lse=True,
                                            backend="c" if on_host else "cuda"), backend="cuda")
-    if not features:
-        return problem
-    fields = {f.name: getattr(problem, f.name) for f in dataclasses.fields(problem)}
-    return types.SimpleNamespace(**{**fields, "heads": problem.heads, "batch": problem.batch, **features})
+    return dataclasses.replace(problem, **features)
 
 
 def _gqa(rng, B, H, Hkv, Nq, Nk, d, dtype=np.float32, layout="bhnd"):
