@@ -182,3 +182,27 @@ def test_the_key_of_kept_calls_holds_what_validation_reads(monkeypatch):
     assert key(q, k, k, alibi_slopes=np.ones(3, np.float32)) is None
     assert key(q, k, k, lse=np.True_) is None and key(q, k, k, lse=1) is None
     assert key(np.zeros((2, 3, 64, 32), np.float16), k, k) is None
+
+
+def test_a_call_kept_for_other_keys_is_used_only_where_validation_would_pass(monkeypatch):
+    """api._for_keys on _call_key-shaped keys (CPU: a stand-in for the kept Call): it re-makes the
+    call kept for the same key less k's and v's Nk, and leaves to validation an Nk of 0, one of
+    2**31, and k and v of different lengths."""
+    made = []
+
+    class Kept:
+        def for_keys(self, q, k, v, Nk, window, plan_of):
+            made.append((Nk, window, plan_of))
+            return "call"
+
+    def key(Nk, Nk_v=None, Nq=1, window=None):   # as _call_key builds it: shapes at 0, 4 and 8
+        options = (True, None, window, 0.0, None, "auto", 1, False, "auto")
+        return ((2, 8, Nq, 64), (1,), "f2", 0, (2, 2, Nk, 64), (2,), "f2", 0, (2, 2, Nk_v or Nk, 64), (2,),
+                "f2", 0, options, tuple(map(type, options)), True, True)
+    monkeypatch.setattr(api, "_GROWING", {api._growing_key(key(100)): Kept()})
+    assert api._growing_key(key(100)) == api._growing_key(key(5000)) != api._growing_key(key(100, Nq=2))
+    assert api._for_keys(key(101), "q", "k", "v", (8, 0)) == "call"
+    assert made == [(101, (8, 0), api._plan)]
+    for refused in (key(0), key(2**31), key(101, 102), key(101, Nq=2)):
+        assert api._for_keys(refused, "q", "k", "v", None) is None
+    assert len(made) == 1
