@@ -238,6 +238,7 @@ def decode_tiles(D: int, smem_limit: int) -> tuple[int, int, int] | None:
     return next((c for c in candidates if decode_smem_bytes(*c, D) <= smem_limit), None)
 
 
+@functools.lru_cache(maxsize=1024)   # a decoding loop asks again for each key tile's Nk
 def decode_splits(pairs: int, slots: int, tiles: int) -> int:
     """Key splits per (batch, k/v head) for `pairs` such blocks' worth of work, `slots` blocks the
     GPU runs at once (SMs x blocks an SM holds) and `tiles` key tiles: FlashAttention-2's

@@ -39,8 +39,16 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+# run as `python tests/sanitize_gpu.py` from a checkout: the package beside tests/ (installed in
+# editable mode or not: sys.path[0] is tests/ then, not the checkout)
+sys.path.insert(1, str(HERE.parent))
 TOOLS = ("memcheck", "racecheck", "initcheck", "synccheck")
 TOOL_OPTIONS = {"memcheck": ["--padding", "512"]}
+# The leading (batch, heads) dims of every call; racecheck's one batch index and one head: its
+# hazards are within a block, and one head's blocks run every code path that six heads' do (the
+# simt kernel's scalar shared-memory loops did not finish under it in 340 s with six).
+LEAD = (2, 3)
+TOOL_LEAD = {"racecheck": (1, 1)}
 # (d below the head-dim bound D, layout, shapes (Nq, Nk)): no tile size divides 77 or 203, and
 # causal (203, 77) leaves rows that see no key
 CASES = ((0, "contiguous", ((77, 203), (203, 77))), (24, "transposed", ((203, 77),)),
@@ -118,14 +126,14 @@ def kernels_reached(smem_limit: int, arch: int, family: str = "") -> tuple[set, 
     return reached, variants(smem_limit, arch, family)
 
 
-def _arrays(cp, rng, dtype, d, Nq, Nk, layout):
-    """q, k, v on the GPU, made on the host (so no kernel of CuPy's runs), lead dims (2, 3)."""
+def _arrays(cp, rng, dtype, d, Nq, Nk, layout, lead=LEAD):
+    """q, k, v on the GPU, made on the host (so no kernel of CuPy's runs), leading dims `lead`."""
     import ml_dtypes
     import numpy as np
     host_type = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
     out = []
     for N in (Nq, Nk, Nk):
-        x = rng.standard_normal((2, 3, N, d)).astype(host_type)
+        x = rng.standard_normal((*lead, N, d)).astype(host_type)
         if layout == "transposed":
             out.append(cp.asarray(np.ascontiguousarray(x.swapaxes(1, 2))).swapaxes(1, 2))
         elif layout == "unaligned":
@@ -142,7 +150,7 @@ def shard_of(items: list, shard: int, shards: int) -> list:
     return items[len(items) * shard // shards:len(items) * (shard + 1) // shards]
 
 
-def worker(shard: int = 0, shards: int = 1, family: str = "") -> int:
+def worker(shard: int = 0, shards: int = 1, family: str = "", lead: tuple = LEAD) -> int:
     """The shard-th of `shards` contiguous slices of the grid (which lists each variant's calls
     together, so a shard loads only its own variants: the sanitizers instrument every module a
     process loads), each call on its own seeded inputs (the same whatever the sharding); prints
@@ -164,9 +172,9 @@ def worker(shard: int = 0, shards: int = 1, family: str = "") -> int:
         if done:   # progress, so a log cut short by --timeout says how far and how fast it went
             print(f"worker: {done} of {len(grid)} calls in {time.perf_counter() - start:.1f} s", flush=True)
         rng = np.random.default_rng([0, index])
-        q, k, v = _arrays(cp, rng, dtype, d, Nq, Nk, layout)
+        q, k, v = _arrays(cp, rng, dtype, d, Nq, Nk, layout, lead)
         # slopes made on the host, one per (batch, head): validation copies them as they are
-        mods = {key: rng.uniform(0, 1, (2, 3)).astype(np.float32) if key == "alibi" else value
+        mods = {key: rng.uniform(0, 1, lead).astype(np.float32) if key == "alibi" else value
                 for key, value in mods.items()}
         kw = {("alibi_slopes" if key == "alibi" else key): value for key, value in mods.items()}
         api = {key: value for key, value in options.items() if key != "wgmma"}   # "wgmma": the planner's default
@@ -244,7 +252,8 @@ def _run_tool(sanitizer: str, tool: str, log_dir: Path, timeout: int, shards: in
         [sanitizer, "--tool", tool, "--print-limit", "20", *TOOL_OPTIONS.get(tool, [])]
     start = time.perf_counter()
     procs = [subprocess.Popen([*prefix, sys.executable, str(Path(__file__).resolve()), "--worker",
-                               "--shard", str(i), "--shards", str(shards), "--family", family],
+                               "--shard", str(i), "--shards", str(shards), "--family", family,
+                               "--lead", ",".join(map(str, TOOL_LEAD.get(tool, LEAD)))],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
              for i in range(shards)]
     outputs, codes = [], []
@@ -306,9 +315,10 @@ def main(argv=None) -> int:
     parser.add_argument("--family", default="", help="only this kernel family's variants, e.g. flash_fwd_wgmma")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--shard", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--lead", default=",".join(map(str, LEAD)), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        return worker(args.shard, args.shards, args.family)
+        return worker(args.shard, args.shards, args.family, tuple(int(n) for n in args.lead.split(",")))
     tools = [t for t in args.tools.split(",") if t]
     if any(t not in TOOLS for t in tools):
         parser.error(f"--tools takes {', '.join(TOOLS)}")
