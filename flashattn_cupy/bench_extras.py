@@ -20,12 +20,14 @@ from . import flash_attention, plan_for
 
 # A second process: CUDA context and CuPy first (timed apart), then importing us, then the first
 # call per dtype; and whether NVRTC was loaded at all (Linux: its library among the mappings).
+# The inputs are made on the host and copied: a CuPy kernel (ones, astype) would have CuPy load
+# its own kernel cache, and NVRTC with it (its cache key), before our first call.
 _SECOND = r"""
 import os, sys, time
 t0 = time.perf_counter()
 import cupy as cp, numpy as np
-xs = [cp.ones((1, 1, 128, 64), dtype=np.float32).astype(dtype) for dtype in sys.argv[1:]]
-cp.cuda.Device().synchronize()                             # CUDA context, CuPy's own kernels
+xs = [cp.asarray(np.ones((1, 1, 128, 64), dtype=dtype)) for dtype in sys.argv[1:]]
+cp.cuda.Device().synchronize()                             # CUDA context, the copies
 t1 = time.perf_counter()
 from flashattn_cupy import flash_attention
 t2 = time.perf_counter()
