@@ -52,9 +52,11 @@ def flash_attention(q: Array, k: Array, v: Array, *, causal: bool = False, softm
     Returns O with q's dtype and array type (and L when return_lse). On CuPy arrays the call
     runs on the current stream and does not synchronize the host; a call that repeats an earlier
     one's shapes, strides, dtypes, device and keywords (ALiBi aside) reuses its checks and plan
-    (~16 µs of host time instead of ~100). torch tensors, JAX arrays and
-    other DLPack / __cuda_array_interface__ arrays go in without copies and come back as their
-    own kind (CUDA torch tensors run on torch's current stream); see flashattn_cupy._interop.
+    (~16 µs of host time instead of ~100); one that differs from it only in k's and v's number
+    of keys (slices of a growing KV cache) reuses its checks and is planned for its Nk. torch
+    tensors, JAX arrays and other DLPack / __cuda_array_interface__ arrays go in without copies
+    and come back as their own kind (CUDA torch tensors run on torch's current stream); see
+    flashattn_cupy._interop.
     """
     key = _call_key(q, k, v, (causal, softmax_scale, window, softcap, alibi_slopes, backend, num_threads,
                               allow_tf32, fp32_kernel), return_lse)
