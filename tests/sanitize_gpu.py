@@ -19,9 +19,9 @@ float32 mode, as fp32_kernel / allow_tf32; on sm_90 both the wgmma kernel and th
 through planner.wgmma_default; the workers report which variant each call ran,
 from plan_for, and the run fails if one is missed), head dims D, D - 24 (a multiple of 8) and
 D - 31 (odd), shapes with ragged tiles ((77, 203), and (203, 77), whose first 126 causal rows
-see no key), in three layouts: contiguous, (B, N, H, d) memory
-viewed as (B, H, N, d), and data starting one element past an aligned address (element-wise
-loads). The worker turns CuPy's memory pool off, so every array is its own cudaMalloc and
+see no key), with batch 2 and 3 heads (racecheck: 1 and 1, TOOL_LEAD), in three layouts:
+contiguous, (B, N, H, d) memory viewed as (B, H, N, d), and data starting one element past an
+aligned address (element-wise loads). The worker turns CuPy's memory pool off, so every array is its own cudaMalloc and
 memcheck (with --padding) sees an access past any end; it makes its inputs on the host, so the
 kernels run are ours; it checks every result against the float64 reference, and copies every
 output back in full, so initcheck sees any element left unwritten. Exit status 0 only when the
