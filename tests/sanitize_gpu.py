@@ -21,11 +21,11 @@ from plan_for, and the run fails if one is missed), head dims D, D - 24 (a multi
 D - 31 (odd), shapes with ragged tiles ((77, 203), and (203, 77), whose first 126 causal rows
 see no key), with batch 2 and 3 heads (racecheck: 1 and 1, TOOL_LEAD), in three layouts:
 contiguous, (B, N, H, d) memory viewed as (B, H, N, d), and data starting one element past an
-aligned address (element-wise loads). The worker turns CuPy's memory pool off, so every array is its own cudaMalloc and
-memcheck (with --padding) sees an access past any end; it makes its inputs on the host, so the
-kernels run are ours; it checks every result against the float64 reference, and copies every
-output back in full, so initcheck sees any element left unwritten. Exit status 0 only when the
-plain run and every tool are clean.
+aligned address (element-wise loads). The worker turns CuPy's memory pool off, so every array
+is its own cudaMalloc and memcheck (with --padding) sees an access past any end; it makes its
+inputs on the host, so the kernels run are ours; it checks every result against the float64
+reference, and copies every output back in full, so initcheck sees any element left unwritten.
+Exit status 0 only when the plain run and every tool are clean.
 """
 from __future__ import annotations
 
