@@ -180,10 +180,9 @@ class Call:
         (shape and strides otherwise; 1 <= Nk < 2**31): a decoding loop's KV cache, one key longer
         each step. Only what depends on Nk is made again: the window's clamping, the plan (key
         splits, even the kernel) and the scalars; the checks of validation are not repeated.
-        window: the caller's option; plan_of(problem, device_id): api's planning."""
+        Only for a call whose arrays are not copied (api keeps no other for this): a copy's
+        strides follow Nk. window: the caller's option; plan_of(problem, device_id): api's planning."""
         from ._validate import window_pair
-        if self.copies:   # the layouts were the copies', whose strides follow Nk
-            raise ValueError("for_keys needs a call on arrays the kernels read as they are")
         p = self.problem
         problem = _changed(p, q=q, k=k, v=v, Nk=Nk, window=window_pair(window, p.causal, p.Nq, Nk))
         return Call(problem, plan_of(problem, self.device_id), self.device_id, self.layouts, False)
