@@ -10,6 +10,7 @@ import numpy as np
 
 from . import kernels
 from ._device import cupy
+from ._validate import window_pair
 
 
 def _unit_stride(x, cp):
@@ -182,7 +183,6 @@ class Call:
         splits, even the kernel) and the scalars; the checks of validation are not repeated.
         Only for a call whose arrays are not copied (api keeps no other for this): a copy's
         strides follow Nk. window: the caller's option; plan_of(problem, device_id): api's planning."""
-        from ._validate import window_pair
         p = self.problem
         problem = _changed(p, q=q, k=k, v=v, Nk=Nk, window=window_pair(window, p.causal, p.Nq, Nk))
         return Call(problem, plan_of(problem, self.device_id), self.device_id, self.layouts, False)
