@@ -108,8 +108,10 @@ __device__ __forceinline__ unsigned to_tf32(float x) {   // round to nearest, ti
 }
 
 // Raw bits in x.hi -> MMA operand. 16-bit types go as they are. fp32 goes as TF32 (PASSES 1),
-// or split as x = hi + lo with both TF32 (PASSES 3, CUTLASS's 3xTF32): hi * hi' + hi * lo' +
-// lo * hi' then misses only lo * lo' and the rounding of lo, about 2^-21 relative, near fp32.
+// or split as x = hi + lo (PASSES 3, CUTLASS's 3xTF32): hi * hi' + hi * lo' + lo * hi' then
+// misses only lo * lo' and lo's truncation, about 2^-21 relative, near fp32. hi is x rounded
+// to TF32; lo = x - hi (exact) goes as an fp32 register, of which the tensor core reads the
+// TF32 bits (its low 13 bits are ignored: truncation, as error-corrected TF32 GEMMs rely on).
 template <typename T, int PASSES, int N>
 __device__ __forceinline__ void make_operand(operand<N>& x) {
     if constexpr (fa_same<T, float>::value) {
@@ -117,13 +119,14 @@ __device__ __forceinline__ void make_operand(operand<N>& x) {
         for (int i = 0; i < N; ++i) {
             const float f = __uint_as_float(x.hi[i]);
             if constexpr (PASSES == 3) {
-                // cvt.rna's TF32 by integer operations (half an ulp added to the magnitude, the
-                // low 13 bits cleared), off the slow conversion pipe: 3xTF32 splits every operand
-                // element it loads, and on an H200 this ran 12-13% faster with bit-identical
-                // outputs. A NaN may wrap to +-0 there; its remainder keeps the NaN.
+                // No conversion instruction (a slow pipe; 3xTF32 splits every operand element it
+                // loads): hi is cvt.rna's TF32 by integer operations (half an ulp added to the
+                // magnitude, the low 13 bits cleared; on an H200 12-13% faster, bit-identical),
+                // lo unconverted (12-13% more, errors of the same size: BENCHMARKS.md). A NaN
+                // may wrap to +-0 in hi; its remainder keeps the NaN.
                 x.hi[i] = (x.hi[i] + 0x1000u) & 0xffffe000u;
                 const float r = f - __uint_as_float(x.hi[i]);   // exact; NaN for NaN and +-inf
-                x.lo[i] = to_tf32(fabsf(f) == __int_as_float(0x7f800000) ? 0.f : r);   // inf: 0
+                x.lo[i] = __float_as_uint(fabsf(f) == __int_as_float(0x7f800000) ? 0.f : r);   // inf: 0
             } else {
                 x.hi[i] = to_tf32(f);
             }
