@@ -1,7 +1,7 @@
 // flash_fwd_mma.cu: FlashAttention-2 forward, Algorithm 1, on the tensor cores, with fp32
 // accumulation, O in the input type and L in fp32. Inputs: fp16/bf16 (mma m16n8k16; m16n8k8 on
 // Turing), or fp32 as TF32 (m16n8k8, PASSES = 1, an opt-in) or as 3xTF32 (PASSES = 3: each
-// operand split into a TF32 value and a TF32 remainder, three MMAs, about fp32's accuracy).
+// operand split into a TF32 value and a remainder, three MMAs, about fp32's accuracy).
 //
 // FA2's work partition: a block owns a Q tile of BR = 16 * MT * NW rows, each of its NW warps
 // owns MT m-tiles of 16 of those rows (two m-tiles share every Kj/Vj fragment read from shared
