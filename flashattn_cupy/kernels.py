@@ -27,7 +27,7 @@ SOURCES = {"flash_fwd_simt": "flash_fwd_simt.cu",   # kernel family -> file in c
 # runs on compute capability 9.0 only, which is where the planner picks it).
 ARCH_TARGETS = {"flash_fwd_wgmma": "sm_90a"}
 MAX_DYNAMIC_SHARED_SIZE_BYTES = 8   # CUfunction_attribute's value in cuda.h (the driver's ABI)
-_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.MULTILINE)
+_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*(//.*)?$', re.MULTILINE)   # a comment may follow
 
 
 def source_file(filename: str):

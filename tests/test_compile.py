@@ -35,3 +35,15 @@ def test_every_variant_compiles(arch):
         assert sorted(cubin.symbol_mapping) == wanted
         assert kernel_cache.variants(cubin.code) == wanted   # what `info` reads back from the cache
         assert len(cubin.code) > 0
+
+
+@pytest.mark.parametrize("filename", sorted(set(kernels.SOURCES.values())))
+def test_every_local_include_is_inlined(filename):
+    """What NVRTC compiles names no file: NVRTC is given no include path for csrc (a line the
+    inliner missed fails there as 'cannot open source file'), and our disk cache keys on this
+    text, so it must hold every line the kernel uses. Each header appears once."""
+    text = kernels.source(filename)
+    assert '#include "' not in text
+    headers = sorted(f.name for f in kernels.source_file(filename).parent.iterdir() if f.name.endswith(".cuh"))
+    used = [h for h in headers if f"// {h}:" in text]
+    assert used and all(text.count(f"// {h}:") == 1 for h in used), used
