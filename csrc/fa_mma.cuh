@@ -124,9 +124,13 @@ __device__ __forceinline__ void make_operand(operand<N>& x) {
                 // magnitude, the low 13 bits cleared; on an H200 12-13% faster, bit-identical),
                 // lo unconverted (12-13% more, errors of the same size: BENCHMARKS.md). A NaN
                 // may wrap to +-0 in hi; its remainder keeps the NaN.
-                x.hi[i] = (x.hi[i] + 0x1000u) & 0xffffe000u;
-                const float r = f - __uint_as_float(x.hi[i]);   // exact; NaN for NaN and +-inf
-                x.lo[i] = __float_as_uint(fabsf(f) == __int_as_float(0x7f800000) ? 0.f : r);   // inf: 0
+                unsigned h = (x.hi[i] + 0x1000u) & 0xffffe000u;
+                // An infinite x (or one that rounds up to infinity) goes as hi = +-1, lo = x, so
+                // that it meets only the other operand's hi: x y comes out +-inf, or NaN where
+                // y = 0, as in exact arithmetic (hi = inf would meet the other's lo, often 0).
+                if (h << 1 == 0xff000000u) h ^= 0x40000000u;   // +-inf's bits -> +-1's
+                x.hi[i] = h;
+                x.lo[i] = __float_as_uint(f - __uint_as_float(h));   // exact; NaN for NaN, x for +-inf
             } else {
                 x.hi[i] = to_tf32(f);
             }
