@@ -119,11 +119,13 @@ __device__ __forceinline__ void make_operand(operand<N>& x) {
             // unconverted (12-13% more, errors of the same size: BENCHMARKS.md). A NaN may wrap
             // to +-0 in hi; its remainder keeps the NaN.
             const float f = __uint_as_float(x.hi[i]);
-            unsigned h = (x.hi[i] + 0x1000u) & 0xffffe000u;
-            // An infinite x (or one that rounds up to infinity) goes as hi = +-1, lo = x, so
-            // that it meets only the other operand's hi: x y comes out +-inf, or NaN where
-            // y = 0, as in exact arithmetic (hi = inf would meet the other's lo, often 0).
-            if (h << 1 == 0xff000000u) h ^= 0x40000000u;   // +-inf's bits -> +-1's
+            // An infinite x (or one that rounds up to infinity, |x| >= 0x7f7ff000's value) goes
+            // as hi = +-1, lo = x, so that it meets only the other operand's hi: x y comes out
+            // +-inf, or NaN where y = 0, as in exact arithmetic (hi = inf would meet the other's
+            // lo, often 0). The flip of +-inf's bits to +-1's folds into the rounding's mask (one
+            // LOP3), its test reads x, not the rounded bits: main's instruction count and depth.
+            const unsigned flip = fabsf(f) >= __uint_as_float(0x7f7ff000u) ? 0x40000000u : 0u;
+            const unsigned h = ((x.hi[i] + 0x1000u) & 0xffffe000u) ^ flip;
             x.hi[i] = h;
             x.lo[i] = __float_as_uint(f - __uint_as_float(h));   // exact; NaN for NaN, x for +-inf
         }
