@@ -101,35 +101,33 @@ __device__ __forceinline__ void mma_tile(float (&c)[4], const unsigned (&a)[4], 
 // the remainder (lo). Unused lo registers cost nothing: the compiler drops them.
 template <int N> struct operand { unsigned hi[N], lo[N]; };
 
-__device__ __forceinline__ unsigned to_tf32(float x) {   // round to nearest, ties away
-    unsigned r;
-    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
-    return r;
-}
-
-// Raw bits in x.hi -> MMA operand. 16-bit types go as they are. fp32 goes as TF32 (PASSES 1),
-// or split as x = hi + lo (PASSES 3, CUTLASS's 3xTF32): hi * hi' + hi * lo' + lo * hi' then
-// misses only lo * lo' and lo's truncation, about 2^-21 relative, near fp32. hi is x rounded
-// to TF32; lo = x - hi (exact) goes as an fp32 register, of which the tensor core reads the
-// TF32 bits (its low 13 bits are ignored: truncation, as error-corrected TF32 GEMMs rely on).
+// Raw bits in x.hi -> MMA operand. 16-bit types go as they are, and so does fp32 for TF32
+// (PASSES 1): the tensor core reads the TF32 bits of an fp32 register (its low 13 bits are
+// ignored: truncation), with no cvt.rna (a slow pipe) for every element loaded.
+// 3xTF32 (PASSES 3, as CUTLASS's) splits x = hi + lo: hi * hi' + hi * lo' + lo * hi' then misses
+// only lo * lo' and lo's truncation, about 2^-21 relative, near fp32. hi is x rounded to TF32;
+// lo = x - hi (exact) goes as an fp32 register, truncated by the tensor core as above (as
+// error-corrected TF32 GEMMs do).
 template <typename T, int PASSES, int N>
 __device__ __forceinline__ void make_operand(operand<N>& x) {
-    if constexpr (fa_same<T, float>::value) {
+    if constexpr (fa_same<T, float>::value && PASSES == 3) {
 #pragma unroll
         for (int i = 0; i < N; ++i) {
+            // No conversion instruction (a slow pipe; 3xTF32 splits every operand element it
+            // loads): hi is cvt.rna's TF32 by integer operations (half an ulp added to the
+            // magnitude, the low 13 bits cleared; on an H200 12-13% faster, bit-identical), lo
+            // unconverted (12-13% more, errors of the same size: BENCHMARKS.md). A NaN may wrap
+            // to +-0 in hi; its remainder keeps the NaN.
             const float f = __uint_as_float(x.hi[i]);
-            if constexpr (PASSES == 3) {
-                // No conversion instruction (a slow pipe; 3xTF32 splits every operand element it
-                // loads): hi is cvt.rna's TF32 by integer operations (half an ulp added to the
-                // magnitude, the low 13 bits cleared; on an H200 12-13% faster, bit-identical),
-                // lo unconverted (12-13% more, errors of the same size: BENCHMARKS.md). A NaN
-                // may wrap to +-0 in hi; its remainder keeps the NaN.
-                x.hi[i] = (x.hi[i] + 0x1000u) & 0xffffe000u;
-                const float r = f - __uint_as_float(x.hi[i]);   // exact; NaN for NaN and +-inf
-                x.lo[i] = __float_as_uint(fabsf(f) == __int_as_float(0x7f800000) ? 0.f : r);   // inf: 0
-            } else {
-                x.hi[i] = to_tf32(f);
-            }
+            // An infinite x (or one that rounds up to infinity, |x| >= 0x7f7ff000's value) goes
+            // as hi = +-1, lo = x, so that it meets only the other operand's hi: x y comes out
+            // +-inf, or NaN where y = 0, as in exact arithmetic (hi = inf would meet the other's
+            // lo, often 0). The flip of +-inf's bits to +-1's folds into the rounding's mask (one
+            // LOP3), its test reads x, not the rounded bits: main's instruction count and depth.
+            const unsigned flip = fabsf(f) >= __uint_as_float(0x7f7ff000u) ? 0x40000000u : 0u;
+            const unsigned h = ((x.hi[i] + 0x1000u) & 0xffffe000u) ^ flip;
+            x.hi[i] = h;
+            x.lo[i] = __float_as_uint(f - __uint_as_float(h));   // exact; NaN for NaN, x for +-inf
         }
     }
 }

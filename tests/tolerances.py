@@ -18,7 +18,7 @@ largest absolute-value score the data can make:
   fp32 inputs, V) before P V: with the weights w_j = p_j / l and l summed from the unrounded
   p_j, O moves by at most (u_p + u_v) max|v| more. For fp32 inputs also q and k before q k^T:
   each product moves relatively by 2 u_qk, so a score by 2 u_qk A. TF32 keeps 11 significant
-  bits (u = 2^-11, rounded to nearest); 3xTF32 carries x as hi + lo, hi = x rounded to TF32
+  bits, truncated by the tensor core from the fp32 operand (off by < 2^-10: u = 2^-10); 3xTF32 carries x as hi + lo, hi = x rounded to TF32
   (|lo| <= 2^-11 |x|), lo handed over unrounded and truncated by the tensor core to 11 bits
   (off by < 2^-10 |lo| <= 2^-21 |x|). Of (hi + lo)(hi' + lo') the MMAs add hi hi' + hi lo' +
   lo hi': a product is off by hi (lo' - lo'_t) + hi' (lo - lo_t) + lo lo', at most
@@ -62,7 +62,7 @@ import numpy as np
 from flashattn_cupy import reference
 
 UNIT_ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8,
-                 "tensor_core": 2.0**-22, "tf32": 2.0**-11, "tf32x3": 2.0**-20}
+                 "tensor_core": 2.0**-22, "tf32": 2.0**-10, "tf32x3": 2.0**-20}
 
 
 def kernel_rounding(plan) -> dict:
