@@ -245,7 +245,10 @@ def decode_splits(pairs: int, slots: int, tiles: int) -> int:
     num_splits_heuristic. Enough pairs to fill 80% of the slots: no split. Otherwise the fewest
     splits whose last wave is at least 85% as full as the best count's (n_waves / ceil(n_waves),
     n_waves = pairs * splits / slots), counting only split counts that change the tiles per split;
-    at most DECODE_MAX_SPLITS, slots, and one split per DECODE_MIN_TILES_PER_SPLIT tiles."""
+    at most DECODE_MAX_SPLITS, slots, and one split per DECODE_MIN_TILES_PER_SPLIT tiles. Where
+    that is a single wave, the most splits that still are: a streaming kernel leaves an SM's
+    empty slot idle for the whole call (B1 32/8 heads Nk 128k on an H200: 29 -> 33 splits,
+    every slot of 132 SMs x 2 busy, BENCHMARKS.md)."""
     if pairs >= 0.8 * slots:
         return 1
     most = max(1, min(DECODE_MAX_SPLITS, slots, tiles // DECODE_MIN_TILES_PER_SPLIT))
@@ -255,7 +258,10 @@ def decode_splits(pairs: int, slots: int, tiles: int) -> int:
             waves = pairs * splits / slots
             efficiency[splits] = waves / math.ceil(waves)
     best = max(efficiency.values())
-    return next(s for s, e in efficiency.items() if e >= 0.85 * best)
+    splits = next(s for s, e in efficiency.items() if e >= 0.85 * best)
+    if pairs * splits <= slots:
+        splits = max(s for s in efficiency if pairs * s <= slots)
+    return splits
 
 
 def decode_workspace_bytes(batch: int, heads: int, Nq: int, splits: int, D: int) -> int:

@@ -100,6 +100,10 @@ def test_split_count(pairs, slots, tiles):
         assert waves / math.ceil(waves) >= 0.85 * max(
             pairs * s / slots / math.ceil(pairs * s / slots) for s in range(1, splits + 1)
             if s == 1 or -(-tiles // s) != -(-tiles // (s - 1)))
+    most = max(1, min(planner.DECODE_MAX_SPLITS, slots, tiles // planner.DECODE_MIN_TILES_PER_SPLIT))
+    if pairs * splits <= slots:   # one wave: no count up to `most` that changes the tiles fits more
+        assert not [s for s in range(splits + 1, most + 1)
+                    if pairs * s <= slots and -(-tiles // s) != -(-tiles // (s - 1))]
 
 
 def test_variants_include_decoding_on_sm80_only():
