@@ -17,7 +17,7 @@ def table_rows(lines: list[str]) -> list[dict[str, str]]:
     for line, after in zip(lines, lines[1:] + [""]):
         if not line.startswith("|") or line.startswith("| ---"):
             continue
-        cells = [c.strip().strip("`") for c in line.strip().strip("|").split("|")]
+        cells = [c.strip().replace("`", "") for c in line.strip().strip("|").split("|")]   # code marks: Markdown only
         if after.startswith("| ---"):
             header = cells
         elif header is not None and len(cells) == len(header):

@@ -16,12 +16,12 @@ LINES = ["A title line", "",
          "| float16 | 64 | 4×16×4096 | True | 155.06 |  | 0.664 | 2.0e-04 | `k<2>` |",
          "", "Other head dims:", "",
          "| dtype | d | N = 4096 | kernel |", "| --- | --- | --- | --- |",
-         "| float32 | 40 | 26.2 | `k<3>` |"]
+         "| float32 | 40 | 26.2 | `k<3>`, 4 splits |"]
 
 
 def test_table_rows_keys_each_table_by_its_header():
     rows = table_rows(LINES)
-    assert [r["kernel"] for r in rows] == ["k<1>", "k<2>", "k<3>"]
+    assert [r["kernel"] for r in rows] == ["k<1>", "k<2>", "k<3>, 4 splits"]   # no Markdown code marks left
     assert rows[1]["sdpa-flash"] == "" and rows[2]["N = 4096"] == "26.2"
 
 
