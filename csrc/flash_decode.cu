@@ -6,8 +6,8 @@
 //   rows, R = group * Nq <= 16, packed as the rows of one m16 MMA tile (row r is q head
 //   hk*group + r / Nq, query r % Nq; rows past R are zeros and never written), so K and V are
 //   read once per k/v head, not once per q head. The key tiles some row sees (all, or the
-//   window's: fa_mask.cuh) are cut into gridDim.x splits of whole BC-key tiles; a block streams
-//   its split through a STAGES-deep cp.async pipeline (tile t + STAGES - 1 loads while tile t is
+//   window's: fa_mask.cuh) are dealt round-robin to gridDim.x splits of whole BC-key tiles
+//   (split s: tiles s, s + splits, ...); a block streams its split through a STAGES-deep cp.async pipeline (tile t + STAGES - 1 loads while tile t is
 //   computed). Each of its NW warps takes BC / NW keys of every tile (Sij = Qi Kj^T, online
 //   softmax, Oi += Pij Vj as in flash_fwd_mma.cu, whose fragments and ldmatrix addressing this
 //   reuses); at the end the warps' (mi, li, Oi) merge through shared memory in a fixed order,
@@ -79,8 +79,9 @@ flash_decode(const T* __restrict__ Q, const T* __restrict__ K, const T* __restri
         const fa_window win = fa_window::of(sq, win_left, win_right);
         int j0 = 0, j1 = (Nk + BC - 1) / BC;   // the key tiles some query row sees ...
         if (MASK) win.tiles(0, Nq, BC, j0, j1);
-        const int per = (j1 - j0 + splits - 1) / splits;   // ... cut into whole-tile splits
-        const int ts = min(j1, j0 + split * per), te = min(j1, ts + per);
+        // ... dealt round-robin: split s streams tiles j0 + s, j0 + s + splits, ..., so that the
+        // splits of a (batch, k/v head) sweep its K and V side by side, not far apart.
+        auto tile = [&](int n) { return j0 + split + n * splits; };
         const T* Qb = Q + b * q_sb + (long long)hk * group * q_sh;
         const T* Kb = K + b * k_sb + hk * k_sh;
         const T* Vb = V + b * v_sb + hk * v_sh;
@@ -107,10 +108,11 @@ flash_decode(const T* __restrict__ Q, const T* __restrict__ K, const T* __restri
                 }
             }
         }
-        // Tile ts + n into stage n % STAGES; every call commits one group (empty past the split).
+        // The split's tile n into stage n % STAGES; every call commits one group (empty past
+        // the split's last tile).
         auto load_stage = [&](int n) {
-            if (ts + n < te) {
-                const long long col0 = (long long)(ts + n) * BC;
+            if (tile(n) < j1) {
+                const long long col0 = (long long)tile(n) * BC;
                 bits* Ks = St + (n % STAGES) * STAGE;
                 load_tile<T, BC, D, DP, NT, ARCH>(Ks, Kb + col0 * k_sn, k_sn, (int)(Nk - col0 < BC ? Nk - col0 : BC), d, k_vec);
                 load_tile<T, BC, D, DP, NT, ARCH>(Ks + BC * DP, Vb + col0 * v_sn, v_sn, (int)(Nk - col0 < BC ? Nk - col0 : BC), d, v_vec);
@@ -123,12 +125,12 @@ flash_decode(const T* __restrict__ Q, const T* __restrict__ K, const T* __restri
         float o[ND][4] = {};                    // line 5: Oi = 0, mi = -inf, li = 0 (this warp's keys)
         float m[2] = {neg_inf, neg_inf}, l[2] = {0.f, 0.f};
 
-        for (int n = 0; ts + n < te; ++n) {     // line 6
-            cp_async_wait_group<STAGES - 2>();  // tile ts + n (and Qi) have landed ...
+        for (int n = 0; tile(n) < j1; ++n) {    // line 6
+            cp_async_wait_group<STAGES - 2>();  // tile n (and Qi) have landed ...
             __syncthreads();                    // ... for every thread; all are done with tile n - 1
             load_stage(n + STAGES - 1);         // line 7: into the stage tile n - 1 left
             const unsigned stage = (n % STAGES) * STAGE * sizeof(T);
-            const int col0 = (ts + n) * BC + warp * KW;   // this warp's first key
+            const int col0 = tile(n) * BC + warp * KW;   // this warp's first key
 
             // Line 8: Sij = Qi Kj^T over this warp's KW keys.
             float s[NS][4] = {};

@@ -105,9 +105,9 @@ COMBINE_NAMES = ("Op", "Lp", "O", "L", "B", "H", "Nq", "d", "pitch", "splits", "
 
 
 def split_tiles(Nq, Nk, BC, splits, split, mask, left, right):
-    """[ts, te): the key tiles (of BC keys) split `split` of `splits` streams, as flash_decode
-    computes them: the tiles some query row sees (fa_window.tiles with rows 0..Nq-1) cut into
-    equal runs of whole tiles, the last ones shorter or empty."""
+    """The key tiles (of BC keys) split `split` of `splits` streams, in order, as flash_decode
+    computes them: the tiles some query row sees (fa_window.tiles with rows 0..Nq-1), [j0, j1),
+    dealt round-robin: j0 + split, j0 + split + splits, ... (none when split >= j1 - j0)."""
     j0, j1 = 0, -(-Nk // BC)
     if mask:
         first, last = (Nk - Nq) - left, (Nk - 1) + right
@@ -115,9 +115,7 @@ def split_tiles(Nq, Nk, BC, splits, split, mask, left, right):
             j1 = j0
         else:
             j0, j1 = (0 if first <= 0 else first // BC), min(last // BC + 1, j1)
-    per = -(-(j1 - j0) // splits)
-    ts = min(j1, j0 + split * per)
-    return ts, min(j1, ts + per)
+    return list(range(j0 + split, j1, splits))
 
 
 def _scores(a, mask, Q, K, rows_i, keys, slopes):
@@ -156,8 +154,9 @@ def decode_kernel(plan, launches):
                 slopes = (np.asarray(a["alibi"]).reshape(-1)[b * H + hk * G + r // Nq].astype(np.float64)
                           if isinstance(a["alibi"], np.ndarray) else np.zeros(R))
                 for s in range(splits):
-                    ts, te = split_tiles(Nq, Nk, BC, splits, s, mask, int(a["left"]), int(a["right"]))
-                    keys = np.arange(ts * BC, min(te * BC, Nk))
+                    tiles = split_tiles(Nq, Nk, BC, splits, s, mask, int(a["left"]), int(a["right"]))
+                    keys = (np.asarray(tiles, dtype=np.int64)[:, None] * BC + np.arange(BC)).ravel()
+                    keys = keys[keys < Nk]
                     K = rows(a["k"], "k", Nk, 0, hk)[keys].astype(np.float64)
                     V = rows(a["v"], "v", Nk, 0, hk)[keys].astype(np.float64)
                     S = _scores(a, mask, Q.astype(np.float64), K, r % Nq, keys, slopes)

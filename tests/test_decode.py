@@ -123,7 +123,8 @@ def test_variants_include_decoding_on_sm80_only():
                                                 (2, 300, 64, (10, 3)), (5, 300, 64, (0, 0))])
 def test_splits_cover_the_seen_tiles_once(Nq, Nk, BC, window):
     """kernel_model.split_tiles (what flash_decode computes): the splits' tiles are disjoint,
-    in order, cover exactly the tiles some row sees, and differ in size by at most one run."""
+    each split's in order, together exactly the tiles some row sees, and their counts differ by
+    at most one, the larger counts first."""
     left, right = _cuda_backend.window_args(window or (-1, -1), Nq, Nk)
     mask = window is not None
     seen = set()
@@ -132,10 +133,11 @@ def test_splits_cover_the_seen_tiles_once(Nq, Nk, BC, window):
         seen |= set(range(lo // BC, hi // BC + 1)) if lo <= hi else set()
     for splits in (1, 2, 3, 7, 64, 200):
         runs = [kernel_model.split_tiles(Nq, Nk, BC, splits, s, mask, left, right) for s in range(splits)]
-        tiles = [j for ts, te in runs for j in range(ts, te)]
-        assert tiles == sorted(seen) if seen else tiles == []
-        sizes = [te - ts for ts, te in runs if te > ts]
-        assert not sizes or max(sizes) == sizes[0] and min(sizes) >= 1
+        tiles = [j for run in runs for j in run]
+        assert sorted(tiles) == sorted(seen) and len(set(tiles)) == len(tiles)
+        assert all(run == sorted(run) for run in runs)
+        sizes = [len(run) for run in runs]
+        assert sizes == sorted(sizes, reverse=True) and sizes[0] - sizes[-1] <= 1
 
 
 # --- the launch plumbing, on the NumPy model of the kernels ------------------------------------
