@@ -7,8 +7,8 @@
 //   hk*group + r / Nq, query r % Nq; rows past R are zeros and never written), so K and V are
 //   read once per k/v head, not once per q head. The key tiles some row sees (all, or the
 //   window's: fa_mask.cuh) are dealt round-robin to gridDim.x splits of whole BC-key tiles
-//   (split s: tiles s, s + splits, ...); a block streams its split through a STAGES-deep cp.async pipeline (tile t + STAGES - 1 loads while tile t is
-//   computed). Each of its NW warps takes BC / NW keys of every tile (Sij = Qi Kj^T, online
+//   (split s: tiles s, s + splits, ...); a block streams its split through a STAGES-deep
+//   cp.async pipeline (tile t + STAGES - 1 loads while tile t is computed). Each of its NW warps takes BC / NW keys of every tile (Sij = Qi Kj^T, online
 //   softmax, Oi += Pij Vj as in flash_fwd_mma.cu, whose fragments and ldmatrix addressing this
 //   reuses); at the end the warps' (mi, li, Oi) merge through shared memory in a fixed order,
 //   and the block writes its split's partial O_s = Oi / li (fp32) and L_s = mi + log li (natural

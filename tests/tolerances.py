@@ -18,10 +18,10 @@ largest absolute-value score the data can make:
   fp32 inputs, V) before P V: with the weights w_j = p_j / l and l summed from the unrounded
   p_j, O moves by at most (u_p + u_v) max|v| more. For fp32 inputs also q and k before q k^T:
   each product moves relatively by 2 u_qk, so a score by 2 u_qk A. TF32 keeps 11 significant
-  bits, truncated by the tensor core from the fp32 operand (off by < 2^-10: u = 2^-10); 3xTF32 carries x as hi + lo, hi = x rounded to TF32
-  (|lo| <= 2^-11 |x|), lo handed over unrounded and truncated by the tensor core to 11 bits
-  (off by < 2^-10 |lo| <= 2^-21 |x|). Of (hi + lo)(hi' + lo') the MMAs add hi hi' + hi lo' +
-  lo hi': a product is off by hi (lo' - lo'_t) + hi' (lo - lo_t) + lo lo', at most
+  bits, truncated by the tensor core from the fp32 operand (off by < 2^-10: u = 2^-10); 3xTF32
+  carries x as hi + lo, hi = x rounded to TF32 (|lo| <= 2^-11 |x|), lo handed over unrounded
+  and truncated by the tensor core to 11 bits (off by < 2^-10 |lo| <= 2^-21 |x|). Of
+  (hi + lo)(hi' + lo') the MMAs add hi hi' + hi lo' + lo hi': a product is off by hi (lo' - lo'_t) + hi' (lo - lo_t) + lo lo', at most
   (2 + 1/2) 2^-21 |x y|, which 2 u bounds with u = 2^-20 for "tf32x3".
   Its fp32 accumulators add products with truncation and alignment to the largest term
   (Fasi, Higham, Mikaitis, Pranesh, "Numerical behavior of NVIDIA tensor cores", PeerJ CS
