@@ -92,18 +92,18 @@ def test_the_bench_shapes_fill_an_h100():
                                                  (2, 264, 100000), (7, 500, 4)])
 def test_split_count(pairs, slots, tiles):
     splits = planner.decode_splits(pairs, slots, tiles)
-    assert 1 <= splits <= max(1, min(planner.DECODE_MAX_SPLITS, slots, tiles // planner.DECODE_MIN_TILES_PER_SPLIT))
+    most = max(1, min(planner.DECODE_MAX_SPLITS, slots, tiles // planner.DECODE_MIN_TILES_PER_SPLIT))
+    # the counts worth trying: those that change the tiles per split
+    counts = [s for s in range(1, most + 1) if s == 1 or -(-tiles // s) != -(-tiles // (s - 1))]
+    assert 1 <= splits <= most
     if pairs >= 0.8 * slots:
         assert splits == 1
     waves = pairs * splits / slots
     if splits > 1:   # a last wave at least 85% as full as that of any fewer splits
         assert waves / math.ceil(waves) >= 0.85 * max(
-            pairs * s / slots / math.ceil(pairs * s / slots) for s in range(1, splits + 1)
-            if s == 1 or -(-tiles // s) != -(-tiles // (s - 1)))
-    most = max(1, min(planner.DECODE_MAX_SPLITS, slots, tiles // planner.DECODE_MIN_TILES_PER_SPLIT))
-    if pairs * splits <= slots:   # one wave: no count up to `most` that changes the tiles fits more
-        assert not [s for s in range(splits + 1, most + 1)
-                    if pairs * s <= slots and -(-tiles // s) != -(-tiles // (s - 1))]
+            pairs * s / slots / math.ceil(pairs * s / slots) for s in counts if s <= splits)
+    if pairs * splits <= slots:   # one wave: no count worth trying fits more in it
+        assert not [s for s in counts if s > splits and pairs * s <= slots]
 
 
 def test_variants_include_decoding_on_sm80_only():
