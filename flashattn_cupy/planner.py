@@ -18,7 +18,9 @@ CUDA_TYPES = {"float32": "float", "float16": "fa_half", "bfloat16": "fa_bfloat16
 C_TYPES = {"float32": "f32", "float64": "f64"}
 
 MAX_HEAD_DIM = 256
-HEAD_DIM_STEP = 32         # kernels are compiled for d rounded up to a multiple of this
+HEAD_DIM_STEP = 32         # kernels are compiled for d rounded up to a multiple of this ...
+MMA_HEAD_DIM_STEP = 16     # ... or of this for the mma kernel, whose MMAs are 16 wide in d (fp32 d = 40
+                           # runs at D = 48, not 64; d = 80 at 80, not 96)
 TILE_CANDIDATES = (64, 32, 16, 8)   # Br = Bc, largest first
 # The C twin's tiles (Br, Bc) by head dim. Measured with one thread, float32, on the 2-core
 # AVX-512 (Zen 4) machine, nine shapes from 32x32 to 256x64 at N = 1024, 2048, 4096, causal and
@@ -214,8 +216,8 @@ def mma_tiles(D: int, smem_limit: int, itemsize: int = 2) -> tuple[int, int, int
     return None
 
 
-def head_dim_bound(d: int) -> int:
-    return HEAD_DIM_STEP * math.ceil(d / HEAD_DIM_STEP)
+def head_dim_bound(d: int, step: int = HEAD_DIM_STEP) -> int:
+    return step * math.ceil(d / step)
 
 
 def simt_tiles(D: int, smem_limit: int) -> tuple[int, int, int]:
@@ -355,11 +357,13 @@ def plan(Nq: int, Nk: int, d: int, *, dtype: str = "float32", causal: bool = Fal
                     wgmma_smem_bytes(64 * groups, Bc, D), smem_limit)
     isa = mma_arch(arch, dtype)
     itemsize = 4 if dtype == "float32" else 2
-    tiles = mma_tiles(D, smem_limit, itemsize) if isa is not None else None
+    Dm = head_dim_bound(d, MMA_HEAD_DIM_STEP)
+    tiles = mma_tiles(Dm, smem_limit, itemsize) if isa is not None else None
     if dtype == "float32" and fp32 == "simt":
         tiles = None
     if tiles is not None:
         warps, mt, Bc, Br = tiles
+        D = Dm
         threads = 32 * warps
         passes = 1 if dtype != "float32" or fp32 == "tf32" else 3
         name = (f"flash_fwd_mma<{CUDA_TYPES[dtype]}, {D}, {warps}, {mt}, {Bc}, {mask}, {isa}, "
@@ -398,18 +402,18 @@ cached_plan = functools.lru_cache(maxsize=4096)(plan)
 def cuda_variants(smem_limit: int, arch: int) -> list[str]:
     """Every kernel name expression the planner can emit for this shared-memory limit and arch."""
     names = set()
-    for D in range(HEAD_DIM_STEP, MAX_HEAD_DIM + 1, HEAD_DIM_STEP):
+    for d in range(MMA_HEAD_DIM_STEP, MAX_HEAD_DIM + 1, MMA_HEAD_DIM_STEP):   # every bound of every kernel
         for dtype in CUDA_TYPES:
             for mask in MASKS:
                 for fp32 in (FP32_MODES if dtype == "float32" else ("auto",)):
                     if fp32 == "3xtf32" and arch < 80:
                         continue
-                    can_wgmma = arch == WGMMA_ARCH and dtype in WGMMA_DTYPES and wgmma_tiles(D, smem_limit)
+                    can_wgmma = arch == WGMMA_ARCH and dtype in WGMMA_DTYPES and wgmma_tiles(head_dim_bound(d), smem_limit)
                     for wgmma in (True, False) if can_wgmma else (False,):   # whatever the default
-                        names.add(plan(1, 1, D, dtype=dtype, window=mask >= 1, score_mod=mask == 2,
+                        names.add(plan(1, 1, d, dtype=dtype, window=mask >= 1, score_mod=mask == 2,
                                        smem_limit=smem_limit, arch=arch, fp32=fp32, wgmma=wgmma).kernel)
-                if dtype in DECODE_DTYPES and arch >= 80 and decode_tiles(D, smem_limit):
-                    p = plan(1, DECODE_MIN_KEYS, D, dtype=dtype, window=mask >= 1, score_mod=mask == 2,
+                if dtype in DECODE_DTYPES and arch >= 80 and decode_tiles(head_dim_bound(d), smem_limit):
+                    p = plan(1, DECODE_MIN_KEYS, d, dtype=dtype, window=mask >= 1, score_mod=mask == 2,
                              smem_limit=smem_limit, arch=arch, sm_count=1, decode=True)
                     names.update((p.kernel, p.combine))
     return sorted(names)

@@ -71,7 +71,7 @@ def calls(smem_limit: int, arch: int, family: str = ""):
     MASK_OPTIONS' entries. family: only that kernel family's calls ("" for all)."""
     from flashattn_cupy import kernels, planner
     grid, seen = [], set()
-    for D in range(planner.HEAD_DIM_STEP, planner.MAX_HEAD_DIM + 1, planner.HEAD_DIM_STEP):
+    for D in range(planner.MMA_HEAD_DIM_STEP, planner.MAX_HEAD_DIM + 1, planner.MMA_HEAD_DIM_STEP):
         for dtype in planner.CUDA_TYPES:
             for mask in planner.MASKS:
                 for mode in planner.FP32_MODES if dtype == "float32" else ("auto",):
@@ -79,19 +79,19 @@ def calls(smem_limit: int, arch: int, family: str = ""):
                         continue
                     for wgmma in (True, False):   # the wgmma kernel where it runs, and the one it replaces
                         with planner.wgmma_default(wgmma):
-                            kernel = _plan(planner, 1, 1, D, dtype, MASK_OPTIONS[mask], smem_limit, arch, mode).kernel
-                        if kernel in seen:
+                            p = _plan(planner, 1, 1, D, dtype, MASK_OPTIONS[mask], smem_limit, arch, mode)
+                        if p.head_dim_bound != D or p.kernel in seen:   # each variant at its own bound
                             continue
-                        seen.add(kernel)
+                        seen.add(p.kernel)
                         options = {**API_FP32[mode], "wgmma": wgmma}
-                        grid += [(kernel, dtype, MASK_OPTIONS[mask], D - below, Nq, Nk, layout, options)
+                        grid += [(p.kernel, dtype, MASK_OPTIONS[mask], D - _below(below, p), Nq, Nk, layout, options)
                                  for below, layout, shapes in CASES for Nq, Nk in shapes]
                 if dtype in planner.DECODE_DTYPES and arch >= 80 and planner.decode_tiles(D, smem_limit):
-                    kernel = _plan(planner, 1, planner.DECODE_MIN_KEYS, D, dtype, MASK_OPTIONS[mask], smem_limit,
-                                   arch, "auto", sm_count=1, decode=True).kernel
-                    if kernel not in seen:
-                        seen.add(kernel)
-                        grid += [(kernel, dtype, MASK_OPTIONS[mask], D - below, Nq, Nk, layout, {})
+                    p = _plan(planner, 1, planner.DECODE_MIN_KEYS, D, dtype, MASK_OPTIONS[mask], smem_limit,
+                              arch, "auto", sm_count=1, decode=True)
+                    if p.head_dim_bound == D and p.kernel not in seen:
+                        seen.add(p.kernel)
+                        grid += [(p.kernel, dtype, MASK_OPTIONS[mask], D - _below(below, p), Nq, Nk, layout, {})
                                  for below, layout, shapes in DECODE_CASES for Nq, Nk in shapes]
     return [call for call in grid if not family or kernels.family(call[0]) == family]
 
@@ -105,6 +105,14 @@ def variants(smem_limit: int, arch: int, family: str = "") -> set:
         names = {n for n in names if kernels.family(n) == family or
                  (family == "flash_decode" and kernels.family(n) == "flash_decode_combine")}
     return names
+
+
+def _below(below, plan):
+    """CASES' d below the bound (given for a step of 32) for this plan's kernel, whose step may be
+    16 (the mma kernel): the same kernel must run d = D - below."""
+    from flashattn_cupy import planner
+    step = planner.MMA_HEAD_DIM_STEP if plan.kernel.startswith("flash_fwd_mma<") else planner.HEAD_DIM_STEP
+    return below * step // planner.HEAD_DIM_STEP
 
 
 def _plan(planner, Nq, Nk, d, dtype, mods, smem_limit, arch, fp32, **extra):

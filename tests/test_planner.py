@@ -38,7 +38,9 @@ def test_every_plan_fits(limit, dtype, arch):
                 assert p.smem_bytes == planner.mma_smem_bytes(p.Br, p.Bc, p.head_dim_bound, itemsize)
             else:
                 assert p.smem_bytes == planner.simt_smem_bytes(p.Br, p.Bc, p.head_dim_bound)
-            assert d <= p.head_dim_bound <= 256 and p.head_dim_bound % 32 == 0
+            # d rounded up to the kernel's step: 16 for the mma kernel (its MMAs' width in d), else 32
+            step = 16 if p.kernel.startswith("flash_fwd_mma<") else 32
+            assert p.head_dim_bound == step * math.ceil(d / step) <= 256
             assert p.threads % 32 == 0 and p.threads <= 1024
             assert p.grid == (math.ceil(1000 / p.Br), 5, 3)
             assert p.mask == int(causal)
@@ -116,7 +118,9 @@ def test_plan_errors(kwargs, words):
 
 def test_variants_cover_every_head_dim_bound():
     names = planner.cuda_variants(48 * KB, 75)
-    assert len(names) == 8 * 3 * 3   # head-dim bounds x dtypes x masks (fp32: SIMT only)
+    # (head-dim bounds: fp16's mma kernel 16 (a step of 16), fp32 and bf16 on the CUDA cores 8 each
+    # (a step of 32)) x masks
+    assert len(names) == (16 + 8 + 8) * 3
     assert "flash_fwd_simt<float, 32, 32, 64, 256, 0>" in names
     assert "flash_fwd_mma<fa_bfloat16, 128, 4, 2, 64, 1, 80, 1>" in planner.cuda_variants(227 * KB, 90)
 
