@@ -11,12 +11,12 @@ index's keys into one array and calls flash_attention on it, once per batch inde
 from __future__ import annotations
 
 import numbers
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
 from . import _device, _interop, planner
-from ._typing import Array, Backend
+from ._typing import Array, Backend, Fp32Kernel
 from ._validate import _INT32_MAX, Problem, validate
 
 
@@ -133,10 +133,10 @@ def _validate(q, k_cache, v_cache, cache_seqlens, block_table, *, backend, **opt
                              num_pages - 1, "page numbers of k_cache")
     if cache_seqlens is not None:
         if isinstance(cache_seqlens, numbers.Integral) and not isinstance(cache_seqlens, (bool, np.bool_)):
-            if not 0 <= cache_seqlens <= capacity:
-                raise ValueError(f"cache_seqlens must lie in [0, {capacity}] (keys the cache holds), "
-                                 f"got {cache_seqlens}")
-            cache_seqlens = np.full(batch, int(cache_seqlens))
+            length = int(cache_seqlens)
+            if not 0 <= length <= capacity:
+                raise ValueError(f"cache_seqlens must lie in [0, {capacity}] (keys the cache holds), got {length}")
+            cache_seqlens = np.full(batch, length)
         seqlens = _index_array("cache_seqlens", cache_seqlens, (batch,), xp, on_gpu, capacity,
                                "keys the cache holds")
     if on_gpu:
@@ -187,9 +187,7 @@ def _per_batch(cache: _Cache):
     B, H, Nq, d = q.shape
     O = xp.zeros(q.shape, dtype=q.dtype)
     L = xp.full((B, H, Nq), -np.inf, dtype=np.float32)   # a batch index without keys keeps O = 0, L = -inf
-    options = dict(causal=p.causal, softmax_scale=p.scale, window=p.window, softcap=p.softcap, return_lse=True,
-                   backend=p.backend, **({"fp32_kernel": p.fp32} if p.fp32 in ("3xtf32", "simt") else
-                                         {"allow_tf32": True} if p.fp32 == "tf32" else {}))
+    fp32_kernel = cast(Fp32Kernel, p.fp32 if p.fp32 in ("3xtf32", "simt") else "auto")   # the float32 mode given
     for b, n in enumerate(lengths):
         n = min(max(n, 0), p.Nk)   # as the kernel clamps a GPU length
         if n == 0:
@@ -200,5 +198,7 @@ def _per_batch(cache: _Cache):
             pages = xp.asarray(table[b, :-(-n // cache.page)])   # (pages, kv_heads, page, d) -> (kv_heads, keys, d)
             k, v = (x[pages].swapaxes(0, 1).reshape(H // p.group, -1, d)[:, :n] for x in (cache.k_cache, cache.v_cache))
         slopes = None if alibi is None else alibi[b]
-        O[b], L[b] = flash_attention(q[b], k, v, alibi_slopes=slopes, **options)
+        O[b], L[b] = flash_attention(q[b], k, v, causal=p.causal, softmax_scale=p.scale, window=p.window,
+                                     softcap=p.softcap, alibi_slopes=slopes, return_lse=True, backend=cast(Backend, p.backend),
+                                     allow_tf32=p.fp32 == "tf32", fp32_kernel=fp32_kernel)
     return O, L
