@@ -124,8 +124,8 @@ def _validate(q, k_cache, v_cache, cache_seqlens, block_table, *, backend, **opt
         capacity = pages_per_seq * page
         # flash_attention's checks of the keys see (batch, kv_heads, capacity, d) stand-ins: one
         # page row repeated (zero strides; never read).
-        keys = tuple(xp.broadcast_to(x[:1, :, :1], (batch,) + tuple(x.shape[1:2]) + (capacity, x.shape[3]))
-                     for x in (k_cache, v_cache))
+        keys = tuple((_device.cupy() if _device.is_cupy_array(x) else np).broadcast_to(
+            x[:1, :, :1], (batch, x.shape[1], capacity, x.shape[3])) for x in (k_cache, v_cache))
     problem = validate(q, *keys, backend=backend, **options)
     seqlens = table = None
     if block_table is not None:
