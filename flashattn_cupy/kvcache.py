@@ -70,13 +70,7 @@ class _Cache:
 def _index_array(name: str, x, shape: tuple, xp, on_gpu: bool, high: int, high_name: str):
     """An integer array argument as int32 of this shape, on the arrays' side (xp); host values
     checked to lie in [0, high]."""
-    if _interop._is_foreign(x):
-        x = _interop._native(name, x)
-    if isinstance(x, (list, tuple)):
-        x = np.asarray(x)
-    if not (isinstance(x, np.ndarray) or _device.is_cupy_array(x)):
-        raise TypeError(f"{name} must be an integer array (NumPy, CuPy, torch, a list), "
-                        f"got {type(x).__module__}.{type(x).__qualname__}")
+    x = _interop.small_array(name, x, "an integer array (NumPy, CuPy, torch, a list)")
     if np.dtype(x.dtype).kind not in "iu":
         raise TypeError(f"{name} must hold integers, got dtype {np.dtype(x.dtype)}: cast with .astype(int32)")
     if tuple(x.shape) != shape:
