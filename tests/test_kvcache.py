@@ -58,7 +58,7 @@ OPTIONS = [dict(), dict(causal=True), dict(window=(5, 0)), dict(softcap=3.0, ali
 
 def _decoding_plan(q, k, v, seqlens, table, **kw):
     """The decoding plan flash_attention_kvcache runs for these CuPy arguments (None: none)."""
-    options = dict(causal=False, softmax_scale=None, window=None, softcap=0.0, alibi_slopes=None, **kw)
+    options = {"causal": False, "softmax_scale": None, "window": None, "softcap": 0.0, "alibi_slopes": None, **kw}
     return kvcache._decoding_plan(kvcache._validate(q, k, v, seqlens, table, backend="auto", return_lse=True,
                                                     **options))
 
