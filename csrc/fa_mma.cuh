@@ -191,15 +191,17 @@ __device__ __forceinline__ bool vec_ok(const T* p, long long sb, long long sh, l
 
 // Rows [0, ROWS) x columns [0, D) of a tile into shared memory (row pitch DP elements); rows
 // past `rows` and columns past d become zeros. 16-byte chunks when `vec`, elements otherwise.
-template <typename T, int ROWS, int D, int DP, int NT, int ARCH>
-__device__ __forceinline__ void load_tile(typename fa_elem<T>::bits* dst, const T* src, long long stride,
+// Row r starts at row(r) (r < rows only; `any` is a valid address for the chunks that copy
+// nothing): a strided tile (load_tile below) or one gathered from the pages of a paged KV cache.
+template <typename T, int ROWS, int D, int DP, int NT, int ARCH, typename RowAt>
+__device__ __forceinline__ void load_rows(typename fa_elem<T>::bits* dst, RowAt row, const T* any,
                                           int rows, int d, bool vec) {
     constexpr int VEC = fa_elem<T>::VEC, CH = D / VEC;
     for (int i = threadIdx.x; i < ROWS * CH; i += NT) {
         const int r = i / CH, c = (i % CH) * VEC;
         typename fa_elem<T>::bits* s = dst + r * DP + c;
         const bool in = r < rows && c < d;
-        const T* g = src + (in ? r * stride + c : 0);
+        const T* g = in ? row(r) + c : any;
         if (vec) {
             if constexpr (ARCH >= 80) {
                 cp_async_16(s, g, in ? 16 : 0);
@@ -212,4 +214,10 @@ __device__ __forceinline__ void load_tile(typename fa_elem<T>::bits* dst, const 
             for (int e = 0; e < VEC; ++e) s[e] = (in && c + e < d) ? fa_elem<T>::get(g[e]) : 0;
         }
     }
+}
+
+template <typename T, int ROWS, int D, int DP, int NT, int ARCH>
+__device__ __forceinline__ void load_tile(typename fa_elem<T>::bits* dst, const T* src, long long stride,
+                                          int rows, int d, bool vec) {
+    load_rows<T, ROWS, D, DP, NT, ARCH>(dst, [=](int r) { return src + r * stride; }, src, rows, d, vec);
 }

@@ -8,11 +8,16 @@
 //   read once per k/v head, not once per q head. The key tiles some row sees (all, or the
 //   window's: fa_mask.cuh) are dealt round-robin to gridDim.x splits of whole BC-key tiles
 //   (split s: tiles s, s + splits, ...); a block streams its split through a STAGES-deep
-//   cp.async pipeline (tile t + STAGES - 1 loads while tile t is computed). Each of its NW warps takes BC / NW keys of every tile (Sij = Qi Kj^T, online
-//   softmax, Oi += Pij Vj as in flash_fwd_mma.cu, whose fragments and ldmatrix addressing this
-//   reuses); at the end the warps' (mi, li, Oi) merge through shared memory in a fixed order,
-//   and the block writes its split's partial O_s = Oi / li (fp32) and L_s = mi + log li (natural
-//   log; -inf with O_s = 0 when the split saw no key) to the workspace.
+//   cp.async pipeline (tile t + STAGES - 1 loads while tile t is computed). Each of its NW
+//   warps takes BC / NW keys of every tile (Sij = Qi Kj^T, online softmax, Oi += Pij Vj as in
+//   flash_fwd_mma.cu, whose fragments and ldmatrix addressing this reuses); at the end the
+//   warps' (mi, li, Oi) merge through shared memory in a fixed order, and the block writes its
+//   split's partial O_s = Oi / li (fp32) and L_s = mi + log li (natural log; -inf with O_s = 0
+//   when the split saw no key) to the workspace.
+//   A KV cache (kvcache.py): seqlens_k (or null) gives batch b's number of keys, and
+//   block_table (or null) where they lie: key j of batch b in page block_table[b][j / page]
+//   (page = 2^page_shift rows, K's batch stride k_sb the page stride), row j % page. Pages
+//   are read in place, a tile's rows from as many pages as it spans.
 // flash_decode_combine: one warp per query row merges the splits exactly (merge.py's math, in
 //   fp32): m = max_s L_s, w_s = exp(L_s - m) / sum_s exp(L_s - m), O = sum_s w_s O_s in the
 //   input type, L = m + log(sum_s exp(L_s - m)); every L_s = -inf gives O = 0, L = -inf.
@@ -30,11 +35,12 @@
 template <typename T, int D, int NW, int BC, int STAGES, int MASK>
 __global__ void __launch_bounds__(NW * 32)
 flash_decode(const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V,
-             const float* __restrict__ alibi, float* __restrict__ Op, float* __restrict__ Lp,
-             int B, int H, int group, int Nq, int Nk, int d, int win_left, int win_right,
+             const float* __restrict__ alibi, const int* __restrict__ seqlens_k,
+             const int* __restrict__ block_table, float* __restrict__ Op, float* __restrict__ Lp,
+             int B, int H, int group, int Nq, int Nk, int d, int win_left, int win_right, int page_shift,
              long long q_sb, long long q_sh, long long q_sn,
              long long k_sb, long long k_sh, long long k_sn,
-             long long v_sb, long long v_sh, long long v_sn,
+             long long v_sb, long long v_sh, long long v_sn, long long bt_sb,
              float scale, float softcap)
 {
     using E = fa_elem<T>;
@@ -75,16 +81,22 @@ flash_decode(const T* __restrict__ Q, const T* __restrict__ K, const T* __restri
 
     for (int b = blockIdx.z; b < B; b += gridDim.z)
     for (int hk = blockIdx.y; hk < Hk; hk += gridDim.y) {
-        const fa_seq sq = fa_seq::of(b, 0, Nq, Nk, nullptr, nullptr);
+        // A KV cache: batch b's keys are its first seqlens_k[b] (clamped to [0, Nk]; the window
+        // aligns with them, as causal does), and with a block table key j lives in page
+        // block_table[b][j >> page_shift], row j & (2^page_shift - 1), pages k_sb / v_sb apart.
+        const int nk = seqlens_k ? min(max(seqlens_k[b], 0), Nk) : Nk;
+        const fa_seq sq = fa_seq::of(b, 0, Nq, nk, nullptr, nullptr);
         const fa_window win = fa_window::of(sq, win_left, win_right);
-        int j0 = 0, j1 = (Nk + BC - 1) / BC;   // the key tiles some query row sees ...
+        int j0 = 0, j1 = (nk + BC - 1) / BC;   // the key tiles some query row sees ...
         if (MASK) win.tiles(0, Nq, BC, j0, j1);
         // ... dealt round-robin: split s streams tiles j0 + s, j0 + s + splits, ..., so that the
         // splits of a (batch, k/v head) sweep its K and V side by side, not far apart.
         auto tile = [&](int n) { return j0 + split + n * splits; };
         const T* Qb = Q + b * q_sb + (long long)hk * group * q_sh;
-        const T* Kb = K + b * k_sb + hk * k_sh;
-        const T* Vb = V + b * v_sb + hk * v_sh;
+        const int* pages = block_table ? block_table + b * bt_sb : nullptr;
+        const T* Kb = K + (pages ? 0 : b * k_sb) + hk * k_sh;   // key 0 of this (batch, k/v head)
+        const T* Vb = V + (pages ? 0 : b * v_sb) + hk * v_sh;
+        const int in_page = (1 << page_shift) - 1;
         float slope[2] = {0.f, 0.f};
         if (MASK == FA_MODS && alibi) {
 #pragma unroll
@@ -113,9 +125,19 @@ flash_decode(const T* __restrict__ Q, const T* __restrict__ K, const T* __restri
         auto load_stage = [&](int n) {
             if (tile(n) < j1) {
                 const long long col0 = (long long)tile(n) * BC;
+                const int rows = (int)(nk - col0 < BC ? nk - col0 : BC);
                 bits* Ks = St + (n % STAGES) * STAGE;
-                load_tile<T, BC, D, DP, NT, ARCH>(Ks, Kb + col0 * k_sn, k_sn, (int)(Nk - col0 < BC ? Nk - col0 : BC), d, k_vec);
-                load_tile<T, BC, D, DP, NT, ARCH>(Ks + BC * DP, Vb + col0 * v_sn, v_sn, (int)(Nk - col0 < BC ? Nk - col0 : BC), d, v_vec);
+                if (pages) {
+                    auto at = [&](const T* base, long long page_stride, long long sn, int r) {
+                        const int key = (int)col0 + r;   // < nk
+                        return base + pages[key >> page_shift] * page_stride + (key & in_page) * sn;
+                    };
+                    load_rows<T, BC, D, DP, NT, ARCH>(Ks, [&](int r) { return at(Kb, k_sb, k_sn, r); }, K, rows, d, k_vec);
+                    load_rows<T, BC, D, DP, NT, ARCH>(Ks + BC * DP, [&](int r) { return at(Vb, v_sb, v_sn, r); }, V, rows, d, v_vec);
+                } else {
+                    load_tile<T, BC, D, DP, NT, ARCH>(Ks, Kb + col0 * k_sn, k_sn, rows, d, k_vec);
+                    load_tile<T, BC, D, DP, NT, ARCH>(Ks + BC * DP, Vb + col0 * v_sn, v_sn, rows, d, v_vec);
+                }
             }
             cp_async_commit();
         };
@@ -156,13 +178,13 @@ flash_decode(const T* __restrict__ Q, const T* __restrict__ K, const T* __restri
                         s[nt][e] = score_mod(s[nt][e], fabsf(scale), softcap, slope[e / 2],
                                              win.diag(qi[e / 2]) - (col0 + nt * 8 + 2 * t + e % 2));
             }
-            if (col0 + KW > Nk || (MASK && !win.covers(0, Nq, col0, KW))) {   // edge tiles only
+            if (col0 + KW > nk || (MASK && !win.covers(0, Nq, col0, KW))) {   // edge tiles only
 #pragma unroll
                 for (int nt = 0; nt < NS; ++nt)
 #pragma unroll
                     for (int e = 0; e < 4; ++e) {
                         const int key = col0 + nt * 8 + 2 * t + e % 2;
-                        if (key >= Nk || (MASK && !win.sees(qi[e / 2], key))) s[nt][e] = neg_inf;
+                        if (key >= nk || (MASK && !win.sees(qi[e / 2], key))) s[nt][e] = neg_inf;
                     }
             }
 

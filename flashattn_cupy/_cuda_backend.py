@@ -153,7 +153,7 @@ class Call:
     later call's arrays and options match in all that validation and planning read, calls it
     again, skipping ~85 µs of Python (a model's forward repeats its calls step after step)."""
 
-    def __init__(self, problem, plan, device_id: int, layouts: tuple, copies: bool):
+    def __init__(self, problem, plan, device_id: int, layouts: tuple, copies: bool, paging: tuple = (0, 0)):
         self.plan, self.device_id, self.layouts, self.copies = plan, device_id, layouts, copies
         # what for_keys re-plans from, without the arrays (a kept Call must not keep them alive)
         self.problem = _changed(problem, q=None, k=None, v=None)
@@ -166,7 +166,8 @@ class Call:
         self.pointers = (null() if alibi is None else alibi, null(), null())   # alibi, cu_q, cu_k
         self.kernel = kernels.get(plan, device_id)   # compiled for device_id (kernels.get sets it)
         if plan.splits:   # split-KV decoding: no output strides, then the merge's launch
-            self.scalars = packed(sizes, sum(layouts, ()), (problem.scale, softcap))
+            # paging: (log2 page, block table row stride) of a paged KV cache (kvcache.py), else (0, 0)
+            self.scalars = packed((*sizes, paging[0]), (*sum(layouts, ()), paging[1]), (problem.scale, softcap))
             self.combine = kernels.get(kernels.Variant(plan.combine), device_id)
             rows = B * H * Nq
             self.work = (rows * plan.splits * plan.head_dim_bound, rows * plan.splits)   # Op, Lp floats
@@ -196,9 +197,10 @@ class Call:
                 q, k, v = (_strides(cp.asarray(x), cp)[0] for x in (q, k, v))
             return self.launch(cp, q, k, v)
 
-    def launch(self, cp, q, k, v):
+    def launch(self, cp, q, k, v, seqlens_k=None, block_table=None):
         """The launches on q, k, v as they are (laid out as the call's strides say), on the
-        current stream; the current device must be the call's."""
+        current stream; the current device must be the call's. Decoding also takes a KV cache's
+        lengths and block table (int32 CuPy arrays, kvcache.py)."""
         plan = self.plan
         O = cp.empty(self.out_shape, dtype=self.dtype)
         L = cp.empty(self.lse_shape, dtype=cp.float32)
@@ -210,7 +212,8 @@ class Call:
         # hands it out again only in stream order, so returning it at the end is safe), then the merge.
         work = cp.empty(sum(self.work), dtype=cp.float32)
         Op, Lp = work[:self.work[0]], work[self.work[0]:]
-        self.kernel(plan.grid, (plan.threads,), (q, k, v, self.pointers[0], Op, Lp, *self.scalars),
+        cache = tuple(null() if x is None else x for x in (seqlens_k, block_table))
+        self.kernel(plan.grid, (plan.threads,), (q, k, v, self.pointers[0], *cache, Op, Lp, *self.scalars),
                     shared_mem=plan.smem_bytes)
         self.combine(self.combine_grid, (32 * COMBINE_WARPS,), (Op, Lp, O, L, *self.combine_scalars))
         return O, L
@@ -231,6 +234,22 @@ def run_call(problem, plan, device_id: int):
         call = Call(problem, plan, device_id, (qs, ks, vs), copies=any(a is not b for a, b in zip((q, k, v), given)))
         O, L = call.launch(cp, q, k, v)
     return O, L, call
+
+
+def run_kvcache(cache, plan, device_id: int):
+    """(O, L) of kvcache.py's call by split-KV decoding on the cache as it lies: k_cache's dim 0
+    (batch, or page) stride is the kernel's batch stride, the lengths and the block table go as
+    pointers. NumPy inputs are copied to device_id and the results back."""
+    cp = cupy()
+    problem = cache.problem
+    with cp.cuda.Device(device_id):
+        (q, qs), (k, ks), (v, vs) = (_strides(cp.asarray(x), cp) for x in (problem.q, cache.k_cache, cache.v_cache))
+        ks, vs = ((x.strides[0] // x.itemsize, *s[1:]) for x, s in ((k, ks), (v, vs)))   # dim 0 even when 1 long
+        seqlens, table = (None if x is None else cp.asarray(x) for x in (cache.seqlens, cache.table))
+        paging = (0, 0) if table is None else (cache.page.bit_length() - 1, table.shape[1])
+        call = Call(problem, plan, device_id, (qs, ks, vs), copies=False, paging=paging)
+        O, L = call.launch(cp, q, k, v, seqlens, table)
+    return (O, L) if problem.on_gpu else (O.get(), L.get())
 
 
 def launch(plan, device_id, q, k, v, O, L, qs, ks, vs, os_, ls, *, batch, heads, group, Nq, Nk, d,

@@ -41,6 +41,19 @@ def _describe(x) -> str:
     return f"{type(x).__module__}.{type(x).__qualname__}"
 
 
+def small_array(name: str, x, what: str):
+    """An index or offset argument as a NumPy or CuPy array: a list or tuple becomes NumPy, a
+    torch/JAX/DLPack array its native kind (no copy); anything else is a TypeError saying that
+    `name` must be `what`."""
+    if _is_foreign(x):
+        x = _native(name, x)
+    if isinstance(x, (list, tuple)):
+        x = np.asarray(x)
+    if not (isinstance(x, np.ndarray) or _device.is_cupy_array(x)):
+        raise TypeError(f"{name} must be {what}, got {_describe(x)}")
+    return x
+
+
 def _native(name: str, x):
     """x as a NumPy or CuPy array over the same memory."""
     if getattr(x, "requires_grad", False):

@@ -3,7 +3,8 @@ flash-attn package ports by changing one import:
 
     from flashattn_cupy.flash_attn_interface import flash_attn_func   # was: from flash_attn import ...
 
-flash_attn_varlen_func takes the same batch packed without padding (cu_seqlens offsets).
+flash_attn_varlen_func takes the same batch packed without padding (cu_seqlens offsets), and
+flash_attn_with_kvcache a KV cache, paged or not, with each batch index's length.
 
 Tensors are (batch, seqlen, nheads, headdim), as in flash-attn. They are read through their
 strides: the CUDA kernels take the (batch, nheads, seqlen, headdim) view of them in place (the
@@ -19,6 +20,7 @@ from typing import Any
 from . import _interop
 from ._typing import Array, Backend
 from .api import flash_attention
+from .kvcache import flash_attention_kvcache
 from .varlen import flash_attention_varlen
 
 def flash_attn_func(q: Array, k: Array, v: Array, dropout_p: float = 0.0, softmax_scale: float | None = None,
@@ -98,6 +100,61 @@ def flash_attn_varlen_func(q: Array, k: Array, v: Array, cu_seqlens_q: Array, cu
     if return_attn_probs:
         return out, lse, None
     return (out, lse) if return_lse else out
+
+
+def flash_attn_with_kvcache(q: Array, k_cache: Array, v_cache: Array, k: Array | None = None,
+                            v: Array | None = None, rotary_cos: Array | None = None,
+                            rotary_sin: Array | None = None, cache_seqlens: Array | int | None = None,
+                            cache_batch_idx: Array | None = None, cache_leftpad: Array | None = None,
+                            block_table: Array | None = None, softmax_scale: float | None = None,
+                            causal: bool = False, window_size: tuple[int, int] = (-1, -1), softcap: float = 0.0,
+                            rotary_interleaved: bool = True, alibi_slopes: Array | None = None,
+                            num_splits: int = 0, return_softmax_lse: bool = False, *,
+                            backend: Backend = "auto") -> Any:
+    """Attention against a KV cache, as flash_attn.flash_attn_with_kvcache (decoding).
+
+    q: (batch, seqlen_q, nheads, headdim).
+    k_cache, v_cache: (batch, seqlen_cache, nheads_k, headdim), or with block_table a paged
+        cache (num_blocks, page_block_size, nheads_k, headdim), page_block_size a power of two.
+    cache_seqlens: None, an int or an int array (batch,): the keys each batch index sees.
+    block_table: None, or int32 (batch, max_num_blocks_per_seq): page numbers.
+    softmax_scale, causal, window_size, softcap, alibi_slopes: as in flash_attn_func, aligned
+        with each batch index's cache_seqlens.
+    return_softmax_lse: return (out, softmax_lse).
+    Not supported (a ValueError unless left at their defaults): k and v (appending new keys:
+    write them into the cache and pass the longer cache_seqlens), rotary_cos / rotary_sin
+    (rotary_interleaved only says how they would apply), cache_batch_idx, cache_leftpad, and
+    num_splits other than 0 (the planner chooses the split count).
+
+    Returns out, (batch, seqlen_q, nheads, headdim), contiguous; and softmax_lse, (batch,
+    nheads, seqlen_q) float32. See flashattn_cupy.flash_attention_kvcache.
+    """
+    window = _check_flash_attn_args(0.0, causal, window_size, False, False, return_softmax_lse)
+    _check_flag("rotary_interleaved", rotary_interleaved)
+    for name, x, what in (("k", k, "append new keys and values to the cache yourself (k_cache[b, n] = ...) "
+                                   "and pass the longer cache_seqlens"),
+                          ("v", v, "see k"), ("rotary_cos", rotary_cos, "apply rotary embeddings to q and k first"),
+                          ("rotary_sin", rotary_sin, "apply rotary embeddings to q and k first"),
+                          ("cache_batch_idx", cache_batch_idx, "index the cache yourself (k_cache[idx])"),
+                          ("cache_leftpad", cache_leftpad, "keep each sequence's keys at the start of its cache")):
+        if x is not None:
+            raise ValueError(f"{name} is not supported; {what}, and pass {name}=None")
+    if isinstance(num_splits, bool) or not isinstance(num_splits, numbers.Integral):
+        raise TypeError(f"num_splits must be an int, got {num_splits!r}")
+    if num_splits != 0:
+        raise ValueError(f"num_splits={num_splits}: the planner chooses how the keys are split; pass 0")
+    with _interop.caller_arrays(q, k_cache, v_cache) as (q, k_cache, v_cache, export):
+        for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+            if x.ndim != 4:
+                raise ValueError(f"flash_attn_with_kvcache takes {name} with 4 dims (batch or blocks, seqlen, "
+                                 f"nheads, headdim), got shape {tuple(x.shape)}")
+        # (batch, seqlen, heads, d) -> (batch, heads, seqlen, d): views, no copies
+        O, L = flash_attention_kvcache(q.swapaxes(1, 2), k_cache.swapaxes(1, 2), v_cache.swapaxes(1, 2),
+                                       cache_seqlens=cache_seqlens, block_table=block_table, causal=causal,
+                                       softmax_scale=softmax_scale, window=window, softcap=softcap,
+                                       alibi_slopes=alibi_slopes, return_lse=True, backend=backend)
+        out = export(O.swapaxes(1, 2).copy())   # contiguous (batch, seqlen, heads, d), as flash-attn's
+        return (out, export(L)) if return_softmax_lse else out
 
 
 def _check_flag(name: str, value) -> bool:

@@ -94,13 +94,7 @@ def _check_packed(name: str, x) -> None:
 
 def _offsets(name: str, cu, total: int, max_seqlen, max_name: str) -> tuple[Any, np.ndarray]:
     """(cu as given, or NumPy from a list; its lengths on the host) after every check."""
-    if _interop._is_foreign(cu):
-        cu = _interop._native(name, cu)
-    if isinstance(cu, (list, tuple)):
-        cu = np.asarray(cu)
-    if not (isinstance(cu, np.ndarray) or _device.is_cupy_array(cu)):
-        raise TypeError(f"{name} must be an int32 or int64 1-D array of sequence offsets, "
-                        f"got {type(cu).__module__}.{type(cu).__qualname__}")
+    cu = _interop.small_array(name, cu, "an int32 or int64 1-D array of sequence offsets")
     if np.dtype(cu.dtype) not in (np.int32, np.int64):
         raise TypeError(f"{name} must be int32 or int64, got {np.dtype(cu.dtype)}: cast with .astype(int32)")
     if cu.ndim != 1 or cu.shape[0] < 1:

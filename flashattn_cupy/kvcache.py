@@ -1,0 +1,198 @@
+"""flash_attention_kvcache: attention against a KV cache, each batch index with its own number of
+keys, the cache optionally paged (a block table, as vLLM and flash-attn's flash_attn_with_kvcache
+keep it).
+
+The CUDA path for decoding shapes (fp16/bf16 on sm_80+, group * Nq <= 16 rows a k/v head) is
+split-KV decoding (csrc/flash_decode.cu) reading the lengths and the pages on the GPU: no copy,
+no host synchronization, one plan for every step of a decoding loop. Every other call (float32,
+more query rows, the C twin, the reference) reads the lengths on the host, gathers each batch
+index's keys into one array and calls flash_attention on it, once per batch index.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Any, cast
+
+import numpy as np
+
+from . import _device, _interop, planner
+from ._typing import Array, Backend, Fp32Kernel
+from ._validate import _INT32_MAX, Problem, validate
+
+
+def flash_attention_kvcache(q: Array, k_cache: Array, v_cache: Array, *, cache_seqlens: Array | int | None = None,
+                            block_table: Array | None = None, causal: bool = False,
+                            softmax_scale: float | None = None, window: tuple[int, int] | None = None,
+                            softcap: float = 0.0, alibi_slopes: Array | None = None, return_lse: bool = False,
+                            backend: Backend = "auto") -> Any:
+    """Attention of q against a KV cache: batch index b sees the first cache_seqlens[b] keys.
+
+    q: (batch, heads, Nq, d).
+    k_cache, v_cache: (batch, kv_heads, Ncache, d); or, with block_table, a paged cache
+        (num_pages, kv_heads, page, d), page a power of two (16, 256, ...). Any strides with a
+        contiguous last dim (flash-attn's (num_pages, page, kv_heads, d) is
+        k_cache.transpose(0, 2, 1, 3)). kv_heads divides heads (GQA/MQA).
+    cache_seqlens: None (every key: Ncache, or pages_per_seq * page), an int, or an integer
+        array (batch,): the keys of batch b are its first cache_seqlens[b] (0 gives O = 0 and
+        L = -inf). causal and window align with them: query i sits at key
+        cache_seqlens[b] - Nq + i, as in flash-attn.
+    block_table: None, or an integer array (batch, pages_per_seq): key j of batch b is row
+        j % page of page block_table[b, j // page]. Entries past a sequence's last page are
+        not read.
+    causal, softmax_scale, window, softcap, alibi_slopes, return_lse, backend: as in
+        flash_attention.
+
+    Lengths and page numbers given on the host are checked there (0 <= cache_seqlens[b] <=
+    capacity, 0 <= block_table < num_pages); on the GPU they are not read back: a length out of
+    range is clamped into [0, capacity] by the kernel, a page number out of range reads memory
+    that is not the cache's. Returns O (batch, heads, Nq, d) like q, and with return_lse L
+    (batch, heads, Nq) float32.
+    """
+    with _interop.caller_arrays(q, k_cache, v_cache) as (q, k_cache, v_cache, export):
+        cache = _validate(q, k_cache, v_cache, cache_seqlens, block_table, causal=causal,
+                          softmax_scale=softmax_scale, window=window, softcap=softcap,
+                          alibi_slopes=alibi_slopes, return_lse=return_lse, backend=backend)
+        O, L = _run(cache)
+        return (export(O), export(L)) if return_lse else export(O)
+
+
+class _Cache:
+    """A validated call: flash_attention's Problem over the cache's keys (k and v stand-ins of
+    shape (batch, kv_heads, capacity, d)) and where those keys are."""
+
+    def __init__(self, problem: Problem, k_cache, v_cache, seqlens, table, page: int | None):
+        self.problem, self.k_cache, self.v_cache = problem, k_cache, v_cache
+        self.seqlens = seqlens   # None (all capacity keys), or int (batch,) on the arrays' side
+        self.table = table       # None, or int32 (batch, pages_per_seq) on the arrays' side
+        self.page = page         # keys a page, None when not paged
+
+
+def _index_array(name: str, x, shape: tuple, xp, on_gpu: bool, high: int, high_name: str):
+    """An integer array argument as int32 of this shape, on the arrays' side (xp); host values
+    checked to lie in [0, high]."""
+    x = _interop.small_array(name, x, "an integer array (NumPy, CuPy, torch, a list)")
+    if np.dtype(x.dtype).kind not in "iu":
+        raise TypeError(f"{name} must hold integers, got dtype {np.dtype(x.dtype)}: cast with .astype(int32)")
+    if tuple(x.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(x.shape)}")
+    if _device.is_cupy_array(x):
+        if not on_gpu:
+            raise TypeError(f"{name} is a CuPy array and q, k_cache, v_cache are NumPy arrays; pass a NumPy "
+                            f"{name}, or CuPy q, k_cache, v_cache")
+    else:
+        if x.size and (x.min() < 0 or x.max() > high):
+            raise ValueError(f"{name} must lie in [0, {high}] ({high_name}), got values from {x.min()} "
+                             f"to {x.max()}")
+    return xp.ascontiguousarray(xp.asarray(x, dtype=np.int32))
+
+
+def _validate(q, k_cache, v_cache, cache_seqlens, block_table, *, backend, **options) -> _Cache:
+    for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if getattr(x, "ndim", None) != 4:
+            raise ValueError(f"{name} must have 4 dims: q (batch, heads, Nq, d), k_cache and v_cache (batch, "
+                             f"kv_heads, Ncache, d) or, paged, (num_pages, kv_heads, page, d); got shape "
+                             f"{tuple(getattr(x, 'shape', ()))}")
+    if tuple(k_cache.shape) != tuple(v_cache.shape):
+        raise ValueError(f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} and "
+                         f"{tuple(v_cache.shape)}")
+    batch, page = q.shape[0], None
+    kinds = {isinstance(x, np.ndarray) for x in (q, k_cache, v_cache)}
+    on_gpu = kinds == {False} and _device.is_cupy_array(q)
+    xp = _device.cupy() if on_gpu else np
+    if block_table is None:
+        if k_cache.shape[0] != batch:
+            raise ValueError(f"k_cache and v_cache must have q's batch ({batch}) as dim 0 (or pass block_table "
+                             f"for a paged cache), got shape {tuple(k_cache.shape)}")
+        capacity = k_cache.shape[2]
+        keys = k_cache, v_cache
+    else:
+        num_pages, page = k_cache.shape[0], k_cache.shape[2]
+        if page & (page - 1):
+            raise ValueError(f"the page size (dim 2 of a paged k_cache, {page}) must be a power of two")
+        pages_per_seq = getattr(block_table, "shape", (None, None))[-1]
+        if not isinstance(pages_per_seq, numbers.Integral):
+            pages_per_seq = len(block_table[0]) if isinstance(block_table, (list, tuple)) and block_table else 0
+        if not 1 <= pages_per_seq * page <= _INT32_MAX:
+            raise ValueError(f"block_table must have shape (batch, pages_per_seq) with pages_per_seq * page "
+                             f"between 1 and 2**31 - 1, got pages_per_seq {pages_per_seq}, page {page}")
+        capacity = pages_per_seq * page
+        # flash_attention's checks of the keys see (batch, kv_heads, capacity, d) stand-ins: one
+        # page row repeated (zero strides; never read).
+        keys = tuple((_device.cupy() if _device.is_cupy_array(x) else np).broadcast_to(
+            x[:1, :, :1], (batch, x.shape[1], capacity, x.shape[3])) for x in (k_cache, v_cache))
+    problem = validate(q, *keys, backend=backend, **options)
+    seqlens = table = None
+    if block_table is not None:
+        table = _index_array("block_table", block_table, (batch, capacity // page), xp, on_gpu,
+                             num_pages - 1, "page numbers of k_cache")
+    if cache_seqlens is not None:
+        if isinstance(cache_seqlens, numbers.Integral) and not isinstance(cache_seqlens, (bool, np.bool_)):
+            length = int(cache_seqlens)
+            if not 0 <= length <= capacity:
+                raise ValueError(f"cache_seqlens must lie in [0, {capacity}] (keys the cache holds), got {length}")
+            cache_seqlens = np.full(batch, length)
+        seqlens = _index_array("cache_seqlens", cache_seqlens, (batch,), xp, on_gpu, capacity,
+                               "keys the cache holds")
+    if on_gpu:
+        for name, x in (("block_table", table), ("cache_seqlens", seqlens)):
+            if x is not None and x.device.id != q.device.id:
+                raise ValueError(f"{name} is on GPU {x.device.id} and q on GPU {q.device.id}; copy it there")
+    return _Cache(problem, k_cache, v_cache, seqlens, table, page)
+
+
+def _decoding_plan(cache: _Cache):
+    """The split-KV decoding plan that reads the cache in place, or None where the call needs
+    another kernel (not fp16/bf16 on sm_80+, more than 16 rows a k/v head, no tile that fits)."""
+    p = cache.problem
+    if p.backend != "cuda" or p.dtype not in planner.DECODE_DTYPES or p.group * p.Nq > planner.DECODE_MAX_ROWS:
+        return None
+    from . import api
+    device_id = api._device_id(p)
+    if _device.compute_capability(device_id) < 80:
+        return None
+    if planner.decode_tiles(planner.head_dim_bound(p.d), _device.smem_limit(device_id)) is None:
+        return None
+    from ._cuda_backend import mask_options
+    return planner.cached_plan(p.Nq, p.Nk, p.d, dtype=p.dtype, causal=p.causal, batch=p.batch, heads=p.heads,
+                               backend="cuda", smem_limit=_device.smem_limit(device_id),
+                               arch=_device.compute_capability(device_id), group=p.group,
+                               sm_count=_device.sm_count(device_id), decode=True, **mask_options(p))
+
+
+def _run(cache: _Cache):
+    plan = _decoding_plan(cache)
+    if plan is not None:
+        from . import _cuda_backend, api
+        return _cuda_backend.run_kvcache(cache, plan, api._device_id(cache.problem))
+    return _per_batch(cache)
+
+
+def _per_batch(cache: _Cache):
+    """flash_attention once per batch index on its keys, gathered from the cache (its lengths
+    read on the host)."""
+    from .api import flash_attention
+    p = cache.problem
+    xp = _device.cupy() if p.on_gpu else np
+    host = lambda x: x if isinstance(x, np.ndarray) else x.get()  # noqa: E731
+    lengths = [p.Nk] * p.batch if cache.seqlens is None else host(cache.seqlens).tolist()
+    table = None if cache.table is None else host(cache.table)
+    q = p.q
+    alibi = p.alibi if p.alibi is None or p.on_gpu else host(p.alibi)   # the cuda backend's are on the GPU
+    B, H, Nq, d = q.shape
+    O = xp.zeros(q.shape, dtype=q.dtype)
+    L = xp.full((B, H, Nq), -np.inf, dtype=np.float32)   # a batch index without keys keeps O = 0, L = -inf
+    fp32_kernel = cast(Fp32Kernel, p.fp32 if p.fp32 in ("3xtf32", "simt") else "auto")   # the float32 mode given
+    for b, n in enumerate(lengths):
+        n = min(max(n, 0), p.Nk)   # as the kernel clamps a GPU length
+        if n == 0:
+            continue
+        if table is None:
+            k, v = cache.k_cache[b, :, :n], cache.v_cache[b, :, :n]
+        else:
+            pages = xp.asarray(table[b, :-(-n // cache.page)])   # (pages, kv_heads, page, d) -> (kv_heads, keys, d)
+            k, v = (x[pages].swapaxes(0, 1).reshape(H // p.group, -1, d)[:, :n] for x in (cache.k_cache, cache.v_cache))
+        slopes = None if alibi is None else alibi[b]
+        O[b], L[b] = flash_attention(q[b], k, v, causal=p.causal, softmax_scale=p.scale, window=p.window,
+                                     softcap=p.softcap, alibi_slopes=slopes, return_lse=True, backend=cast(Backend, p.backend),
+                                     allow_tf32=p.fp32 == "tf32", fp32_kernel=fp32_kernel)
+    return O, L

@@ -1,0 +1,205 @@
+"""flash_attention_kvcache and flash_attn_with_kvcache: a KV cache with a length per batch index,
+contiguous or paged (a block table).
+
+The oracle gathers each batch index's keys row by row from the cache (key j of batch b: page
+block_table[b, j // page], row j % page) and runs the float64 reference on them. On CUDA the
+decoding kernel reads the pages in place; a paged cache and a contiguous one holding the same
+keys must then give the same bits (same plan, same arithmetic, only the addresses differ).
+"""
+import numpy as np
+import pytest
+
+from backends import np_dtype
+from flashattn_cupy import (_device, flash_attention, flash_attention_kvcache, flash_attn_with_kvcache, kvcache,
+                            plan_for)
+from tolerances import assert_attention_close, kernel_rounding
+
+
+def _cache(rng, lengths, *, H=4, Hk=2, Nq=1, d=40, page=None, capacity=96, dtype="float32", spare=3):
+    """q (B, H, Nq, d), k_cache, v_cache and block_table (None when page is None: a contiguous
+    (B, Hk, capacity, d) cache). A paged cache holds B * capacity / page pages and `spare` more,
+    dealt to the batch indices in a shuffled order (pages of one sequence are not adjacent)."""
+    B, t = len(lengths), np_dtype(dtype)
+    q = rng.standard_normal((B, H, Nq, d)).astype(t)
+    if page is None:
+        k, v = (rng.standard_normal((B, Hk, capacity, d)).astype(t) for _ in range(2))
+        return q, k, v, None
+    per_seq = capacity // page
+    pages = B * per_seq + spare
+    k, v = (rng.standard_normal((pages, Hk, page, d)).astype(t) for _ in range(2))
+    table = rng.permutation(pages)[:B * per_seq].reshape(B, per_seq).astype(np.int32)
+    return q, k, v, table
+
+
+def _keys(k_cache, table, b, n, page):
+    """Batch b's first n keys, (Hk, n, d), gathered one row at a time."""
+    if table is None:
+        return k_cache[b, :, :n]
+    return np.stack([k_cache[table[b, j // page], :, j % page] for j in range(n)], axis=1)
+
+
+def _check(O, L, q, k, v, table, lengths, page, rounding, **kw):
+    """Every batch index against the float64 reference on its gathered keys."""
+    slopes = kw.pop("alibi_slopes", None)
+    for b, n in enumerate(lengths):
+        if n == 0:
+            assert (O[b] == 0).all() and np.isneginf(L[b]).all()
+            continue
+        per_b = None if slopes is None else (slopes if slopes.ndim == 1 else slopes[b])
+        assert_attention_close(O[b], L[b], q[b], _keys(k, table, b, n, page), _keys(v, table, b, n, page),
+                               alibi_slopes=per_b, **rounding, **kw)
+
+
+# lengths: an empty sequence, ragged ones (a partial last page and tile), a full cache
+LENGTHS = [0, 37, 96, 1, 64]
+OPTIONS = [dict(), dict(causal=True), dict(window=(5, 0)), dict(softcap=3.0, alibi="batch"),
+           dict(causal=True, alibi="heads", softmax_scale=-0.2)]
+
+
+def _decoding_plan(q, k, v, seqlens, table, **kw):
+    """The decoding plan flash_attention_kvcache runs for these CuPy arguments (None: none)."""
+    options = {"causal": False, "softmax_scale": None, "window": None, "softcap": 0.0, "alibi_slopes": None, **kw}
+    return kvcache._decoding_plan(kvcache._validate(q, k, v, seqlens, table, backend="auto", return_lse=True,
+                                                    **options))
+
+
+def _options(rng, options, B, H):
+    alibi = options.get("alibi")
+    slopes = None if alibi is None else rng.uniform(0, 1, (H,) if alibi == "heads" else (B, H)).astype(np.float32)
+    return {**{key: value for key, value in options.items() if key != "alibi"}, "alibi_slopes": slopes}
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(o) or "plain")
+@pytest.mark.parametrize("page", [None, 1, 16, 32])
+@pytest.mark.parametrize("Nq", [1, 6])
+def test_c_matches_the_reference(rng, options, page, Nq):
+    q, k, v, table = _cache(rng, LENGTHS, page=page, Nq=Nq)
+    kw = _options(rng, options, len(LENGTHS), 4)
+    O, L = flash_attention_kvcache(q, k, v, cache_seqlens=np.array(LENGTHS, np.int32), block_table=table,
+                                   return_lse=True, **kw)
+    assert O.shape == q.shape and O.dtype == q.dtype and L.shape == q.shape[:-1] and L.dtype == np.float32
+    _check(O, L, q, k, v, table, LENGTHS, page, {}, **kw)
+
+
+def test_every_key_by_default_an_int_length_and_the_reference_backend(rng):
+    """cache_seqlens=None is the whole cache (flash_attention on it, bitwise on the C twin); an
+    int is that length for every batch index; backend="reference" takes the same path."""
+    q, k, v, table = _cache(rng, [96, 96], page=16)
+    whole = np.concatenate([k[table[:, i]] for i in range(table.shape[1])], axis=2)   # (B, Hk, 96, d)
+    values = np.concatenate([v[table[:, i]] for i in range(table.shape[1])], axis=2)
+    O = flash_attention_kvcache(q, k, v, block_table=table, causal=True)
+    np.testing.assert_array_equal(O, flash_attention(q, whole, values, causal=True))
+    O_int = flash_attention_kvcache(q, k, v, cache_seqlens=40, block_table=table)
+    np.testing.assert_array_equal(O_int, flash_attention_kvcache(q, k, v, cache_seqlens=[40, 40], block_table=table))
+    O_ref, L_ref = flash_attention_kvcache(q, k, v, cache_seqlens=[40, 7], block_table=table, backend="reference",
+                                           return_lse=True)
+    _check(O_ref, L_ref, q, k, v, table, [40, 7], 16, {"compute": "float64"})
+
+
+def test_flash_attn_with_kvcache_is_flash_attention_kvcache(rng):
+    """flash-attn's layout (batch or pages, seqlen, heads, d) is the transpose of ours: the same
+    bits, out contiguous; the arguments it has and we do not are refused."""
+    q, k, v, table = _cache(rng, [50, 3], page=16, Nq=2)
+    slopes = rng.uniform(0, 1, 4).astype(np.float32)
+    O, L = flash_attention_kvcache(q, k, v, cache_seqlens=[50, 3], block_table=table, causal=True,
+                                   window=(9, 0), softcap=4.0, alibi_slopes=slopes, return_lse=True)
+    flip = lambda x: np.ascontiguousarray(x.swapaxes(1, 2))  # noqa: E731
+    out, lse = flash_attn_with_kvcache(flip(q), flip(k), flip(v), cache_seqlens=np.array([50, 3], np.int32),
+                                       block_table=table, causal=True, window_size=(9, 4), softcap=4.0,
+                                       alibi_slopes=slopes, return_softmax_lse=True)
+    assert out.flags.c_contiguous
+    np.testing.assert_array_equal(out, flip(O))
+    np.testing.assert_array_equal(lse, L)
+    for name, value, match in (("k", flip(q), "k is not supported"), ("rotary_cos", q, "rotary_cos is not"),
+                               ("cache_batch_idx", [0, 1], "cache_batch_idx is not"),
+                               ("cache_leftpad", [0, 0], "cache_leftpad is not"), ("num_splits", 2, "num_splits=2")):
+        with pytest.raises(ValueError, match=match):
+            flash_attn_with_kvcache(flip(q), flip(k), flip(v), block_table=table, **{name: value})
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda q, k, v, t: flash_attention_kvcache(q[0], k, v, block_table=t), "q must have 4 dims"),
+    (lambda q, k, v, t: flash_attention_kvcache(q, k, v[:, :1], block_table=t), "the same shape"),
+    (lambda q, k, v, t: flash_attention_kvcache(q, k[:, :, :12], v[:, :, :12], block_table=t), "power of two"),
+    (lambda q, k, v, t: flash_attention_kvcache(q, k, v), "batch \\(2\\) as dim 0"),
+    (lambda q, k, v, t: flash_attention_kvcache(q, k, v, block_table=t[:1]), "shape \\(2, 2\\)"),
+    (lambda q, k, v, t: flash_attention_kvcache(q, k, v, block_table=t.astype(np.float32)), "integers"),
+    (lambda q, k, v, t: flash_attention_kvcache(q, k, v, block_table=t + 100), "lie in \\[0, 6\\]"),
+    (lambda q, k, v, t: flash_attention_kvcache(q, k, v, block_table=t, cache_seqlens=[3, 33]), "lie in \\[0, 32\\]"),
+    (lambda q, k, v, t: flash_attention_kvcache(q, k, v, block_table=t, cache_seqlens=-1), "lie in \\[0, 32\\]"),
+    (lambda q, k, v, t: flash_attention_kvcache(q, k, v, block_table=t, cache_seqlens=[1]), "shape \\(2,\\)"),
+    (lambda q, k, v, t: flash_attention_kvcache(q, k[:, :, :, :8], v[:, :, :, :8], block_table=t), "head dim"),
+])
+def test_errors_say_what_to_fix(rng, call, match):
+    q, k, v, table = _cache(rng, [32, 32], page=16, capacity=32, spare=3)
+    with pytest.raises((ValueError, TypeError), match=match):
+        call(q, k, v, table)
+
+
+# ---- CUDA: the decoding kernel reading the cache in place ----
+
+GPU_CASES = [   # (H, Hk, Nq, d, page, capacity): one row a k/v head to 16, pages smaller and larger than a tile
+    (8, 2, 1, 128, 16, 1024),
+    (8, 2, 4, 128, 1, 300),
+    (4, 4, 3, 40, 256, 768),
+    (16, 1, 1, 64, 64, 2048),
+    (4, 2, 2, 256, 32, 160),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(o) or "plain")
+@pytest.mark.parametrize("H, Hk, Nq, d, page, capacity", GPU_CASES)
+def test_cuda_decoding_reads_the_pages(rng, dtype, options, H, Hk, Nq, d, page, capacity):
+    cp = _device.cupy()
+    lengths = [capacity, 0, capacity // 3 + 5, 1]
+    q, k, v, table = _cache(rng, lengths, H=H, Hk=Hk, Nq=Nq, d=d, page=page, capacity=capacity, dtype=dtype)
+    kw = _options(rng, options, len(lengths), H)
+    args = [cp.asarray(x) for x in (q, k, v)]
+    seqlens, gpu_table = cp.asarray(lengths, dtype=cp.int32), cp.asarray(table)
+    plan = _decoding_plan(*args, seqlens, gpu_table, **kw)
+    assert plan is not None and plan.splits >= 1, "decoding shapes must take the decoding kernel"
+    O, L = flash_attention_kvcache(*args, cache_seqlens=seqlens, block_table=gpu_table, return_lse=True, **kw)
+    assert isinstance(O, cp.ndarray) and O.dtype == q.dtype and L.dtype == cp.float32
+    O, L = cp.asnumpy(O), cp.asnumpy(L)
+    _check(O, L, q, k, v, table, lengths, page, {"compute": "tensor_core", "p": dtype, "splits": plan.splits}, **kw)
+    # the same keys in a contiguous cache: the same plan and arithmetic, so the same bits
+    contiguous = [cp.asarray(np.stack([np.concatenate(list(x[table[b]]), axis=1) for b in range(len(lengths))]))
+                  for x in (k, v)]
+    O_c, L_c = flash_attention_kvcache(args[0], *contiguous, cache_seqlens=seqlens, return_lse=True, **kw)
+    np.testing.assert_array_equal(cp.asnumpy(O_c), O)
+    np.testing.assert_array_equal(cp.asnumpy(L_c), L)
+
+
+@pytest.mark.gpu
+def test_cuda_lengths_out_of_range_are_clamped(rng):
+    """GPU lengths are not read back: one past the capacity reads the whole cache, a negative one
+    none (O = 0, L = -inf), never memory outside it."""
+    cp = _device.cupy()
+    q, k, v, table = _cache(rng, [64, 64], H=8, Hk=2, d=64, page=16, capacity=64, dtype="float16")
+    args = [cp.asarray(x) for x in (q, k, v, table)]
+    O, L = flash_attention_kvcache(*args[:3], cache_seqlens=cp.asarray([65, -4], cp.int32), block_table=args[3],
+                                   return_lse=True)
+    full, L_full = flash_attention_kvcache(*args[:3], cache_seqlens=cp.asarray([64, 0], cp.int32),
+                                           block_table=args[3], return_lse=True)
+    np.testing.assert_array_equal(cp.asnumpy(O), cp.asnumpy(full))
+    np.testing.assert_array_equal(cp.asnumpy(L), cp.asnumpy(L_full))
+    assert (cp.asnumpy(O[1]) == 0).all() and np.isneginf(cp.asnumpy(L[1])).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, Nq", [("float32", 1), ("float16", 20)])
+def test_cuda_other_shapes_gather_the_keys(rng, dtype, Nq):
+    """float32, or more than 16 rows a k/v head: no decoding kernel; each batch index's keys are
+    gathered and computed by flash_attention (its kernels' bounds)."""
+    cp = _device.cupy()
+    lengths = [70, 0, 129]
+    q, k, v, table = _cache(rng, lengths, H=4, Hk=2, Nq=Nq, d=64, page=16, capacity=160, dtype=dtype)
+    args = [cp.asarray(x) for x in (q, k, v)]
+    seqlens, gpu_table = cp.asarray(lengths, cp.int32), cp.asarray(table)
+    assert _decoding_plan(*args, seqlens, gpu_table, causal=True) is None
+    O, L = flash_attention_kvcache(*args, cache_seqlens=seqlens, block_table=gpu_table, causal=True, return_lse=True)
+    gathered = [cp.asarray(_keys(x, table, 0, lengths[0], 16)) for x in (k, v)]   # what batch index 0 ran on
+    rounding = kernel_rounding(plan_for(args[0][0], *gathered, causal=True))
+    _check(cp.asnumpy(O), cp.asnumpy(L), q, k, v, table, lengths, 16, rounding, causal=True)
