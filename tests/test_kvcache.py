@@ -203,3 +203,25 @@ def test_cuda_other_shapes_gather_the_keys(rng, dtype, Nq):
     gathered = [cp.asarray(_keys(x, table, 0, lengths[0], 16)) for x in (k, v)]   # what batch index 0 ran on
     rounding = kernel_rounding(plan_for(args[0][0], *gathered, causal=True))
     _check(cp.asnumpy(O), cp.asnumpy(L), q, k, v, table, lengths, 16, rounding, causal=True)
+
+
+@pytest.mark.gpu
+def test_a_decoding_loop_reuses_its_call(rng, monkeypatch):
+    """Step after step on the same arrays, new lengths written into the same int32 array: the kept
+    Call launches again without validation or planning, and each step gives what a fresh call
+    (int64 lengths: converted, so validated and not kept) gives."""
+    cp = _device.cupy()
+    q, k, v, table = _cache(rng, [256, 256], H=8, Hk=2, d=64, page=16, capacity=256, dtype="float16")
+    args = [cp.asarray(x) for x in (q, k, v)]
+    gpu_table, lengths = cp.asarray(table), cp.zeros(2, cp.int32)
+    steps = [(5, 2), (64, 200), (256, 0)]
+    fresh = [cp.asnumpy(flash_attention_kvcache(*args, cache_seqlens=cp.asarray(n, cp.int64), block_table=gpu_table,
+                                                causal=True)) for n in steps]
+    kvcache._CALLS.clear()
+    for step, (n, expected) in enumerate(zip(steps, fresh)):
+        lengths[...] = cp.asarray(n, cp.int32)
+        O = flash_attention_kvcache(*args, cache_seqlens=lengths, block_table=gpu_table, causal=True)
+        np.testing.assert_array_equal(cp.asnumpy(O), expected)
+        assert len(kvcache._CALLS) == 1
+        if step == 0:   # from now on the kept call alone
+            monkeypatch.setattr(kvcache, "_validate", lambda *a, **kw: pytest.fail("validated again"))
