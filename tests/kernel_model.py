@@ -98,8 +98,9 @@ def make_kernel(mask, launches):
     return kernel
 
 
-DECODE_NAMES = ("q", "k", "v", "alibi", "Op", "Lp", "B", "H", "group", "Nq", "Nk", "d", "left", "right",
-                "q_sb", "q_sh", "q_sn", "k_sb", "k_sh", "k_sn", "v_sb", "v_sh", "v_sn", "scale", "softcap")
+DECODE_NAMES = ("q", "k", "v", "alibi", "seqlens", "table", "Op", "Lp", "B", "H", "group", "Nq", "Nk", "d", "left",
+                "right", "page_shift", "q_sb", "q_sh", "q_sn", "k_sb", "k_sh", "k_sn", "v_sb", "v_sh", "v_sn", "bt_sb",
+                "scale", "softcap")
 COMBINE_NAMES = ("Op", "Lp", "O", "L", "B", "H", "Nq", "d", "pitch", "splits", "o_sb", "o_sh", "o_sn",
                  "l_sb", "l_sh")
 
@@ -118,9 +119,10 @@ def split_tiles(Nq, Nk, BC, splits, split, mask, left, right):
     return list(range(j0 + split, j1, splits))
 
 
-def _scores(a, mask, Q, K, rows_i, keys, slopes):
-    """The scaled, modded, masked scores of query rows rows_i (their slopes) against keys."""
-    Nq, Nk = int(a["Nq"]), int(a["Nk"])
+def _scores(a, mask, Q, K, rows_i, keys, slopes, Nk=None):
+    """The scaled, modded, masked scores of query rows rows_i (their slopes) against keys (of Nk,
+    by default the launch's)."""
+    Nq, Nk = int(a["Nq"]), int(a["Nk"]) if Nk is None else Nk
     S = float(a["scale"]) * (Q @ K.T)
     off = rows_i[:, None] + (Nk - Nq) - keys[None, :]
     if mask == 2 and float(a["softcap"]) > 0:
@@ -144,22 +146,35 @@ def decode_kernel(plan, launches):
         assert R <= 16 and grid[1] == min(Hk, 65535) and grid[2] == min(B, 65535)
         assert block == (plan.threads,) and shared_mem == plan.smem_bytes
         Op, Lp = a["Op"], a["Lp"]
+        lengths, table = (a[n] if isinstance(a[n], np.ndarray) else None for n in ("seqlens", "table"))
+        shift = int(a["page_shift"])
         for b in range(B):
+            # a KV cache: batch b's own number of keys (clamped), its keys' rows found through its pages
+            nk = Nk if lengths is None else min(max(int(_flat(lengths, b + 1)[b]), 0), Nk)
             for hk in range(Hk):
                 def rows(x, p, n, first, head):
                     sb, sh, sn = (int(a[f"{p}_s{c}"]) for c in "bhn")
                     return _rows(x, b * sb + head * sh + first * sn, sn, n, d)
+
+                def key_rows(x, p, keys):
+                    if table is None:
+                        return rows(x, p, Nk, 0, hk)[keys]
+                    sb, sh, sn = (int(a[f"{p}_s{c}"]) for c in "bhn")
+                    first = b * int(a["bt_sb"])
+                    pages = _flat(table, first + (-(-nk >> shift)))   # batch b's pages that hold keys
+                    return np.array([_rows(x, int(pages[first + (j >> shift)]) * sb + hk * sh
+                                           + (j & ((1 << shift) - 1)) * sn, sn, 1, d)[0] for j in keys]).reshape(-1, d)
                 r = np.arange(R)
                 Q = np.stack([rows(a["q"], "q", 1, int(i), hk * G + int(h))[0] for h, i in zip(r // Nq, r % Nq)])
                 slopes = (np.asarray(a["alibi"]).reshape(-1)[b * H + hk * G + r // Nq].astype(np.float64)
                           if isinstance(a["alibi"], np.ndarray) else np.zeros(R))
                 for s in range(splits):
-                    tiles = split_tiles(Nq, Nk, BC, splits, s, mask, int(a["left"]), int(a["right"]))
+                    tiles = split_tiles(Nq, nk, BC, splits, s, mask, int(a["left"]), int(a["right"]))
                     keys = (np.asarray(tiles, dtype=np.int64)[:, None] * BC + np.arange(BC)).ravel()
-                    keys = keys[keys < Nk]
-                    K = rows(a["k"], "k", Nk, 0, hk)[keys].astype(np.float64)
-                    V = rows(a["v"], "v", Nk, 0, hk)[keys].astype(np.float64)
-                    S = _scores(a, mask, Q.astype(np.float64), K, r % Nq, keys, slopes)
+                    keys = keys[keys < nk]
+                    K = key_rows(a["k"], "k", keys).astype(np.float64)
+                    V = key_rows(a["v"], "v", keys).astype(np.float64)
+                    S = _scores(a, mask, Q.astype(np.float64), K, r % Nq, keys, slopes, nk)
                     O_s, L_s = _softmax_rows(S, V)
                     row = (b * H + hk * G) * Nq + r          # (b, q head, query) flattened
                     for n in range(R):

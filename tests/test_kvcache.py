@@ -6,11 +6,14 @@ block_table[b, j // page], row j % page) and runs the float64 reference on them.
 decoding kernel reads the pages in place; a paged cache and a contiguous one holding the same
 keys must then give the same bits (same plan, same arithmetic, only the addresses differ).
 """
+import dataclasses
+
 import numpy as np
 import pytest
 
+import kernel_model
 from backends import np_dtype
-from flashattn_cupy import (_device, flash_attention, flash_attention_kvcache, flash_attn_with_kvcache, kvcache,
+from flashattn_cupy import (_cuda_backend, _device, planner, flash_attention, flash_attention_kvcache, flash_attn_with_kvcache, kvcache,
                             plan_for)
 from tolerances import assert_attention_close, kernel_rounding
 
@@ -134,6 +137,35 @@ def test_errors_say_what_to_fix(rng, call, match):
     q, k, v, table = _cache(rng, [32, 32], page=16, capacity=32, spare=3)
     with pytest.raises((ValueError, TypeError), match=match):
         call(q, k, v, table)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(causal=True), dict(window=(20, 3))],
+                         ids=lambda o: ",".join(o) or "plain")
+@pytest.mark.parametrize("page", [None, 1, 16, 64, 128])
+def test_decoding_launch_on_the_kernel_model(rng, monkeypatch, options, page):
+    """The CUDA path's launch, run by tests/kernel_model.py's NumPy model of flash_decode (no GPU):
+    the lengths and the block table go to the kernel as given, the cache in place (dim 0's stride
+    the page stride, log2 of the page), and the model, reading as the kernel does, gives the
+    reference's answer on each batch index's gathered keys."""
+    lengths = [128, 0, 77, 1]
+    q, k, v, table = _cache(rng, lengths, H=8, Hk=2, Nq=2, d=32, page=page, capacity=128)
+    seqlens = np.array(lengths, np.int32)
+    cache = kvcache._validate(q, k, v, seqlens, table, backend="c", return_lse=True,
+                              **{"causal": False, "softmax_scale": None, "window": None, "softcap": 0.0,
+                                 "alibi_slopes": None, **options})
+    cache.problem = p = dataclasses.replace(cache.problem, backend="cuda", on_gpu=True)   # the model's "GPU"
+    plan = planner.plan(2, 128, 32, dtype="float16", causal=p.causal, batch=4, heads=8, group=4, smem_limit=99 * 1024,
+                        arch=80, sm_count=3, decode=True, **_cuda_backend.mask_options(p))
+    launches = []
+    kernel_model.use(monkeypatch, launches)
+    O, L, _ = _cuda_backend.run_kvcache(cache, plan, 0)
+    _check(O, L, q, k, v, table, lengths, page, {"compute": "float64"}, **options)
+    main = launches[0]
+    assert main["seqlens"] is seqlens and np.shares_memory(main["k"], k) and np.shares_memory(main["v"], v)
+    if page is not None:
+        assert main["table"] is cache.table
+        assert (int(main["page_shift"]), int(main["bt_sb"])) == (page.bit_length() - 1, 128 // page)
+        assert int(main["k_sb"]) == k.strides[0] // k.itemsize
 
 
 # ---- CUDA: the decoding kernel reading the cache in place ----
