@@ -127,16 +127,17 @@ flash_decode(const T* __restrict__ Q, const T* __restrict__ K, const T* __restri
                 const long long col0 = (long long)tile(n) * BC;
                 const int rows = (int)(nk - col0 < BC ? nk - col0 : BC);
                 bits* Ks = St + (n % STAGES) * STAGE;
-                if (pages) {
+                if (pages && (BC >> page_shift) > 1) {   // pages shorter than a tile: a page lookup a row
                     auto at = [&](const T* base, long long page_stride, long long sn, int r) {
                         const int key = (int)col0 + r;   // < nk
                         return base + pages[key >> page_shift] * page_stride + (key & in_page) * sn;
                     };
                     load_rows<T, BC, D, DP, NT, ARCH>(Ks, [&](int r) { return at(Kb, k_sb, k_sn, r); }, K, rows, d, k_vec);
                     load_rows<T, BC, D, DP, NT, ARCH>(Ks + BC * DP, [&](int r) { return at(Vb, v_sb, v_sn, r); }, V, rows, d, v_vec);
-                } else {
-                    load_tile<T, BC, D, DP, NT, ARCH>(Ks, Kb + col0 * k_sn, k_sn, rows, d, k_vec);
-                    load_tile<T, BC, D, DP, NT, ARCH>(Ks + BC * DP, Vb + col0 * v_sn, v_sn, rows, d, v_vec);
+                } else {   // contiguous, or the tile within one page (pages and tiles: powers of two): one lookup
+                    const long long page = pages ? pages[col0 >> page_shift] : 0, row = pages ? col0 & in_page : col0;
+                    load_tile<T, BC, D, DP, NT, ARCH>(Ks, Kb + page * k_sb + row * k_sn, k_sn, rows, d, k_vec);
+                    load_tile<T, BC, D, DP, NT, ARCH>(Ks + BC * DP, Vb + page * v_sb + row * v_sn, v_sn, rows, d, v_vec);
                 }
             }
             cp_async_commit();

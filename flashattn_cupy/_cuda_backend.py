@@ -237,19 +237,23 @@ def run_call(problem, plan, device_id: int):
 
 
 def run_kvcache(cache, plan, device_id: int):
-    """(O, L) of kvcache.py's call by split-KV decoding on the cache as it lies: k_cache's dim 0
-    (batch, or page) stride is the kernel's batch stride, the lengths and the block table go as
-    pointers. NumPy inputs are copied to device_id and the results back."""
+    """(O, L, call) of kvcache.py's call by split-KV decoding on the cache as it lies: k_cache's
+    dim 0 (batch, or page) stride is the kernel's batch stride, the lengths and the block table
+    go as pointers. NumPy inputs are copied to device_id and the results back. call: the Call
+    that launched, for kvcache to keep, or None where an array had to be copied or converted."""
     cp = cupy()
     problem = cache.problem
     with cp.cuda.Device(device_id):
-        (q, qs), (k, ks), (v, vs) = (_strides(cp.asarray(x), cp) for x in (problem.q, cache.k_cache, cache.v_cache))
+        given = (problem.q, cache.k_cache, cache.v_cache, cache.seqlens, cache.table)
+        (q, qs), (k, ks), (v, vs) = (_strides(cp.asarray(x), cp) for x in given[:3])
         ks, vs = ((x.strides[0] // x.itemsize, *s[1:]) for x, s in ((k, ks), (v, vs)))   # dim 0 even when 1 long
-        seqlens, table = (None if x is None else cp.asarray(x) for x in (cache.seqlens, cache.table))
+        seqlens, table = (None if x is None else cp.asarray(x) for x in given[3:])
         paging = (0, 0) if table is None else (cache.page.bit_length() - 1, table.shape[1])
         call = Call(problem, plan, device_id, (qs, ks, vs), copies=False, paging=paging)
         O, L = call.launch(cp, q, k, v, seqlens, table)
-    return (O, L) if problem.on_gpu else (O.get(), L.get())
+    if not problem.on_gpu:
+        return O.get(), L.get(), None
+    return O, L, call if all(a is b for a, b in zip((q, k, v, seqlens, table), given)) else None
 
 
 def launch(plan, device_id, q, k, v, O, L, qs, ks, vs, os_, ls, *, batch, heads, group, Nq, Nk, d,

@@ -48,12 +48,57 @@ def flash_attention_kvcache(q: Array, k_cache: Array, v_cache: Array, *, cache_s
     that is not the cache's. Returns O (batch, heads, Nq, d) like q, and with return_lse L
     (batch, heads, Nq) float32.
     """
+    key = _call_key(q, k_cache, v_cache, cache_seqlens, block_table,
+                    (causal, softmax_scale, window, softcap, alibi_slopes, backend), return_lse)
+    try:
+        call = _CALLS.get(key) if key is not None else None
+    except TypeError:   # an unhashable option: not kept
+        key = call = None
+    if call is not None:   # a decoding loop's next step: the same launches on these arrays
+        with _device.cupy().cuda.Device(call.device_id):
+            O, L = call.launch(_device.cupy(), q, k_cache, v_cache, cache_seqlens, block_table)
+        return (O, L) if return_lse else O
     with _interop.caller_arrays(q, k_cache, v_cache) as (q, k_cache, v_cache, export):
         cache = _validate(q, k_cache, v_cache, cache_seqlens, block_table, causal=causal,
                           softmax_scale=softmax_scale, window=window, softcap=softcap,
                           alibi_slopes=alibi_slopes, return_lse=return_lse, backend=backend)
-        O, L = _run(cache)
+        O, L, call = _run(cache)
+        if key is not None and call is not None:
+            if len(_CALLS) >= _CALLS_MAX:   # a bound, for programs whose shapes never repeat
+                _CALLS.clear()
+            _CALLS[key] = call
         return (export(O), export(L)) if return_lse else export(O)
+
+
+# Decoding calls on CuPy arrays, by _call_key: a decoding loop makes the same call step after
+# step (the same cache arrays and int32 lengths array, new values in it), and the kept Call
+# launches again without validating or planning: ~20 µs of host time a step instead of ~150,
+# which at B = 1 is more than the GPU's time (BENCHMARKS.md). The lengths and page numbers are
+# read by the kernel only, so new values in the same arrays need nothing re-checked.
+_CALLS: dict = {}
+_CALLS_MAX = 256
+
+
+def _call_key(q, k_cache, v_cache, cache_seqlens, block_table, options: tuple, return_lse):
+    """What validation and planning read of a call, as a dict key; None where a call is not kept:
+    arrays other than CuPy's (q, k_cache, v_cache; the lengths and block table as int32,
+    C-contiguous CuPy arrays, or None), ALiBi slopes (their values are checked), a window other
+    than a tuple of ints, return_lse not a bool."""
+    ndarray = _device.ndarray_type()
+    if ndarray is None or any(type(x) is not ndarray for x in (q, k_cache, v_cache)) \
+            or options[4] is not None or (return_lse is not True and return_lse is not False):
+        return None
+    window = options[2]
+    if window is not None and (type(window) is not tuple or any(type(w) is not int for w in window)):
+        return None
+    index = []
+    for x, ndim in ((cache_seqlens, 1), (block_table, 2)):
+        if x is not None and (type(x) is not ndarray or x.dtype != np.int32 or x.ndim != ndim
+                              or not x.flags.c_contiguous):
+            return None
+        index.append(None if x is None else (x.shape, x.data.device_id))
+    return (*((x.shape, x.strides, x.dtype, x.data.device_id) for x in (q, k_cache, v_cache)), *index,
+            options, tuple(map(type, options)))
 
 
 class _Cache:
@@ -160,11 +205,12 @@ def _decoding_plan(cache: _Cache):
 
 
 def _run(cache: _Cache):
+    """(O, L, call): call, the decoding launch's Call where kvcache may keep it, else None."""
     plan = _decoding_plan(cache)
     if plan is not None:
         from . import _cuda_backend, api
         return _cuda_backend.run_kvcache(cache, plan, api._device_id(cache.problem))
-    return _per_batch(cache)
+    return (*_per_batch(cache), None)
 
 
 def _per_batch(cache: _Cache):

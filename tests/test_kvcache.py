@@ -6,11 +6,14 @@ block_table[b, j // page], row j % page) and runs the float64 reference on them.
 decoding kernel reads the pages in place; a paged cache and a contiguous one holding the same
 keys must then give the same bits (same plan, same arithmetic, only the addresses differ).
 """
+import dataclasses
+
 import numpy as np
 import pytest
 
+import kernel_model
 from backends import np_dtype
-from flashattn_cupy import (_device, flash_attention, flash_attention_kvcache, flash_attn_with_kvcache, kvcache,
+from flashattn_cupy import (_cuda_backend, _device, planner, flash_attention, flash_attention_kvcache, flash_attn_with_kvcache, kvcache,
                             plan_for)
 from tolerances import assert_attention_close, kernel_rounding
 
@@ -136,6 +139,35 @@ def test_errors_say_what_to_fix(rng, call, match):
         call(q, k, v, table)
 
 
+@pytest.mark.parametrize("options", [dict(), dict(causal=True), dict(window=(20, 3))],
+                         ids=lambda o: ",".join(o) or "plain")
+@pytest.mark.parametrize("page", [None, 1, 16, 64, 128])
+def test_decoding_launch_on_the_kernel_model(rng, monkeypatch, options, page):
+    """The CUDA path's launch, run by tests/kernel_model.py's NumPy model of flash_decode (no GPU):
+    the lengths and the block table go to the kernel as given, the cache in place (dim 0's stride
+    the page stride, log2 of the page), and the model, reading as the kernel does, gives the
+    reference's answer on each batch index's gathered keys."""
+    lengths = [128, 0, 77, 1]
+    q, k, v, table = _cache(rng, lengths, H=8, Hk=2, Nq=2, d=32, page=page, capacity=128)
+    seqlens = np.array(lengths, np.int32)
+    cache = kvcache._validate(q, k, v, seqlens, table, backend="c", return_lse=True,
+                              **{"causal": False, "softmax_scale": None, "window": None, "softcap": 0.0,
+                                 "alibi_slopes": None, **options})
+    cache.problem = p = dataclasses.replace(cache.problem, backend="cuda", on_gpu=True)   # the model's "GPU"
+    plan = planner.plan(2, 128, 32, dtype="float16", causal=p.causal, batch=4, heads=8, group=4, smem_limit=99 * 1024,
+                        arch=80, sm_count=3, decode=True, **_cuda_backend.mask_options(p))
+    launches = []
+    kernel_model.use(monkeypatch, launches)
+    O, L, _ = _cuda_backend.run_kvcache(cache, plan, 0)
+    _check(O, L, q, k, v, table, lengths, page, {"compute": "float64"}, **options)
+    main = launches[0]
+    assert main["seqlens"] is seqlens and np.shares_memory(main["k"], k) and np.shares_memory(main["v"], v)
+    if page is not None:
+        assert main["table"] is cache.table
+        assert (int(main["page_shift"]), int(main["bt_sb"])) == (page.bit_length() - 1, 128 // page)
+        assert int(main["k_sb"]) == k.strides[0] // k.itemsize
+
+
 # ---- CUDA: the decoding kernel reading the cache in place ----
 
 GPU_CASES = [   # (H, Hk, Nq, d, page, capacity): one row a k/v head to 16, pages smaller and larger than a tile
@@ -203,3 +235,25 @@ def test_cuda_other_shapes_gather_the_keys(rng, dtype, Nq):
     gathered = [cp.asarray(_keys(x, table, 0, lengths[0], 16)) for x in (k, v)]   # what batch index 0 ran on
     rounding = kernel_rounding(plan_for(args[0][0], *gathered, causal=True))
     _check(cp.asnumpy(O), cp.asnumpy(L), q, k, v, table, lengths, 16, rounding, causal=True)
+
+
+@pytest.mark.gpu
+def test_a_decoding_loop_reuses_its_call(rng, monkeypatch):
+    """Step after step on the same arrays, new lengths written into the same int32 array: the kept
+    Call launches again without validation or planning, and each step gives what a fresh call
+    (int64 lengths: converted, so validated and not kept) gives."""
+    cp = _device.cupy()
+    q, k, v, table = _cache(rng, [256, 256], H=8, Hk=2, d=64, page=16, capacity=256, dtype="float16")
+    args = [cp.asarray(x) for x in (q, k, v)]
+    gpu_table, lengths = cp.asarray(table), cp.zeros(2, cp.int32)
+    steps = [(5, 2), (64, 200), (256, 0)]
+    fresh = [cp.asnumpy(flash_attention_kvcache(*args, cache_seqlens=cp.asarray(n, cp.int64), block_table=gpu_table,
+                                                causal=True)) for n in steps]
+    kvcache._CALLS.clear()
+    for step, (n, expected) in enumerate(zip(steps, fresh)):
+        lengths[...] = cp.asarray(n, cp.int32)
+        O = flash_attention_kvcache(*args, cache_seqlens=lengths, block_table=gpu_table, causal=True)
+        np.testing.assert_array_equal(cp.asnumpy(O), expected)
+        assert len(kvcache._CALLS) == 1
+        if step == 0:   # from now on the kept call alone
+            monkeypatch.setattr(kvcache, "_validate", lambda *a, **kw: pytest.fail("validated again"))
