@@ -38,7 +38,7 @@ def flash_attention_kvcache(q: Array, k_cache: Array, v_cache: Array, *, cache_s
         cache_seqlens[b] - Nq + i, as in flash-attn.
     block_table: None, or an integer array (batch, pages_per_seq): key j of batch b is row
         j % page of page block_table[b, j // page]. Entries past a sequence's last page are
-        not read.
+        not read (nor checked, where the lengths are given on the host: -1 padding is fine).
     causal, softmax_scale, window, softcap, alibi_slopes, return_lse, backend: as in
         flash_attention.
 
@@ -112,9 +112,10 @@ class _Cache:
         self.page = page         # keys a page, None when not paged
 
 
-def _index_array(name: str, x, shape: tuple, xp, on_gpu: bool, high: int, high_name: str):
+def _index_array(name: str, x, shape: tuple, xp, on_gpu: bool, high: int, high_name: str, read=None):
     """An integer array argument as int32 of this shape, on the arrays' side (xp); host values
-    checked to lie in [0, high]."""
+    checked to lie in [0, high], of a 2-D one only the first read[b] of row b when read is given
+    (the entries the kernels read)."""
     x = _interop.small_array(name, x, "an integer array (NumPy, CuPy, torch, a list)")
     if np.dtype(x.dtype).kind not in "iu":
         raise TypeError(f"{name} must hold integers, got dtype {np.dtype(x.dtype)}: cast with .astype(int32)")
@@ -125,9 +126,10 @@ def _index_array(name: str, x, shape: tuple, xp, on_gpu: bool, high: int, high_n
             raise TypeError(f"{name} is a CuPy array and q, k_cache, v_cache are NumPy arrays; pass a NumPy "
                             f"{name}, or CuPy q, k_cache, v_cache")
     else:
-        if x.size and (x.min() < 0 or x.max() > high):
-            raise ValueError(f"{name} must lie in [0, {high}] ({high_name}), got values from {x.min()} "
-                             f"to {x.max()}")
+        used = x if read is None else x[np.arange(shape[1]) < np.asarray(read)[:, None]]
+        if used.size and (used.min() < 0 or used.max() > high):
+            raise ValueError(f"{name} must lie in [0, {high}] ({high_name}), got values from {used.min()} "
+                             f"to {used.max()}")
     return xp.ascontiguousarray(xp.asarray(x, dtype=np.int32))
 
 
@@ -167,9 +169,7 @@ def _validate(q, k_cache, v_cache, cache_seqlens, block_table, *, backend, **opt
             x[:1, :, :1], (batch, x.shape[1], capacity, x.shape[3])) for x in (k_cache, v_cache))
     problem = validate(q, *keys, backend=backend, **options)
     seqlens = table = None
-    if block_table is not None:
-        table = _index_array("block_table", block_table, (batch, capacity // page), xp, on_gpu,
-                             num_pages - 1, "page numbers of k_cache")
+    read = None   # page numbers each sequence's keys reach, where its length is known on the host
     if cache_seqlens is not None:
         if isinstance(cache_seqlens, numbers.Integral) and not isinstance(cache_seqlens, (bool, np.bool_)):
             length = int(cache_seqlens)
@@ -178,6 +178,11 @@ def _validate(q, k_cache, v_cache, cache_seqlens, block_table, *, backend, **opt
             cache_seqlens = np.full(batch, length)
         seqlens = _index_array("cache_seqlens", cache_seqlens, (batch,), xp, on_gpu, capacity,
                                "keys the cache holds")
+        if page and isinstance(cache_seqlens, (np.ndarray, list, tuple)):
+            read = -(-np.asarray(cache_seqlens, np.int64) // page)
+    if block_table is not None:
+        table = _index_array("block_table", block_table, (batch, capacity // page), xp, on_gpu,
+                             num_pages - 1, "page numbers of k_cache", read)
     if on_gpu:
         for name, x in (("block_table", table), ("cache_seqlens", seqlens)):
             if x is not None and x.device.id != q.device.id:

@@ -99,6 +99,18 @@ def test_every_key_by_default_an_int_length_and_the_reference_backend(rng):
     _check(O_ref, L_ref, q, k, v, table, [40, 7], 16, {"compute": "float64"})
 
 
+def test_table_entries_past_a_sequence_are_not_read(rng):
+    """-1 (or any value) past the pages a sequence's host-given length reaches: accepted, and the
+    same result; within them, refused."""
+    q, k, v, table = _cache(rng, [40, 96], page=16)
+    padded = table.copy()
+    padded[0, 3:] = -1   # 40 keys: pages 0..2
+    O = flash_attention_kvcache(q, k, v, cache_seqlens=[40, 96], block_table=table)
+    np.testing.assert_array_equal(flash_attention_kvcache(q, k, v, cache_seqlens=[40, 96], block_table=padded), O)
+    with pytest.raises(ValueError, match="block_table must lie in"):
+        flash_attention_kvcache(q, k, v, cache_seqlens=[49, 96], block_table=padded)
+
+
 def test_flash_attn_with_kvcache_is_flash_attention_kvcache(rng):
     """flash-attn's layout (batch or pages, seqlen, heads, d) is the transpose of ours: the same
     bits, out contiguous; the arguments it has and we do not are refused."""
