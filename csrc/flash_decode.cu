@@ -50,7 +50,6 @@ flash_decode(const T* __restrict__ Q, const T* __restrict__ K, const T* __restri
     constexpr int DP = D + E::VEC, ROW = DP * sizeof(T);      // smem row pitch: elements, bytes
     constexpr int KS = D / 16, NS = KW / 8, ND = D / 8;       // k-steps of Qi Kj^T, 8-key and 8-d tiles
     constexpr int STAGE = 2 * BC * DP;                        // elements of one stage (Kj, Vj)
-    constexpr bool FULL_TILES = NT % (D / E::VEC) == 0;       // load_full_tile's fixed columns
     static_assert(sizeof(T) == 2, "fp16 / bf16 only");
     static_assert(D % 32 == 0 && KW % 16 == 0 && STAGES >= 2, "tiles of 16");
     constexpr float LOG2E = 1.4426950408889634f, LN2 = 0.6931471805599453f;
@@ -139,13 +138,8 @@ flash_decode(const T* __restrict__ Q, const T* __restrict__ K, const T* __restri
                     const long long page = pages ? pages[col0 >> page_shift] : 0, row = pages ? col0 & in_page : col0;
                     const T* Kt = Kb + page * k_sb + row * k_sn;
                     const T* Vt = Vb + page * v_sb + row * v_sn;
-                    if (FULL_TILES && rows == BC && d == D && k_vec && v_vec) {   // all tiles but a last partial one
-                        load_full_tile<T, BC, D, DP, NT>(Ks, Kt, k_sn);
-                        load_full_tile<T, BC, D, DP, NT>(Ks + BC * DP, Vt, v_sn);
-                    } else {
-                        load_tile<T, BC, D, DP, NT, ARCH>(Ks, Kt, k_sn, rows, d, k_vec);
-                        load_tile<T, BC, D, DP, NT, ARCH>(Ks + BC * DP, Vt, v_sn, rows, d, v_vec);
-                    }
+                    load_tile_stepped<T, BC, D, DP, NT, ARCH>(Ks, Kt, k_sn, rows, d, k_vec);
+                    load_tile_stepped<T, BC, D, DP, NT, ARCH>(Ks + BC * DP, Vt, v_sn, rows, d, v_vec);
                 }
             }
             cp_async_commit();
