@@ -120,6 +120,11 @@ flash_decode(const T* __restrict__ Q, const T* __restrict__ K, const T* __restri
                 }
             }
         }
+        // The page of a tile within one page is read a tile ahead (next_page: tile n's page, its
+        // load issued when tile n - 1 was), so the copies of a stage never wait on that read.
+        const bool one_page = pages && (BC >> page_shift) <= 1;
+        auto page_of = [&](int n) { return one_page && tile(n) < j1 ? pages[((long long)tile(n) * BC) >> page_shift] : 0; };
+        int next_page = page_of(0);
         // The split's tile n into stage n % STAGES; every call commits one group (empty past
         // the split's last tile).
         auto load_stage = [&](int n) {
@@ -135,7 +140,8 @@ flash_decode(const T* __restrict__ Q, const T* __restrict__ K, const T* __restri
                     load_rows<T, BC, D, DP, NT, ARCH>(Ks, [&](int r) { return at(Kb, k_sb, k_sn, r); }, K, rows, d, k_vec);
                     load_rows<T, BC, D, DP, NT, ARCH>(Ks + BC * DP, [&](int r) { return at(Vb, v_sb, v_sn, r); }, V, rows, d, v_vec);
                 } else {   // contiguous, or the tile within one page (pages and tiles: powers of two): one lookup
-                    const long long page = pages ? pages[col0 >> page_shift] : 0, row = pages ? col0 & in_page : col0;
+                    const long long page = next_page, row = pages ? col0 & in_page : col0;
+                    next_page = page_of(n + 1);
                     const T* Kt = Kb + page * k_sb + row * k_sn;
                     const T* Vt = Vb + page * v_sb + row * v_sn;
                     load_tile_stepped<T, BC, D, DP, NT, ARCH>(Ks, Kt, k_sn, rows, d, k_vec);
