@@ -16,7 +16,7 @@ from typing import Any, cast
 import numpy as np
 
 from . import _device, _interop, planner
-from ._typing import Array, Backend, Fp32Kernel
+from ._typing import Array, Backend
 from ._validate import _INT32_MAX, Problem, validate
 
 
@@ -232,7 +232,6 @@ def _per_batch(cache: _Cache):
     B, H, Nq, d = q.shape
     O = xp.zeros(q.shape, dtype=q.dtype)
     L = xp.full((B, H, Nq), -np.inf, dtype=np.float32)   # a batch index without keys keeps O = 0, L = -inf
-    fp32_kernel = cast(Fp32Kernel, p.fp32 if p.fp32 in ("3xtf32", "simt") else "auto")   # the float32 mode given
     for b, n in enumerate(lengths):
         n = min(max(n, 0), p.Nk)   # as the kernel clamps a GPU length
         if n == 0:
@@ -244,6 +243,6 @@ def _per_batch(cache: _Cache):
             k, v = (x[pages].swapaxes(0, 1).reshape(H // p.group, -1, d)[:, :n] for x in (cache.k_cache, cache.v_cache))
         slopes = None if alibi is None else alibi[b]
         O[b], L[b] = flash_attention(q[b], k, v, causal=p.causal, softmax_scale=p.scale, window=p.window,
-                                     softcap=p.softcap, alibi_slopes=slopes, return_lse=True, backend=cast(Backend, p.backend),
-                                     allow_tf32=p.fp32 == "tf32", fp32_kernel=fp32_kernel)
+                                     softcap=p.softcap, alibi_slopes=slopes, return_lse=True,
+                                     backend=cast(Backend, p.backend))
     return O, L
