@@ -38,6 +38,10 @@ __device__ __forceinline__ void cp_async_16(void* dst, const void* src, int src_
     asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;"
                  :: "r"(smem_addr(dst)), "l"(src), "r"(src_bytes) : "memory");
 }
+// The same for a whole chunk: no size operand (load_tile_stepped, decoding's paged tiles).
+__device__ __forceinline__ void cp_async_16_full(unsigned dst, const void* src) {
+    asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16;" :: "r"(dst), "l"(src) : "memory");
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
 // Wait until at most N of this thread's committed groups are still in flight (a multi-stage pipeline).
@@ -237,8 +241,7 @@ __device__ __forceinline__ void load_tile_stepped(typename fa_elem<T>::bits* dst
             const T* g = src + r0 * stride + c;
 #pragma unroll
             for (int it = 0; it < ROWS / STEP; ++it, g += STEP * stride)
-                asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16;"
-                             :: "r"(s + it * STEP * DP * (int)sizeof(T)), "l"(g) : "memory");
+                cp_async_16_full(s + it * STEP * DP * (int)sizeof(T), g);
             return;
         }
     }

@@ -132,6 +132,27 @@ flash_decode(const T* __restrict__ Q, const T* __restrict__ K, const T* __restri
                 const long long col0 = (long long)tile(n) * BC;
                 const int rows = (int)(nk - col0 < BC ? nk - col0 : BC);
                 bits* Ks = St + (n % STAGES) * STAGE;
+                constexpr int CH = D / E::VEC, STEP = NT / CH;   // load_tile_stepped's layout
+                if constexpr (NT % CH == 0 && BC % STEP == 0) {
+                    // pages shorter than a whole tile: each thread's rows (fixed columns, STEP
+                    // rows apart) have their page numbers read once, all in flight together,
+                    // for both K and V, then the copies go out
+                    if (pages && (BC >> page_shift) > 1 && rows == BC && d == D && k_vec && v_vec) {
+                        const int r0 = threadIdx.x / CH, c = threadIdx.x % CH * E::VEC;
+                        int pg[BC / STEP];
+#pragma unroll
+                        for (int it = 0; it < BC / STEP; ++it) pg[it] = pages[(int)(col0 + r0 + it * STEP) >> page_shift];
+                        const unsigned sk = smem_addr(Ks + r0 * DP + c), sv = sk + BC * DP * (int)sizeof(T);
+#pragma unroll
+                        for (int it = 0; it < BC / STEP; ++it) {
+                            const long long row = (col0 + r0 + it * STEP) & in_page;
+                            cp_async_16_full(sk + it * STEP * ROW, Kb + pg[it] * k_sb + row * k_sn + c);
+                            cp_async_16_full(sv + it * STEP * ROW, Vb + pg[it] * v_sb + row * v_sn + c);
+                        }
+                        cp_async_commit();
+                        return;
+                    }
+                }
                 if (pages && (BC >> page_shift) > 1) {   // pages shorter than a tile: a page lookup a row
                     auto at = [&](const T* base, long long page_stride, long long sn, int r) {
                         const int key = (int)col0 + r;   // < nk
