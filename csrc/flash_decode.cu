@@ -176,6 +176,21 @@ flash_decode(const T* __restrict__ Q, const T* __restrict__ K, const T* __restri
 
         float o[ND][4] = {};                    // line 5: Oi = 0, mi = -inf, li = 0 (this warp's keys)
         float m[2] = {neg_inf, neg_inf}, l[2] = {0.f, 0.f};
+        // Qi's A fragments (scale's sign folded in) are the same for every tile: held in registers
+        // where they fit beside the rest (KS <= 8: 32 registers at D = 128), read from shared
+        // memory once, not per tile (8 ldmatrix and 32 XORs a warp a tile at D = 128).
+        constexpr bool Q_REGS = KS <= 8;
+        operand<4> qf[Q_REGS ? KS : 1];
+        if constexpr (Q_REGS) {
+            cp_async_wait_group<STAGES - 2>();   // Qi has landed (with tile 0, its group) ...
+            __syncthreads();                     // ... for every thread
+#pragma unroll
+            for (int kk = 0; kk < KS; ++kk) {
+                ldmatrix_x4<false>(qf[kk].hi, q_lane + kk * 32);
+#pragma unroll
+                for (int e = 0; e < 4; ++e) qf[kk].hi[e] ^= q_sign;
+            }
+        }
 
         for (int n = 0; tile(n) < j1; ++n) {    // line 6
             cp_async_wait_group<STAGES - 2>();  // tile n (and Qi) have landed ...
@@ -189,9 +204,13 @@ flash_decode(const T* __restrict__ Q, const T* __restrict__ K, const T* __restri
 #pragma unroll
             for (int kk = 0; kk < KS; ++kk) {
                 operand<4> qa;
-                ldmatrix_x4<false>(qa.hi, q_lane + kk * 32);
+                if constexpr (Q_REGS) {
+                    qa = qf[kk];
+                } else {
+                    ldmatrix_x4<false>(qa.hi, q_lane + kk * 32);
 #pragma unroll
-                for (int e = 0; e < 4; ++e) qa.hi[e] ^= q_sign;
+                    for (int e = 0; e < 4; ++e) qa.hi[e] ^= q_sign;
+                }
 #pragma unroll
                 for (int p = 0; p < NS / 2; ++p) {
                     operand<4> kb;   // B operands of key tiles 2p (registers 0, 1) and 2p + 1 (2, 3)
