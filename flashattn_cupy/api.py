@@ -126,12 +126,17 @@ def _call_key(q, k, v, options: tuple, return_lse):
     if ndarray is None or type(q) is not ndarray or type(k) is not ndarray or type(v) is not ndarray \
             or options[4] is not None or (return_lse is not True and return_lse is not False):
         return None
-    window = options[2]   # a pair's hash hides its items' types, which validation reads (True == 1 == 1.0)
-    if window is not None and (type(window) is not tuple or any(type(w) is not int for w in window)):
+    if not plain_window(options[2]):
         return None
     return (q.shape, q.strides, q.dtype, q.data.device_id, k.shape, k.strides, k.dtype, k.data.device_id,
             v.shape, v.strides, v.dtype, v.data.device_id, options, tuple(map(type, options)),
             planner.WGMMA_BY_DEFAULT, planner.DECODE_BY_DEFAULT)
+
+
+def plain_window(window) -> bool:
+    """Whether a window option can go in a kept call's key: None or a tuple of ints (a pair's hash
+    hides its items' types, which validation reads: True == 1 == 1.0)."""
+    return window is None or (type(window) is tuple and all(type(w) is int for w in window))
 
 
 def plan_for(q: Array, k: Array, v: Array, *, causal: bool = False, softmax_scale: float | None = None,
@@ -154,8 +159,9 @@ def _device_id(problem: Problem) -> int:
     return problem.q.device.id if problem.on_gpu else _device.current_device()
 
 
-def _plan(problem: Problem, device_id: int | None = None):
-    """The problem's plan; for CUDA on device_id (None: the arrays' device, or the current one)."""
+def _plan(problem: Problem, device_id: int | None = None, decode: bool | None = None):
+    """The problem's plan; for CUDA on device_id (None: the arrays' device, or the current one).
+    decode: planner.plan's (None: the planner's choice)."""
     if problem.backend == "reference":
         return None
     smem_limit = arch = sm_count = None
@@ -168,7 +174,7 @@ def _plan(problem: Problem, device_id: int | None = None):
                         causal=problem.causal, batch=problem.batch, heads=problem.heads,
                         backend=problem.backend, smem_limit=smem_limit, arch=arch,
                         num_threads=problem.num_threads, fp32=problem.fp32,
-                        group=problem.group, sm_count=sm_count, **mask_options(problem))
+                        group=problem.group, sm_count=sm_count, decode=decode, **mask_options(problem))
 
 
 def _host(x):

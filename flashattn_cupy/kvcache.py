@@ -88,8 +88,8 @@ def _call_key(q, k_cache, v_cache, cache_seqlens, block_table, options: tuple, r
     if ndarray is None or any(type(x) is not ndarray for x in (q, k_cache, v_cache)) \
             or options[4] is not None or (return_lse is not True and return_lse is not False):
         return None
-    window = options[2]
-    if window is not None and (type(window) is not tuple or any(type(w) is not int for w in window)):
+    from .api import plain_window
+    if not plain_window(options[2]):
         return None
     index = []
     for x, ndim in ((cache_seqlens, 1), (block_table, 2)):
@@ -194,19 +194,14 @@ def _decoding_plan(cache: _Cache):
     """The split-KV decoding plan that reads the cache in place, or None where the call needs
     another kernel (not fp16/bf16 on sm_80+, more than 16 rows a k/v head, no tile that fits)."""
     p = cache.problem
-    if p.backend != "cuda" or p.dtype not in planner.DECODE_DTYPES or p.group * p.Nq > planner.DECODE_MAX_ROWS:
+    if p.backend != "cuda":
         return None
     from . import api
     device_id = api._device_id(p)
-    if _device.compute_capability(device_id) < 80:
+    arch, smem_limit = _device.compute_capability(device_id), _device.smem_limit(device_id)
+    if planner.decode_fits(p.Nq, p.group, p.dtype, arch, planner.head_dim_bound(p.d), smem_limit) is None:
         return None
-    if planner.decode_tiles(planner.head_dim_bound(p.d), _device.smem_limit(device_id)) is None:
-        return None
-    from ._cuda_backend import mask_options
-    return planner.cached_plan(p.Nq, p.Nk, p.d, dtype=p.dtype, causal=p.causal, batch=p.batch, heads=p.heads,
-                               backend="cuda", smem_limit=_device.smem_limit(device_id),
-                               arch=_device.compute_capability(device_id), group=p.group,
-                               sm_count=_device.sm_count(device_id), decode=True, **mask_options(p))
+    return api._plan(p, device_id, decode=True)
 
 
 def _run(cache: _Cache):

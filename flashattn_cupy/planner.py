@@ -271,6 +271,14 @@ def decode_workspace_bytes(batch: int, heads: int, Nq: int, splits: int, D: int)
     return 4 * batch * heads * Nq * splits * (D + 1)
 
 
+def decode_fits(Nq: int, group: int, dtype: str, arch: int, D: int, smem_limit: int) -> tuple[int, int, int] | None:
+    """Decoding's (warps, key tile, stages) where split-KV decoding can run a call: fp16/bf16 on
+    sm_80+, at most DECODE_MAX_ROWS query rows per k/v head, a tile within the limit; else None."""
+    if dtype not in DECODE_DTYPES or arch < 80 or group * Nq > DECODE_MAX_ROWS:
+        return None
+    return decode_tiles(D, smem_limit)
+
+
 def use_decode(Nq: int, Nk: int, group: int, dtype: str, arch: int) -> bool:
     """Whether split-KV decoding pays (plan's decode=None): few query rows per k/v head
     (group * Nq <= DECODE_MAX_ROWS), enough keys, fp16/bf16 on sm_80+."""
@@ -336,8 +344,8 @@ def plan(Nq: int, Nk: int, d: int, *, dtype: str = "float32", causal: bool = Fal
     D = head_dim_bound(d)
     mask = 2 if score_mod else 1 if causal or window else 0
     if decode or (decode is None and DECODE_BY_DEFAULT and use_decode(Nq, Nk, group, dtype, arch)):
-        dtiles = decode_tiles(D, smem_limit)
-        if arch < 80 or group * Nq > DECODE_MAX_ROWS or dtiles is None:
+        dtiles = decode_fits(Nq, group, dtype, arch, D, smem_limit)
+        if dtiles is None:
             if decode:
                 raise ValueError(f"split-KV decoding needs sm_80 or later (got sm_{arch}), at most "
                                  f"{DECODE_MAX_ROWS} query rows per k/v head (got group * Nq = {group * Nq}) "
