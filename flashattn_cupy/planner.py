@@ -53,7 +53,7 @@ MMA_TILES = ((64, ((4, 2, 128), (4, 2, 64), (4, 1, 64), (4, 1, 32), (2, 1, 32)))
 # 128 x 64 at d = 64 and 128 x 32 at d = 128, 4-40% ahead of one m-tile a warp.
 MMA_TILES_F32 = ((64, ((4, 2, 64), (4, 2, 32), (4, 1, 32), (2, 1, 16))),
                  (128, ((4, 2, 32), (4, 1, 32), (2, 1, 16), (1, 1, 16))),
-                 (256, ((4, 1, 32), (4, 1, 16), (2, 1, 16), (1, 1, 16))))
+                 (256, ((8, 1, 32), (4, 1, 32), (4, 1, 16), (2, 1, 16), (1, 1, 16))))
 
 # Split-KV decoding (csrc/flash_decode.cu, flash-decoding): for few query rows per k/v head and
 # many keys. One block per (batch, k/v head, split of the keys) holds all group * Nq query rows
