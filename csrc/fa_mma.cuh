@@ -38,6 +38,10 @@ __device__ __forceinline__ void cp_async_16(void* dst, const void* src, int src_
     asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;"
                  :: "r"(smem_addr(dst)), "l"(src), "r"(src_bytes) : "memory");
 }
+// The same for a whole chunk: no size operand (load_tile_stepped, decoding's paged tiles).
+__device__ __forceinline__ void cp_async_16_full(unsigned dst, const void* src) {
+    asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16;" :: "r"(dst), "l"(src) : "memory");
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
 // Wait until at most N of this thread's committed groups are still in flight (a multi-stage pipeline).
@@ -220,4 +224,26 @@ template <typename T, int ROWS, int D, int DP, int NT, int ARCH>
 __device__ __forceinline__ void load_tile(typename fa_elem<T>::bits* dst, const T* src, long long stride,
                                           int rows, int d, bool vec) {
     load_rows<T, ROWS, D, DP, NT, ARCH>(dst, [=](int r) { return src + r * stride; }, src, rows, d, vec);
+}
+
+// load_tile, but a whole tile (rows == ROWS, d == D, 16-byte rows) goes faster where each row's
+// 16-byte chunks divide among the threads evenly (NT % (D / VEC) == 0): a thread's chunks then
+// lie in one column, NT / (D / VEC) rows apart, so its addresses are a base and a fixed step,
+// with no division, bounds test or size operand a chunk (~3 instructions a chunk, not ~12).
+template <typename T, int ROWS, int D, int DP, int NT, int ARCH>
+__device__ __forceinline__ void load_tile_stepped(typename fa_elem<T>::bits* dst, const T* src, long long stride,
+                                                  int rows, int d, bool vec) {
+    constexpr int CH = D / fa_elem<T>::VEC, STEP = NT / CH;
+    if constexpr (ARCH >= 80 && NT % CH == 0 && ROWS % STEP == 0) {
+        if (rows == ROWS && d == D && vec) {
+            const int r0 = threadIdx.x / CH, c = threadIdx.x % CH * fa_elem<T>::VEC;
+            const unsigned s = smem_addr(dst + r0 * DP + c);
+            const T* g = src + r0 * stride + c;
+#pragma unroll
+            for (int it = 0; it < ROWS / STEP; ++it, g += STEP * stride)
+                cp_async_16_full(s + it * STEP * DP * (int)sizeof(T), g);
+            return;
+        }
+    }
+    load_tile<T, ROWS, D, DP, NT, ARCH>(dst, src, stride, rows, d, vec);
 }

@@ -120,6 +120,11 @@ flash_decode(const T* __restrict__ Q, const T* __restrict__ K, const T* __restri
                 }
             }
         }
+        // The page of a tile within one page is read a tile ahead (next_page: tile n's page, its
+        // load issued when tile n - 1 was), so the copies of a stage never wait on that read.
+        const bool one_page = pages && (BC >> page_shift) <= 1;
+        auto page_of = [&](int n) { return one_page && tile(n) < j1 ? pages[((long long)tile(n) * BC) >> page_shift] : 0; };
+        int next_page = page_of(0);
         // The split's tile n into stage n % STAGES; every call commits one group (empty past
         // the split's last tile).
         auto load_stage = [&](int n) {
@@ -127,6 +132,27 @@ flash_decode(const T* __restrict__ Q, const T* __restrict__ K, const T* __restri
                 const long long col0 = (long long)tile(n) * BC;
                 const int rows = (int)(nk - col0 < BC ? nk - col0 : BC);
                 bits* Ks = St + (n % STAGES) * STAGE;
+                constexpr int CH = D / E::VEC, STEP = NT / CH;   // load_tile_stepped's layout
+                if constexpr (NT % CH == 0 && BC % STEP == 0) {
+                    // pages shorter than a whole tile: each thread's rows (fixed columns, STEP
+                    // rows apart) have their page numbers read once, all in flight together,
+                    // for both K and V, then the copies go out
+                    if (pages && (BC >> page_shift) > 1 && rows == BC && d == D && k_vec && v_vec) {
+                        const int r0 = threadIdx.x / CH, c = threadIdx.x % CH * E::VEC;
+                        int pg[BC / STEP];
+#pragma unroll
+                        for (int it = 0; it < BC / STEP; ++it) pg[it] = pages[(int)(col0 + r0 + it * STEP) >> page_shift];
+                        const unsigned sk = smem_addr(Ks + r0 * DP + c), sv = sk + BC * DP * (int)sizeof(T);
+#pragma unroll
+                        for (int it = 0; it < BC / STEP; ++it) {
+                            const long long row = (col0 + r0 + it * STEP) & in_page;
+                            cp_async_16_full(sk + it * STEP * ROW, Kb + pg[it] * k_sb + row * k_sn + c);
+                            cp_async_16_full(sv + it * STEP * ROW, Vb + pg[it] * v_sb + row * v_sn + c);
+                        }
+                        cp_async_commit();
+                        return;
+                    }
+                }
                 if (pages && (BC >> page_shift) > 1) {   // pages shorter than a tile: a page lookup a row
                     auto at = [&](const T* base, long long page_stride, long long sn, int r) {
                         const int key = (int)col0 + r;   // < nk
@@ -135,9 +161,12 @@ flash_decode(const T* __restrict__ Q, const T* __restrict__ K, const T* __restri
                     load_rows<T, BC, D, DP, NT, ARCH>(Ks, [&](int r) { return at(Kb, k_sb, k_sn, r); }, K, rows, d, k_vec);
                     load_rows<T, BC, D, DP, NT, ARCH>(Ks + BC * DP, [&](int r) { return at(Vb, v_sb, v_sn, r); }, V, rows, d, v_vec);
                 } else {   // contiguous, or the tile within one page (pages and tiles: powers of two): one lookup
-                    const long long page = pages ? pages[col0 >> page_shift] : 0, row = pages ? col0 & in_page : col0;
-                    load_tile<T, BC, D, DP, NT, ARCH>(Ks, Kb + page * k_sb + row * k_sn, k_sn, rows, d, k_vec);
-                    load_tile<T, BC, D, DP, NT, ARCH>(Ks + BC * DP, Vb + page * v_sb + row * v_sn, v_sn, rows, d, v_vec);
+                    const long long page = next_page, row = pages ? col0 & in_page : col0;
+                    next_page = page_of(n + 1);
+                    const T* Kt = Kb + page * k_sb + row * k_sn;
+                    const T* Vt = Vb + page * v_sb + row * v_sn;
+                    load_tile_stepped<T, BC, D, DP, NT, ARCH>(Ks, Kt, k_sn, rows, d, k_vec);
+                    load_tile_stepped<T, BC, D, DP, NT, ARCH>(Ks + BC * DP, Vt, v_sn, rows, d, v_vec);
                 }
             }
             cp_async_commit();
@@ -147,6 +176,21 @@ flash_decode(const T* __restrict__ Q, const T* __restrict__ K, const T* __restri
 
         float o[ND][4] = {};                    // line 5: Oi = 0, mi = -inf, li = 0 (this warp's keys)
         float m[2] = {neg_inf, neg_inf}, l[2] = {0.f, 0.f};
+        // Qi's A fragments (scale's sign folded in) are the same for every tile: held in registers
+        // where they fit beside the rest (KS <= 8: 32 registers at D = 128), read from shared
+        // memory once, not per tile (8 ldmatrix and 32 XORs a warp a tile at D = 128).
+        constexpr bool Q_REGS = KS <= 8;
+        operand<4> qf[Q_REGS ? KS : 1];
+        if constexpr (Q_REGS) {
+            cp_async_wait_group<STAGES - 2>();   // Qi has landed (with tile 0, its group) ...
+            __syncthreads();                     // ... for every thread
+#pragma unroll
+            for (int kk = 0; kk < KS; ++kk) {
+                ldmatrix_x4<false>(qf[kk].hi, q_lane + kk * 32);
+#pragma unroll
+                for (int e = 0; e < 4; ++e) qf[kk].hi[e] ^= q_sign;
+            }
+        }
 
         for (int n = 0; tile(n) < j1; ++n) {    // line 6
             cp_async_wait_group<STAGES - 2>();  // tile n (and Qi) have landed ...
@@ -160,9 +204,13 @@ flash_decode(const T* __restrict__ Q, const T* __restrict__ K, const T* __restri
 #pragma unroll
             for (int kk = 0; kk < KS; ++kk) {
                 operand<4> qa;
-                ldmatrix_x4<false>(qa.hi, q_lane + kk * 32);
+                if constexpr (Q_REGS) {
+                    qa = qf[kk];
+                } else {
+                    ldmatrix_x4<false>(qa.hi, q_lane + kk * 32);
 #pragma unroll
-                for (int e = 0; e < 4; ++e) qa.hi[e] ^= q_sign;
+                    for (int e = 0; e < 4; ++e) qa.hi[e] ^= q_sign;
+                }
 #pragma unroll
                 for (int p = 0; p < NS / 2; ++p) {
                     operand<4> kb;   // B operands of key tiles 2p (registers 0, 1) and 2p + 1 (2, 3)

@@ -50,10 +50,12 @@ MMA_TILES = ((64, ((4, 2, 128), (4, 2, 64), (4, 1, 64), (4, 1, 32), (2, 1, 32)))
              (128, ((4, 2, 64), (4, 2, 32), (4, 1, 32), (2, 1, 16))),
              (256, ((4, 1, 64), (4, 1, 32), (4, 1, 16), (2, 1, 16), (1, 1, 16))))
 # fp32 rows are twice as wide in shared memory; from the same sweep (3xTF32 and TF32 alike):
-# 128 x 64 at d = 64 and 128 x 32 at d = 128, 4-40% ahead of one m-tile a warp.
+# 128 x 64 at d = 64 and 128 x 32 at d = 128, 4-40% ahead of one m-tile a warp. Past d = 128,
+# 8 warps of one m-tile (Br 128, ~200 KB at D = 256): 4 warps left one block of them an SM at 255
+# registers a thread (H200, B4 H16 N4k, 3xTF32: d160 41 -> 44.5, d224 24 -> 41, d256 23 -> 40 TFLOP/s).
 MMA_TILES_F32 = ((64, ((4, 2, 64), (4, 2, 32), (4, 1, 32), (2, 1, 16))),
                  (128, ((4, 2, 32), (4, 1, 32), (2, 1, 16), (1, 1, 16))),
-                 (256, ((4, 1, 32), (4, 1, 16), (2, 1, 16), (1, 1, 16))))
+                 (256, ((8, 1, 32), (4, 1, 32), (4, 1, 16), (2, 1, 16), (1, 1, 16))))
 
 # Split-KV decoding (csrc/flash_decode.cu, flash-decoding): for few query rows per k/v head and
 # many keys. One block per (batch, k/v head, split of the keys) holds all group * Nq query rows
