@@ -211,17 +211,19 @@ def worker(shard: int = 0, shards: int = 1, family: str = "", lead: tuple = LEAD
 def _paged_call(cp, rng, q, k, v, page: int, kw: dict):
     """(plan, O, L) of flash_attention_kvcache on k and v copied into a paged cache (pages of
     `page` keys dealt in a shuffled order, the last page's tail zero and past the length)."""
+    import numpy as np
     from flashattn_cupy import kvcache
     B, H, Nk, d = k.shape
     per_seq = -(-Nk // page)
-    table = cp.asarray(rng.permutation(B * per_seq).astype("int32").reshape(B, per_seq))
+    order = rng.permutation(B * per_seq).astype(np.int32)
     paged = []
-    for x in (k, v):
-        padded = cp.zeros((B, H, per_seq * page, d), x.dtype)
-        padded[:, :, :Nk] = x
-        pages = cp.empty((B * per_seq, H, page, d), x.dtype)
-        pages[table.ravel()] = padded.reshape(B, H, per_seq, page, d).transpose(0, 2, 1, 3, 4).reshape(-1, H, page, d)
-        paged.append(pages)
+    for x in (k, v):   # built on the host (as the grid's inputs are), then copied up
+        padded = np.zeros((B, H, per_seq * page, d), x.dtype)
+        padded[:, :, :Nk] = cp.asnumpy(x)
+        pages = np.empty((B * per_seq, H, page, d), x.dtype)
+        pages[order] = padded.reshape(B, H, per_seq, page, d).transpose(0, 2, 1, 3, 4).reshape(-1, H, page, d)
+        paged.append(cp.asarray(pages))
+    table = cp.asarray(order.reshape(B, per_seq))
     options = {"causal": False, "softmax_scale": None, "window": None, "softcap": 0.0, "alibi_slopes": None,
                "return_lse": True, **kw}   # flash_attention_kvcache's, as it validates them
     plan = kvcache._decoding_plan(kvcache._validate(q, *paged, Nk, table, backend="auto", **options))
