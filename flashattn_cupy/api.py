@@ -159,9 +159,9 @@ def _device_id(problem: Problem) -> int:
     return problem.q.device.id if problem.on_gpu else _device.current_device()
 
 
-def _plan(problem: Problem, device_id: int | None = None, decode: bool | None = None):
+def _plan(problem: Problem, device_id: int | None = None, decode: bool | None = None, page: int = 0):
     """The problem's plan; for CUDA on device_id (None: the arrays' device, or the current one).
-    decode: planner.plan's (None: the planner's choice)."""
+    decode, page: planner.plan's (None: the planner's choice; a paged KV cache's page, 0: none)."""
     if problem.backend == "reference":
         return None
     smem_limit = arch = sm_count = None
@@ -174,7 +174,8 @@ def _plan(problem: Problem, device_id: int | None = None, decode: bool | None = 
                         causal=problem.causal, batch=problem.batch, heads=problem.heads,
                         backend=problem.backend, smem_limit=smem_limit, arch=arch,
                         num_threads=problem.num_threads, fp32=problem.fp32,
-                        group=problem.group, sm_count=sm_count, decode=decode, **mask_options(problem))
+                        group=problem.group, sm_count=sm_count, decode=decode, page=page,
+                        **mask_options(problem))
 
 
 def _host(x):

@@ -199,9 +199,10 @@ def _decoding_plan(cache: _Cache):
     from . import api
     device_id = api._device_id(p)
     arch, smem_limit = _device.compute_capability(device_id), _device.smem_limit(device_id)
-    if planner.decode_fits(p.Nq, p.group, p.dtype, arch, planner.head_dim_bound(p.d), smem_limit) is None:
+    page = cache.page or 0
+    if planner.decode_fits(p.Nq, p.group, p.dtype, arch, planner.head_dim_bound(p.d), smem_limit, page) is None:
         return None
-    return api._plan(p, device_id, decode=True)
+    return api._plan(p, device_id, decode=True, page=page)
 
 
 def _run(cache: _Cache):

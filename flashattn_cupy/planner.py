@@ -126,12 +126,21 @@ def wgmma_default(on: bool):
 
 
 # (largest D, (warps NW, key tile BC, pipeline stages) candidates, best first). Every warp takes
-# BC / NW = 16 keys of a tile; BC = 64 keys of K and V are 18-34 KB a stage at D = 64-128, and
-# 2-3 stages (one or two tiles in flight a block, two or three blocks an SM) keep the 40+ KB an
-# SM needs in flight to stream at HBM speed on an H100. Smaller devices get fewer stages, then
-# smaller tiles (down to one warp of 16 keys, D = 256 within 48 KB).
+# BC / NW keys of a tile (a multiple of 16). Decoding streams K and V once, so what counts is the
+# bytes in flight an SM: at D = 65-128 one block of 2 warps with three 128-key stages (two tiles,
+# 128 KB, in flight) streams fastest (H200, fp16 d128 32/8 heads, against (4, 64, 3)'s two blocks
+# an SM: B8 Nk32k 262 against 273 us, B1 Nk128k 142 against 151; 4 or 8 warps, 2 or 4-6 stages of
+# 64 keys, 1 warp: all slower). Smaller devices get fewer stages, then smaller tiles (down to one
+# warp of 16 keys, D = 256 within 48 KB).
 DECODE_TILES = ((64, ((4, 64, 4), (4, 64, 3), (4, 64, 2), (2, 32, 2), (1, 16, 2))),
-                (256, ((4, 64, 3), (4, 64, 2), (2, 32, 2), (1, 16, 2))))
+                (256, ((2, 128, 3), (4, 64, 3), (4, 64, 2), (2, 32, 2), (1, 16, 2))))
+# A paged KV cache whose pages are shorter than the key tile has its tiles' rows looked up page by
+# page; there the tiles of up to 64 keys on 4 warps go on (pages of 64 keys fill a tile, and
+# pages of 16 spread their lookups over 128 threads): (2, 128, 3) ran pages of 16 at 489 us and
+# of 64 at 458 against (4, 64, 3)'s 285 and 272 (the B8 row above).
+DECODE_PAGED_MAX_BC = 64
+# The page sizes a decoding tile choice can differ for (0: not paged), for cuda_variants.
+DECODE_PAGES = (0, 1, 16, 64, 256)
 
 
 @dataclass(frozen=True)
@@ -236,10 +245,13 @@ def decode_smem_bytes(NW: int, BC: int, stages: int, D: int) -> int:
     return (16 + 2 * stages * BC) * (2 * D + 16) + 2 * NW * 16 * 4
 
 
-def decode_tiles(D: int, smem_limit: int) -> tuple[int, int, int] | None:
-    """(warps, key tile BC, stages) of the first decoding candidate for D that fits, None if none."""
+def decode_tiles(D: int, smem_limit: int, page: int = 0) -> tuple[int, int, int] | None:
+    """(warps, key tile BC, stages) of the first decoding candidate for D that fits, None if none;
+    page: a paged KV cache's keys a page (0: not paged), which tiles longer than it and than
+    DECODE_PAGED_MAX_BC skip."""
     candidates = next(c for d_max, c in DECODE_TILES if D <= d_max)
-    return next((c for c in candidates if decode_smem_bytes(*c, D) <= smem_limit), None)
+    return next((c for c in candidates if decode_smem_bytes(*c, D) <= smem_limit
+                 and not (0 < page < c[1] and c[1] > DECODE_PAGED_MAX_BC)), None)
 
 
 @functools.lru_cache(maxsize=1024)   # a decoding loop asks again for each key tile's Nk
@@ -273,12 +285,13 @@ def decode_workspace_bytes(batch: int, heads: int, Nq: int, splits: int, D: int)
     return 4 * batch * heads * Nq * splits * (D + 1)
 
 
-def decode_fits(Nq: int, group: int, dtype: str, arch: int, D: int, smem_limit: int) -> tuple[int, int, int] | None:
+def decode_fits(Nq: int, group: int, dtype: str, arch: int, D: int, smem_limit: int,
+                page: int = 0) -> tuple[int, int, int] | None:
     """Decoding's (warps, key tile, stages) where split-KV decoding can run a call: fp16/bf16 on
     sm_80+, at most DECODE_MAX_ROWS query rows per k/v head, a tile within the limit; else None."""
     if dtype not in DECODE_DTYPES or arch < 80 or group * Nq > DECODE_MAX_ROWS:
         return None
-    return decode_tiles(D, smem_limit)
+    return decode_tiles(D, smem_limit, page)
 
 
 def use_decode(Nq: int, Nk: int, group: int, dtype: str, arch: int) -> bool:
@@ -292,7 +305,8 @@ def plan(Nq: int, Nk: int, d: int, *, dtype: str = "float32", causal: bool = Fal
          batch: int = 1, heads: int = 1, backend: str = "cuda",
          smem_limit: int | None = None, arch: int | None = None, num_threads: int = 1,
          fp32: str = "auto", window: bool = False, score_mod: bool = False, group: int = 1,
-         sm_count: int | None = None, decode: bool | None = None, wgmma: bool | None = None) -> Plan:
+         sm_count: int | None = None, decode: bool | None = None, wgmma: bool | None = None,
+         page: int = 0) -> Plan:
     """Choose the tiles and launch shape for one call.
 
     The call's shapes: q (batch, heads, Nq, d), k and v (batch, heads, Nk, d); dtype is q's
@@ -311,12 +325,15 @@ def plan(Nq: int, Nk: int, d: int, *, dtype: str = "float32", causal: bool = Fal
     pays (while DECODE_BY_DEFAULT is on), True asks for it (a ValueError where it cannot run),
     False never. wgmma: Hopper's warpgroup-MMA kernel (csrc/flash_fwd_wgmma.cu) in place of the
     mma.sync one: None where it can run (while WGMMA_BY_DEFAULT is on), True asks for it (a
-    ValueError where it cannot), False never.
+    ValueError where it cannot), False never. page: when decoding reads a paged KV cache
+    (kvcache.py), its keys a page, which the decoding tile depends on (decode_tiles); 0 otherwise.
     """
     if not (1 <= d <= MAX_HEAD_DIM):
         raise ValueError(f"head dim d must be in 1..{MAX_HEAD_DIM}, got {d}")
     if min(Nq, Nk, batch, heads, num_threads, group) < 1 or heads % group:
         raise ValueError("Nq, Nk, batch, heads, num_threads and group must all be >= 1, group dividing heads")
+    if page < 0:
+        raise ValueError(f"page (a paged KV cache's keys a page, 0 if not paged) must be >= 0, got {page}")
     if backend == "c":
         if decode:
             raise ValueError("split-KV decoding (decode=True) runs on the CUDA backend only")
@@ -346,7 +363,7 @@ def plan(Nq: int, Nk: int, d: int, *, dtype: str = "float32", causal: bool = Fal
     D = head_dim_bound(d)
     mask = 2 if score_mod else 1 if causal or window else 0
     if decode or (decode is None and DECODE_BY_DEFAULT and use_decode(Nq, Nk, group, dtype, arch)):
-        dtiles = decode_fits(Nq, group, dtype, arch, D, smem_limit)
+        dtiles = decode_fits(Nq, group, dtype, arch, D, smem_limit, page)
         if dtiles is None:
             if decode:
                 raise ValueError(f"split-KV decoding needs sm_80 or later (got sm_{arch}), at most "
@@ -422,8 +439,9 @@ def cuda_variants(smem_limit: int, arch: int) -> list[str]:
                     for wgmma in (True, False) if can_wgmma else (False,):   # whatever the default
                         names.add(plan(1, 1, d, dtype=dtype, window=mask >= 1, score_mod=mask == 2,
                                        smem_limit=smem_limit, arch=arch, fp32=fp32, wgmma=wgmma).kernel)
-                if dtype in DECODE_DTYPES and arch >= 80 and decode_tiles(head_dim_bound(d), smem_limit):
-                    p = plan(1, DECODE_MIN_KEYS, d, dtype=dtype, window=mask >= 1, score_mod=mask == 2,
-                             smem_limit=smem_limit, arch=arch, sm_count=1, decode=True)
-                    names.update((p.kernel, p.combine))
+                for page in DECODE_PAGES:
+                    if dtype in DECODE_DTYPES and arch >= 80 and decode_tiles(head_dim_bound(d), smem_limit, page):
+                        p = plan(1, DECODE_MIN_KEYS, d, dtype=dtype, window=mask >= 1, score_mod=mask == 2,
+                                 smem_limit=smem_limit, arch=arch, sm_count=1, decode=True, page=page)
+                        names.update((p.kernel, p.combine))
     return sorted(names)

@@ -86,13 +86,15 @@ def calls(smem_limit: int, arch: int, family: str = ""):
                         options = {**API_FP32[mode], "wgmma": wgmma}
                         grid += [(p.kernel, dtype, MASK_OPTIONS[mask], D - _below(below, p), Nq, Nk, layout, options)
                                  for below, layout, shapes in CASES for Nq, Nk in shapes]
-                if dtype in planner.DECODE_DTYPES and arch >= 80 and planner.decode_tiles(D, smem_limit):
-                    p = _plan(planner, 1, planner.DECODE_MIN_KEYS, D, dtype, MASK_OPTIONS[mask], smem_limit,
-                              arch, "auto", sm_count=1, decode=True)
-                    if p.head_dim_bound == D and p.kernel not in seen:
-                        seen.add(p.kernel)
-                        grid += [(p.kernel, dtype, MASK_OPTIONS[mask], D - _below(below, p), Nq, Nk, layout, {})
-                                 for below, layout, shapes in DECODE_CASES for Nq, Nk in shapes]
+                for page in planner.DECODE_PAGES:   # a tile only a paged cache gets: read through kvcache
+                    if dtype in planner.DECODE_DTYPES and arch >= 80 and planner.decode_tiles(D, smem_limit, page):
+                        p = _plan(planner, 1, planner.DECODE_MIN_KEYS, D, dtype, MASK_OPTIONS[mask], smem_limit,
+                                  arch, "auto", sm_count=1, decode=True, page=page)
+                        if p.head_dim_bound == D and p.kernel not in seen:
+                            seen.add(p.kernel)
+                            grid += [(p.kernel, dtype, MASK_OPTIONS[mask], D - _below(below, p), Nq, Nk, layout,
+                                      {"page": page} if page else {})
+                                     for below, layout, shapes in DECODE_CASES for Nq, Nk in shapes]
     return [call for call in grid if not family or kernels.family(call[0]) == family]
 
 
@@ -129,7 +131,8 @@ def kernels_reached(smem_limit: int, arch: int, family: str = "") -> tuple[set, 
     for _, dtype, mods, d, Nq, Nk, _, options in calls(smem_limit, arch, family):
         fp32 = "tf32" if options.get("allow_tf32") else options.get("fp32_kernel", "auto")
         with planner.wgmma_default(options.get("wgmma", False)):
-            p = _plan(planner, Nq, Nk, d, dtype, mods, smem_limit, arch, fp32, sm_count=132)
+            p = _plan(planner, Nq, Nk, d, dtype, mods, smem_limit, arch, fp32, sm_count=132,
+                      **({"decode": True, "page": options["page"]} if "page" in options else {}))
         reached.update((p.kernel, p.combine) if p.splits else (p.kernel,))
     return reached, variants(smem_limit, arch, family)
 
@@ -187,9 +190,12 @@ def worker(shard: int = 0, shards: int = 1, family: str = "", lead: tuple = LEAD
         kw = {("alibi_slopes" if key == "alibi" else key): value for key, value in mods.items()}
         api = {key: value for key, value in options.items() if key != "wgmma"}   # "wgmma": the planner's default
         with planner.wgmma_default(options.get("wgmma", False)):
-            plan = plan_for(q, k, v, **kw, **api)
+            if "page" in api:
+                plan, O, L = _paged_call(cp, rng, q, k, v, api["page"], kw)
+            else:
+                plan = plan_for(q, k, v, **kw, **api)
+                O, L = flash_attention(q, k, v, return_lse=True, **kw, **api)
             ran.update((plan.kernel, plan.combine) if plan.splits else (plan.kernel,))
-            O, L = flash_attention(q, k, v, return_lse=True, **kw, **api)
         try:
             assert_attention_close(cp.asnumpy(O), cp.asnumpy(L), *(cp.asnumpy(x) for x in (q, k, v)),
                                    **kw, **kernel_rounding(plan))
@@ -200,6 +206,29 @@ def worker(shard: int = 0, shards: int = 1, family: str = "", lead: tuple = LEAD
         print("  " + line)
     print("ran: " + "|".join(sorted(ran)))
     return 1 if failures else 0
+
+
+def _paged_call(cp, rng, q, k, v, page: int, kw: dict):
+    """(plan, O, L) of flash_attention_kvcache on k and v copied into a paged cache (pages of
+    `page` keys dealt in a shuffled order, the last page's tail zero and past the length)."""
+    import numpy as np
+    from flashattn_cupy import kvcache
+    B, H, Nk, d = k.shape
+    per_seq = -(-Nk // page)
+    order = rng.permutation(B * per_seq).astype(np.int32)
+    paged = []
+    for x in (k, v):   # built on the host (as the grid's inputs are), then copied up
+        padded = np.zeros((B, H, per_seq * page, d), x.dtype)
+        padded[:, :, :Nk] = cp.asnumpy(x)
+        pages = np.empty((B * per_seq, H, page, d), x.dtype)
+        pages[order] = padded.reshape(B, H, per_seq, page, d).transpose(0, 2, 1, 3, 4).reshape(-1, H, page, d)
+        paged.append(cp.asarray(pages))
+    table = cp.asarray(order.reshape(B, per_seq))
+    options = {"causal": False, "softmax_scale": None, "window": None, "softcap": 0.0, "alibi_slopes": None,
+               "return_lse": True, **kw}   # flash_attention_kvcache's, as it validates them
+    plan = kvcache._decoding_plan(kvcache._validate(q, *paged, Nk, table, backend="auto", **options))
+    O, L = kvcache.flash_attention_kvcache(q, *paged, cache_seqlens=Nk, block_table=table, **options)
+    return plan, O, L
 
 
 def mods_name(mods) -> str:

@@ -68,11 +68,13 @@ def test_decode_can_be_forced_or_refused():
 def test_every_decode_plan_fits(arch, limit):
     for d in range(1, 257, 3):
         for dtype in planner.DECODE_DTYPES:
-            p = planner.plan(1, 4096, d, dtype=dtype, batch=3, heads=8, group=8, smem_limit=limit, arch=arch,
-                             sm_count=108)
-            NW, BC, stages = (int(x) for x in p.kernel.rstrip(">").split(", ")[2:5])
-            assert p.smem_bytes == planner.decode_smem_bytes(NW, BC, stages, p.head_dim_bound) <= limit
-            assert BC == 16 * NW and p.threads == 32 * NW and stages >= 2
+            for page in planner.DECODE_PAGES:
+                p = planner.plan(1, 4096, d, dtype=dtype, batch=3, heads=8, group=8, smem_limit=limit, arch=arch,
+                                 sm_count=108, page=page)
+                NW, BC, stages = (int(x) for x in p.kernel.rstrip(">").split(", ")[2:5])
+                assert p.smem_bytes == planner.decode_smem_bytes(NW, BC, stages, p.head_dim_bound) <= limit
+                assert BC % (16 * NW) == 0 and p.threads == 32 * NW and stages >= 2   # 16k keys a warp
+                assert p.Bc == BC and (page == 0 or page >= BC or BC <= planner.DECODE_PAGED_MAX_BC)
             assert p.workspace_bytes == 4 * 3 * 8 * 1 * p.splits * (p.head_dim_bound + 1)
             assert 1 <= p.splits <= planner.DECODE_MAX_SPLITS
 
@@ -80,11 +82,18 @@ def test_every_decode_plan_fits(arch, limit):
 def test_the_bench_shapes_fill_an_h100():
     """The benchmark's rows: B=8 H=32 (8 k/v heads) Nk=32k and B=1 Nk=128k, d=128, fp16."""
     p = planner.plan(1, 32768, 128, dtype="float16", batch=8, heads=32, group=4, **H100)
-    assert p.kernel == "flash_decode<fa_half, 128, 4, 64, 3, 0>" and p.grid == (4, 8, 8)
+    assert p.kernel == "flash_decode<fa_half, 128, 2, 128, 3, 0>" and p.grid == (2, 8, 8)
     slots = 132 * (227 * KB // p.smem_bytes)
-    assert 0.85 * slots <= math.prod(p.grid) <= slots   # one full wave: 256 of 264 blocks
+    assert slots == 132 and 0.85 * slots <= math.prod(p.grid) <= slots   # one full wave: 128 of 132 blocks
     p = planner.plan(1, 131072, 128, dtype="float16", batch=1, heads=32, group=4, **H100)
     assert 0.85 * slots <= math.prod(p.grid) <= slots and p.splits >= 16
+    # a paged cache with pages shorter than 128 keys: two blocks of 64-key tiles an SM
+    for page in (1, 16, 64):
+        p = planner.plan(1, 32768, 128, dtype="float16", batch=8, heads=32, group=4, page=page, **H100)
+        assert p.kernel == "flash_decode<fa_half, 128, 4, 64, 3, 0>" and p.grid == (4, 8, 8)
+    assert planner.plan(1, 32768, 128, dtype="float16", batch=8, heads=32, group=4, page=256, **H100).Bc == 128
+    with pytest.raises(ValueError, match="page"):
+        planner.plan(1, 32768, 128, dtype="float16", page=-16, **H100)
 
 
 @pytest.mark.parametrize("pairs, slots, tiles", [(1, 264, 2048), (8, 264, 2048), (64, 264, 512), (200, 264, 512),
@@ -114,7 +123,14 @@ def test_variants_include_decoding_on_sm80_only():
         if arch < 80:
             assert not decode and not combine
         else:
-            assert len(decode) == 8 * 2 * 3   # head-dim bounds x fp16/bf16 x masks
+            bounds = {n.split(", ")[1] for n in decode}
+            cases = {(n.split(", ")[0], n.split(", ")[1], n.split(", ")[-1]) for n in decode}   # (type, D, mask)
+            assert len(bounds) == 8 and len(cases) == 8 * 2 * 3   # head-dim bounds x fp16/bf16 x masks
+            expected = {planner.plan(1, 4096, D, dtype=dtype, window=mask >= 1, score_mod=mask == 2, smem_limit=limit,
+                                     arch=arch, sm_count=1, decode=True, page=page).kernel
+                        for D in range(32, 257, 32) for dtype in planner.DECODE_DTYPES for mask in planner.MASKS
+                        for page in planner.DECODE_PAGES}
+            assert set(decode) == expected   # paged caches' tiles too
             assert combine == ["flash_decode_combine<fa_bfloat16>", "flash_decode_combine<fa_half>"]
 
 
