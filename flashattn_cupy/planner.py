@@ -127,11 +127,11 @@ def wgmma_default(on: bool):
 
 # (largest D, (warps NW, key tile BC, pipeline stages) candidates, best first). Every warp takes
 # BC / NW keys of a tile (a multiple of 16). Decoding streams K and V once, so what counts is the
-# bytes in flight an SM: at D = 65-128 one block of 2 warps with three 128-key stages (two tiles,
-# 128 KB, in flight) streams fastest (H200, fp16 d128 32/8 heads, against (4, 64, 3)'s two blocks
-# an SM: B8 Nk32k 262 against 273 us, B1 Nk128k 142 against 151; 4 or 8 warps, 2 or 4-6 stages of
-# 64 keys, 1 warp: all slower). Smaller devices get fewer stages, then smaller tiles (down to one
-# warp of 16 keys, D = 256 within 48 KB).
+# bytes in flight an SM: at D = 65-128 one block of 2 warps with three 128-key stages (two 64 KB
+# K + V tiles in flight) streams fastest (H200, fp16 d128 32/8 heads, against (4, 64, 3)'s two blocks
+# an SM: B8 Nk32k 262 against 273 us, B1 Nk128k 142 against 151; 4 warps on the same tiles within
+# 1%; 8 warps, 64-key tiles in 2-6 stages, 1 warp: slower). Smaller devices get fewer stages, then
+# smaller tiles (down to one warp of 16 keys, D = 256 within 48 KB).
 DECODE_TILES = ((64, ((4, 64, 4), (4, 64, 3), (4, 64, 2), (2, 32, 2), (1, 16, 2))),
                 (256, ((2, 128, 3), (4, 64, 3), (4, 64, 2), (2, 32, 2), (1, 16, 2))))
 # A paged KV cache whose pages are shorter than the key tile has its tiles' rows looked up page by
@@ -288,7 +288,8 @@ def decode_workspace_bytes(batch: int, heads: int, Nq: int, splits: int, D: int)
 def decode_fits(Nq: int, group: int, dtype: str, arch: int, D: int, smem_limit: int,
                 page: int = 0) -> tuple[int, int, int] | None:
     """Decoding's (warps, key tile, stages) where split-KV decoding can run a call: fp16/bf16 on
-    sm_80+, at most DECODE_MAX_ROWS query rows per k/v head, a tile within the limit; else None."""
+    sm_80+, at most DECODE_MAX_ROWS query rows per k/v head, a tile within the limit (for a paged
+    cache's page, as decode_tiles); else None."""
     if dtype not in DECODE_DTYPES or arch < 80 or group * Nq > DECODE_MAX_ROWS:
         return None
     return decode_tiles(D, smem_limit, page)
