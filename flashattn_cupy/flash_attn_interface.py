@@ -20,7 +20,7 @@ from typing import Any
 from . import _interop
 from ._typing import Array, Backend
 from .api import flash_attention
-from .kvcache import flash_attention_kvcache
+from .kvcache import append, flash_attention_kvcache
 from .varlen import flash_attention_varlen
 
 def flash_attn_func(q: Array, k: Array, v: Array, dropout_p: float = 0.0, softmax_scale: float | None = None,
@@ -121,8 +121,13 @@ def flash_attn_with_kvcache(q: Array, k_cache: Array, v_cache: Array, k: Array |
     softmax_scale, causal, window_size, softcap, alibi_slopes: as in flash_attn_func, aligned
         with each batch index's cache_seqlens.
     return_softmax_lse: return (out, softmax_lse).
-    Not supported (a ValueError unless left at their defaults): k and v (appending new keys:
-    write them into the cache and pass the longer cache_seqlens), rotary_cos / rotary_sin
+    k, v: None, or the new keys and values (batch, seqlen_new, nheads_k, headdim), the cache's
+        dtype: written into the cache in place right after each batch index's cache_seqlens[b]
+        keys (through block_table when paged), then attended to with the rest (cache_seqlens
+        + seqlen_new keys; causal aligns the queries with the last of them), as flash-attn does.
+        cache_seqlens (and a block table) on the GPU are then read on the host to check that the
+        new keys fit: one synchronization a call.
+    Not supported (a ValueError unless left at their defaults): rotary_cos / rotary_sin
     (rotary_interleaved only says how they would apply), cache_batch_idx, cache_leftpad, and
     num_splits other than 0 (the planner chooses the split count).
 
@@ -131,9 +136,9 @@ def flash_attn_with_kvcache(q: Array, k_cache: Array, v_cache: Array, k: Array |
     """
     window = _check_flash_attn_args(0.0, causal, window_size, False, False, return_softmax_lse)
     _check_flag("rotary_interleaved", rotary_interleaved)
-    for name, x, what in (("k", k, "append new keys and values to the cache yourself (k_cache[b, n] = ...) "
-                                   "and pass the longer cache_seqlens"),
-                          ("v", v, "see k"), ("rotary_cos", rotary_cos, "apply rotary embeddings to q and k first"),
+    if (k is None) != (v is None):
+        raise ValueError("pass the new keys and values together (k and v), or neither")
+    for name, x, what in (("rotary_cos", rotary_cos, "apply rotary embeddings to q and k first"),
                           ("rotary_sin", rotary_sin, "apply rotary embeddings to q and k first"),
                           ("cache_batch_idx", cache_batch_idx, "index the cache yourself (k_cache[idx])"),
                           ("cache_leftpad", cache_leftpad, "keep each sequence's keys at the start of its cache")):
@@ -149,6 +154,10 @@ def flash_attn_with_kvcache(q: Array, k_cache: Array, v_cache: Array, k: Array |
                 raise ValueError(f"flash_attn_with_kvcache takes {name} with 4 dims (batch or blocks, seqlen, "
                                  f"nheads, headdim), got shape {tuple(x.shape)}")
         # (batch, seqlen, heads, d) -> (batch, heads, seqlen, d): views, no copies
+        if k is not None:
+            k, v = (_interop.small_array(name, x, "an array like k_cache") for name, x in (("k", k), ("v", v)))
+            cache_seqlens = append(q.swapaxes(1, 2), k_cache.swapaxes(1, 2), v_cache.swapaxes(1, 2),
+                                   k.swapaxes(1, 2), v.swapaxes(1, 2), cache_seqlens, block_table)
         O, L = flash_attention_kvcache(q.swapaxes(1, 2), k_cache.swapaxes(1, 2), v_cache.swapaxes(1, 2),
                                        cache_seqlens=cache_seqlens, block_table=block_table, causal=causal,
                                        softmax_scale=softmax_scale, window=window, softcap=softcap,

@@ -190,6 +190,66 @@ def _validate(q, k_cache, v_cache, cache_seqlens, block_table, *, backend, **opt
     return _Cache(problem, k_cache, v_cache, seqlens, table, page)
 
 
+def append(q, k_cache, v_cache, k, v, cache_seqlens, block_table):
+    """Writes k and v, (batch, kv_heads, n, d), into the cache in place right after each batch
+    index's cache_seqlens[b] keys (rows cache_seqlens[b] .. + n - 1, through block_table when
+    paged), and returns the lengths that count them: cache_seqlens + n, of cache_seqlens' kind
+    (flash-attn's flash_attn_with_kvcache with k and v). Lengths on the GPU are read on the host
+    to check that the new keys fit (a synchronization), and so is a GPU block table, whose pages
+    the new keys go to are checked too."""
+    if cache_seqlens is None:
+        raise ValueError("appending k and v needs cache_seqlens: each batch index's new keys go right after "
+                         "its first cache_seqlens[b] keys")
+    for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v)):
+        if getattr(x, "ndim", None) != 4:
+            raise ValueError(f"{name} must have 4 dims, got shape {tuple(getattr(x, 'shape', ()))}")
+    on_gpu = _device.is_cupy_array(k_cache)
+    for name, x in (("k", k), ("v", v)):
+        if _device.is_cupy_array(x) != on_gpu or not (on_gpu or isinstance(x, np.ndarray)):
+            raise TypeError(f"{name} must be the cache's kind of array ({'CuPy' if on_gpu else 'NumPy'}), "
+                            f"got {type(x).__module__}.{type(x).__name__}")
+        if x.dtype != k_cache.dtype:
+            raise TypeError(f"{name} must have the cache's dtype {k_cache.dtype}, got {x.dtype}: cast it first")
+    batch, kv_heads, n, d = k.shape
+    if (batch != q.shape[0] or (kv_heads, d) != (k_cache.shape[1], k_cache.shape[3]) or n < 1
+            or tuple(v.shape) != tuple(k.shape)):
+        raise ValueError(f"k and v must both have shape (batch {q.shape[0]}, seqlen_new >= 1, kv_heads "
+                         f"{k_cache.shape[1]}, headdim {k_cache.shape[3]}), got {tuple(k.shape)} and {tuple(v.shape)}")
+    xp = _device.cupy() if on_gpu else np
+    page = None if block_table is None else k_cache.shape[2]
+    if block_table is None:
+        capacity = k_cache.shape[2]
+    else:
+        table = _interop.small_array("block_table", block_table, "an integer array (NumPy, CuPy, torch, a list)")
+        table = table if isinstance(table, np.ndarray) else table.get()
+        if table.ndim != 2 or table.shape[0] != batch or np.dtype(table.dtype).kind not in "iu":
+            raise ValueError(f"block_table must be integers of shape ({batch}, pages_per_seq), got "
+                             f"{tuple(table.shape)} of {np.dtype(table.dtype)}")
+        capacity = table.shape[1] * page
+    if isinstance(cache_seqlens, numbers.Integral) and not isinstance(cache_seqlens, (bool, np.bool_)):
+        lengths = np.full(batch, int(cache_seqlens))
+    else:
+        lengths = _interop.small_array("cache_seqlens", cache_seqlens, "an int or an integer array")
+        if tuple(lengths.shape) != (batch,) or np.dtype(lengths.dtype).kind not in "iu":
+            raise ValueError(f"cache_seqlens must be an int or integers of shape ({batch},), got "
+                             f"{tuple(lengths.shape)} of {np.dtype(lengths.dtype)}")
+    host = lengths if isinstance(lengths, np.ndarray) else lengths.get()
+    if host.min() < 0 or host.max() + n > capacity:
+        raise ValueError(f"the {n} new keys must fit in the cache: cache_seqlens + {n} <= {capacity} (keys it "
+                         f"holds), got cache_seqlens from {host.min()} to {host.max()}")
+    rows = host[:, None].astype(np.int64) + np.arange(n)   # (batch, n): where the new keys go
+    index = np.arange(batch)[:, None]
+    if page is not None:   # through the pages those rows lie in
+        index, rows = table[index, rows // page], rows % page
+        if index.min() < 0 or index.max() >= k_cache.shape[0]:
+            raise ValueError(f"block_table's pages for the new keys must lie in [0, {k_cache.shape[0] - 1}] "
+                             f"(page numbers of k_cache), got values from {index.min()} to {index.max()}")
+    index, rows = xp.asarray(index), xp.asarray(rows)
+    for cache, new in ((k_cache, k), (v_cache, v)):
+        cache[index, :, rows] = new.swapaxes(1, 2)   # (batch, n, kv_heads, d), as the indexing orders it
+    return int(cache_seqlens) + n if isinstance(cache_seqlens, numbers.Integral) else lengths + n
+
+
 def _decoding_plan(cache: _Cache):
     """The split-KV decoding plan that reads the cache in place, or None where the call needs
     another kernel (not fp16/bf16 on sm_80+, more than 16 rows a k/v head, no tile that fits)."""

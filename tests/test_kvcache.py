@@ -125,11 +125,69 @@ def test_flash_attn_with_kvcache_is_flash_attention_kvcache(rng):
     assert out.flags.c_contiguous
     np.testing.assert_array_equal(out, flip(O))
     np.testing.assert_array_equal(lse, L)
-    for name, value, match in (("k", flip(q), "k is not supported"), ("rotary_cos", q, "rotary_cos is not"),
+    for name, value, match in (("k", flip(q), "k and v"), ("rotary_cos", q, "rotary_cos is not"),
                                ("cache_batch_idx", [0, 1], "cache_batch_idx is not"),
                                ("cache_leftpad", [0, 0], "cache_leftpad is not"), ("num_splits", 2, "num_splits=2")):
         with pytest.raises(ValueError, match=match):
             flash_attn_with_kvcache(flip(q), flip(k), flip(v), block_table=table, **{name: value})
+
+
+def _append_case(rng, page, lengths, n, kind=np.array):
+    """flash-attn layout caches with room for n more keys a batch index, the new k and v, the
+    lengths as `kind` makes them (np.array, list, or int when all equal)."""
+    q, k, v, table = _cache(rng, lengths, H=4, Hk=2, Nq=n, d=40, page=page, capacity=64)
+    flip = lambda x: np.ascontiguousarray(x.swapaxes(1, 2))  # noqa: E731
+    new_k, new_v = (rng.standard_normal((len(lengths), n, 2, 40)).astype(np.float32) for _ in range(2))
+    seqlens = lengths[0] if kind is int else kind(np.array(lengths, np.int32))
+    return flip(q), flip(k), flip(v), new_k, new_v, table, seqlens
+
+
+@pytest.mark.parametrize("page", [None, 16, 1])
+@pytest.mark.parametrize("n, lengths, kind", [(1, [40, 3], np.array), (3, [61, 0], list), (2, [17, 17], int)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_flash_attn_with_kvcache_appends_k_and_v(rng, page, n, lengths, kind, causal):
+    """k and v go into the cache in place right after each batch index's keys (through the block
+    table when paged), and the call attends to cache_seqlens + n keys: the same bits as writing
+    them by hand (row by row) and calling without k and v."""
+    q, kc, vc, k, v, table, seqlens = _append_case(rng, page, lengths, n, kind)
+    want_k, want_v = kc.copy(), vc.copy()
+    for b, s in enumerate(lengths):
+        for i in range(n):
+            j = s + i
+            at = (b, j) if page is None else (table[b, j // page], j % page)
+            want_k[at], want_v[at] = k[b, i], v[b, i]
+    longer = [s + n for s in lengths]
+    want = flash_attn_with_kvcache(q, want_k, want_v, cache_seqlens=np.array(longer, np.int32), block_table=table,
+                                   causal=causal, return_softmax_lse=True)
+    got = flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=seqlens, block_table=table, causal=causal,
+                                  return_softmax_lse=True)
+    np.testing.assert_array_equal(kc, want_k)
+    np.testing.assert_array_equal(vc, want_v)
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
+    _check(got[0].swapaxes(1, 2), got[1], q.swapaxes(1, 2), kc.swapaxes(1, 2), vc.swapaxes(1, 2), table, longer,
+           page, {}, causal=causal)
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda a: {**a, "v": None}, "k and v"),
+    (lambda a: {**a, "cache_seqlens": None}, "needs cache_seqlens"),
+    (lambda a: {**a, "cache_seqlens": np.array([62, 0], np.int32)}, "must fit in the cache"),
+    (lambda a: {**a, "cache_seqlens": np.array([-1, 0], np.int32)}, "must fit in the cache"),
+    (lambda a: {**a, "k": a["k"][:, :, :1], "v": a["v"][:, :, :1]}, "must both have shape"),
+    (lambda a: {**a, "v": a["v"][:, :2]}, "must both have shape"),
+    (lambda a: {**a, "k": a["k"].astype(np.float64)}, "the cache's dtype"),
+    (lambda a: {**a, "block_table": a["block_table"] + 100}, "pages for the new keys must lie in"),
+])
+def test_appending_checks_before_writing(rng, change, match):
+    """Every error is raised before the cache is touched."""
+    q, kc, vc, k, v, table, seqlens = _append_case(rng, 16, [40, 0], 3)
+    before = kc.copy(), vc.copy()
+    args = change({"k": k, "v": v, "cache_seqlens": seqlens, "block_table": table})
+    with pytest.raises((ValueError, TypeError), match=match):
+        flash_attn_with_kvcache(q, kc, vc, **args)
+    np.testing.assert_array_equal(kc, before[0])
+    np.testing.assert_array_equal(vc, before[1])
 
 
 @pytest.mark.parametrize("call, match", [
@@ -285,3 +343,33 @@ def test_a_decoding_loop_reuses_its_call(rng, monkeypatch):
         assert len(kvcache._CALLS) == 1
         if step == 0:   # from now on the kept call alone
             monkeypatch.setattr(kvcache, "_validate", lambda *a, **kw: pytest.fail("validated again"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("page", [None, 16, 256])
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_cuda_flash_attn_with_kvcache_appends_k_and_v(rng, page, dtype):
+    """CuPy caches, lengths and block table on the GPU: k and v land where a host write puts them,
+    the lengths come back on the GPU (+ n), and the output is the call on the longer cache's
+    (decoding for fp16, the gathering path for fp32)."""
+    cp = _device.cupy()
+    q, kc, vc, k, v, table, seqlens = _append_case(rng, page, [40, 3], 2)
+    cast = lambda x: cp.asarray(x.astype(dtype))  # noqa: E731
+    gpu = dict(q=cast(q), kc=cast(kc), vc=cast(vc), k=cast(k), v=cast(v))
+    gpu_table = None if table is None else cp.asarray(table)
+    want_k, want_v = gpu["kc"].copy(), gpu["vc"].copy()
+    for b, s in enumerate([40, 3]):
+        for i in range(2):
+            at = (b, s + i) if page is None else (int(table[b, (s + i) // page]), (s + i) % page)
+            want_k[at], want_v[at] = gpu["k"][b, i], gpu["v"][b, i]
+    longer = cp.asarray([42, 5], cp.int32)
+    want = flash_attn_with_kvcache(gpu["q"], want_k, want_v, cache_seqlens=longer, block_table=gpu_table,
+                                   causal=True, return_softmax_lse=True)
+    lengths = cp.asarray(seqlens)
+    got = flash_attn_with_kvcache(gpu["q"], gpu["kc"], gpu["vc"], gpu["k"], gpu["v"], cache_seqlens=lengths,
+                                  block_table=gpu_table, causal=True, return_softmax_lse=True)
+    np.testing.assert_array_equal(cp.asnumpy(gpu["kc"]), cp.asnumpy(want_k))
+    np.testing.assert_array_equal(cp.asnumpy(gpu["vc"]), cp.asnumpy(want_v))
+    assert (cp.asnumpy(lengths) == [40, 3]).all()   # the caller's lengths are not changed
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(cp.asnumpy(a), cp.asnumpy(b))
