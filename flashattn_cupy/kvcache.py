@@ -245,8 +245,8 @@ def append(q, k_cache, v_cache, k, v, cache_seqlens, block_table):
             raise ValueError(f"block_table's pages for the new keys must lie in [0, {k_cache.shape[0] - 1}] "
                              f"(page numbers of k_cache), got values from {index.min()} to {index.max()}")
     index, rows = xp.asarray(index), xp.asarray(rows)
-    for cache, new in ((k_cache, k), (v_cache, v)):
-        cache[index, :, rows] = new.swapaxes(1, 2)   # (batch, n, kv_heads, d), as the indexing orders it
+    for cache, new in ((k_cache, k), (v_cache, v)):   # in (batch or page, row, kv_heads, d) order: two
+        cache.swapaxes(1, 2)[index, rows] = new.swapaxes(1, 2)   # adjacent index arrays, (batch, n) each
     return int(cache_seqlens) + n if isinstance(cache_seqlens, numbers.Integral) else lengths + n
 
 
