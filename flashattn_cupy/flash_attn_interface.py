@@ -17,6 +17,8 @@ from __future__ import annotations
 import numbers
 from typing import Any
 
+import numpy as np
+
 from . import _interop
 from ._typing import Array, Backend
 from .api import flash_attention
@@ -127,9 +129,13 @@ def flash_attn_with_kvcache(q: Array, k_cache: Array, v_cache: Array, k: Array |
         + seqlen_new keys; causal aligns the queries with the last of them), as flash-attn does.
         cache_seqlens (and a block table) on the GPU are then read on the host to check that the
         new keys fit: one synchronization a call.
+    cache_batch_idx: None, or integers (batch,): batch index b reads (and appends to) row
+        cache_batch_idx[b] of a contiguous cache. A cache of 2^j keys a row is read in place (as
+        a paged cache of one page a row); another length is gathered (a copy), and then cannot
+        take k and v (a ValueError).
     Not supported (a ValueError unless left at their defaults): rotary_cos / rotary_sin
-    (rotary_interleaved only says how they would apply), cache_batch_idx, cache_leftpad, and
-    num_splits other than 0 (the planner chooses the split count).
+    (rotary_interleaved only says how they would apply), cache_leftpad, and num_splits other
+    than 0 (the planner chooses the split count).
 
     Returns out, (batch, seqlen_q, nheads, headdim), contiguous; and softmax_lse, (batch,
     nheads, seqlen_q) float32. See flashattn_cupy.flash_attention_kvcache.
@@ -140,7 +146,6 @@ def flash_attn_with_kvcache(q: Array, k_cache: Array, v_cache: Array, k: Array |
         raise ValueError("pass the new keys and values together (k and v), or neither")
     for name, x, what in (("rotary_cos", rotary_cos, "apply rotary embeddings to q and k first"),
                           ("rotary_sin", rotary_sin, "apply rotary embeddings to q and k first"),
-                          ("cache_batch_idx", cache_batch_idx, "index the cache yourself (k_cache[idx])"),
                           ("cache_leftpad", cache_leftpad, "keep each sequence's keys at the start of its cache")):
         if x is not None:
             raise ValueError(f"{name} is not supported; {what}, and pass {name}=None")
@@ -153,6 +158,9 @@ def flash_attn_with_kvcache(q: Array, k_cache: Array, v_cache: Array, k: Array |
             if x.ndim != 4:
                 raise ValueError(f"flash_attn_with_kvcache takes {name} with 4 dims (batch or blocks, seqlen, "
                                  f"nheads, headdim), got shape {tuple(x.shape)}")
+        if cache_batch_idx is not None:
+            block_table, k_cache, v_cache = _batch_rows(cache_batch_idx, block_table, q.shape[0], k_cache, v_cache,
+                                                        k is not None)
         # (batch, seqlen, heads, d) -> (batch, heads, seqlen, d): views, no copies
         if k is not None:
             k, v = (_interop.small_array(name, x, "an array like k_cache") for name, x in (("k", k), ("v", v)))
@@ -164,6 +172,31 @@ def flash_attn_with_kvcache(q: Array, k_cache: Array, v_cache: Array, k: Array |
                                        alibi_slopes=alibi_slopes, return_lse=True, backend=backend)
         out = export(O.swapaxes(1, 2).copy())   # contiguous (batch, seqlen, heads, d), as flash-attn's
         return (out, export(L)) if return_softmax_lse else out
+
+
+def _batch_rows(cache_batch_idx, block_table, batch: int, k_cache, v_cache, appending: bool):
+    """(block_table, k_cache, v_cache) that read row cache_batch_idx[b] of a contiguous cache for
+    batch index b: the cache itself as pages of one row each where a row's length is a power of
+    two (in place), else the rows gathered (a copy, which new keys could not be written through)."""
+    if block_table is not None:
+        raise ValueError("cache_batch_idx picks rows of a contiguous cache and block_table pages of a paged "
+                         "one: pass one of them")
+    idx = _interop.small_array("cache_batch_idx", cache_batch_idx, "an integer array (batch,)")
+    if tuple(idx.shape) != (batch,) or np.dtype(idx.dtype).kind not in "iu":
+        raise ValueError(f"cache_batch_idx must be integers of shape ({batch},), got {tuple(idx.shape)} of "
+                         f"{np.dtype(idx.dtype)}")
+    rows = k_cache.shape[0]
+    if isinstance(idx, np.ndarray) and (idx.min() < 0 or idx.max() >= rows):
+        raise ValueError(f"cache_batch_idx must lie in [0, {rows - 1}] (rows of k_cache), got values from "
+                         f"{idx.min()} to {idx.max()}")
+    length = k_cache.shape[1]
+    if length & (length - 1) == 0:
+        return idx.reshape(batch, 1), k_cache, v_cache
+    if appending:
+        raise ValueError(f"k and v cannot be appended through cache_batch_idx to rows of {length} keys (dim 1 of "
+                         "k_cache; a power of two is read in place): allocate the cache with a power-of-two "
+                         "length, or write the new keys yourself and pass cache_seqlens")
+    return None, k_cache[idx], v_cache[idx]
 
 
 def _check_flag(name: str, value) -> bool:

@@ -126,7 +126,6 @@ def test_flash_attn_with_kvcache_is_flash_attention_kvcache(rng):
     np.testing.assert_array_equal(out, flip(O))
     np.testing.assert_array_equal(lse, L)
     for name, value, match in (("k", flip(q), "k and v"), ("rotary_cos", q, "rotary_cos is not"),
-                               ("cache_batch_idx", [0, 1], "cache_batch_idx is not"),
                                ("cache_leftpad", [0, 0], "cache_leftpad is not"), ("num_splits", 2, "num_splits=2")):
         with pytest.raises(ValueError, match=match):
             flash_attn_with_kvcache(flip(q), flip(k), flip(v), block_table=table, **{name: value})
@@ -167,6 +166,38 @@ def test_flash_attn_with_kvcache_appends_k_and_v(rng, page, n, lengths, kind, ca
         np.testing.assert_array_equal(a, b)
     _check(got[0].swapaxes(1, 2), got[1], q.swapaxes(1, 2), kc.swapaxes(1, 2), vc.swapaxes(1, 2), table, longer,
            page, {}, causal=causal)
+
+
+@pytest.mark.parametrize("length", [64, 48])
+@pytest.mark.parametrize("n", [0, 2])
+def test_flash_attn_with_kvcache_cache_batch_idx(rng, length, n):
+    """cache_batch_idx[b] is the cache row batch index b reads and appends to: the same bits as
+    calling on the rows picked by hand; a row length that is not a power of two is gathered,
+    and refuses new keys."""
+    q, _, _, _ = _cache(rng, [0, 0], H=4, Hk=2, Nq=max(n, 1), d=40)
+    q = np.ascontiguousarray(q.swapaxes(1, 2))
+    kc, vc = (rng.standard_normal((5, length, 2, 40)).astype(np.float32) for _ in range(2))
+    idx, lengths = np.array([3, 0], np.int32), np.array([30, length - n], np.int32)
+    new = {} if n == 0 else {"k": rng.standard_normal((2, n, 2, 40)).astype(np.float32),
+                             "v": rng.standard_normal((2, n, 2, 40)).astype(np.float32)}
+    if n and length & (length - 1):
+        with pytest.raises(ValueError, match="power of two"):
+            flash_attn_with_kvcache(q, kc, vc, **new, cache_seqlens=lengths, cache_batch_idx=idx)
+        return
+    picked_k, picked_v = kc[idx], vc[idx]
+    if n:
+        for b in range(2):
+            picked_k[b, lengths[b]:lengths[b] + n], picked_v[b, lengths[b]:lengths[b] + n] = new["k"][b], new["v"][b]
+    want = flash_attn_with_kvcache(q, picked_k, picked_v, cache_seqlens=lengths + n, causal=True)
+    got = flash_attn_with_kvcache(q, kc, vc, **new, cache_seqlens=lengths, cache_batch_idx=idx, causal=True)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(kc[idx], picked_k)   # appended in place, in the rows picked
+    np.testing.assert_array_equal(vc[idx], picked_v)
+    for bad, match in (([3, 5], "lie in \\[0, 4\\]"), ([3], "shape \\(2,\\)"), ([0.5, 1.0], "integers")):
+        with pytest.raises(ValueError, match=match):
+            flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lengths, cache_batch_idx=np.array(bad))
+    with pytest.raises(ValueError, match="pass one of them"):
+        flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lengths, cache_batch_idx=idx, block_table=idx[:, None])
 
 
 @pytest.mark.parametrize("change, match", [
@@ -373,3 +404,21 @@ def test_cuda_flash_attn_with_kvcache_appends_k_and_v(rng, page, dtype):
     assert (cp.asnumpy(lengths) == [40, 3]).all()   # the caller's lengths are not changed
     for a, b in zip(got, want):
         np.testing.assert_array_equal(cp.asnumpy(a), cp.asnumpy(b))
+
+
+@pytest.mark.gpu
+def test_cuda_cache_batch_idx_reads_rows_in_place(rng):
+    """fp16 CuPy cache of 256-key rows, GPU indices: decoding reads row cache_batch_idx[b] in place
+    (one page a row) and appends there; the same bits as the rows picked by hand."""
+    cp = _device.cupy()
+    q = cp.asarray(rng.standard_normal((2, 1, 8, 64)).astype(np.float16))
+    kc, vc = (cp.asarray(rng.standard_normal((4, 256, 2, 64)).astype(np.float16)) for _ in range(2))
+    k, v = (cp.asarray(rng.standard_normal((2, 1, 2, 64)).astype(np.float16)) for _ in range(2))
+    idx, lengths = cp.asarray([2, 0], cp.int32), cp.asarray([200, 17], cp.int32)
+    picked_k, picked_v = kc[idx], vc[idx]
+    picked_k[0, 200], picked_v[0, 200], picked_k[1, 17], picked_v[1, 17] = k[0, 0], v[0, 0], k[1, 0], v[1, 0]
+    want = flash_attn_with_kvcache(q, picked_k, picked_v, cache_seqlens=lengths + 1, causal=True)
+    got = flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=lengths, cache_batch_idx=idx, causal=True)
+    np.testing.assert_array_equal(cp.asnumpy(got), cp.asnumpy(want))
+    np.testing.assert_array_equal(cp.asnumpy(kc[idx]), cp.asnumpy(picked_k))
+    np.testing.assert_array_equal(cp.asnumpy(vc[idx]), cp.asnumpy(picked_v))
