@@ -19,10 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from . import _interop
+from . import _device, _interop, rotary
 from ._typing import Array, Backend
 from .api import flash_attention
-from .kvcache import append, flash_attention_kvcache
+from .kvcache import append, flash_attention_kvcache, host_lengths
 from .varlen import flash_attention_varlen
 
 def flash_attn_func(q: Array, k: Array, v: Array, dropout_p: float = 0.0, softmax_scale: float | None = None,
@@ -133,9 +133,13 @@ def flash_attn_with_kvcache(q: Array, k_cache: Array, v_cache: Array, k: Array |
         cache_batch_idx[b] of a contiguous cache. A cache of 2^j keys a row is read in place (as
         a paged cache of one page a row); another length is gathered (a copy), and then cannot
         take k and v (a ValueError).
-    Not supported (a ValueError unless left at their defaults): rotary_cos / rotary_sin
-    (rotary_interleaved only says how they would apply), cache_leftpad, and num_splits other
-    than 0 (the planner chooses the split count).
+    rotary_cos, rotary_sin: None, or (seqlen_ro, rotary_dim / 2) each, with k and v only: the new
+        keys rotated at positions cache_seqlens[b] + i before they are written, and q at
+        cache_seqlens[b] + i with causal or a window, else all of q's rows at cache_seqlens[b]
+        (flash-attn's rule); rotary_interleaved: pairs (0, 1), (2, 3), ... (True) or (i, i +
+        rotary_dim / 2) (False). flashattn_cupy.rotary has the arithmetic.
+    Not supported (a ValueError unless left at their defaults): cache_leftpad, and num_splits
+    other than 0 (the planner chooses the split count).
 
     Returns out, (batch, seqlen_q, nheads, headdim), contiguous; and softmax_lse, (batch,
     nheads, seqlen_q) float32. See flashattn_cupy.flash_attention_kvcache.
@@ -144,11 +148,11 @@ def flash_attn_with_kvcache(q: Array, k_cache: Array, v_cache: Array, k: Array |
     _check_flag("rotary_interleaved", rotary_interleaved)
     if (k is None) != (v is None):
         raise ValueError("pass the new keys and values together (k and v), or neither")
-    for name, x, what in (("rotary_cos", rotary_cos, "apply rotary embeddings to q and k first"),
-                          ("rotary_sin", rotary_sin, "apply rotary embeddings to q and k first"),
-                          ("cache_leftpad", cache_leftpad, "keep each sequence's keys at the start of its cache")):
-        if x is not None:
-            raise ValueError(f"{name} is not supported; {what}, and pass {name}=None")
+    if cache_leftpad is not None:
+        raise ValueError("cache_leftpad is not supported; keep each sequence's keys at the start of its cache, "
+                         "and pass cache_leftpad=None")
+    if (rotary_cos is not None or rotary_sin is not None) and k is None:
+        raise ValueError("rotary_cos and rotary_sin rotate the new keys (k) and q: pass k and v with them")
     if isinstance(num_splits, bool) or not isinstance(num_splits, numbers.Integral):
         raise TypeError(f"num_splits must be an int, got {num_splits!r}")
     if num_splits != 0:
@@ -164,6 +168,9 @@ def flash_attn_with_kvcache(q: Array, k_cache: Array, v_cache: Array, k: Array |
         # (batch, seqlen, heads, d) -> (batch, heads, seqlen, d): views, no copies
         if k is not None:
             k, v = (_interop.small_array(name, x, "an array like k_cache") for name, x in (("k", k), ("v", v)))
+            if rotary_cos is not None or rotary_sin is not None:
+                q, k = _rotate(q, k, rotary_cos, rotary_sin, cache_seqlens, causal or window != (-1, -1),
+                               rotary_interleaved)
             cache_seqlens = append(q.swapaxes(1, 2), k_cache.swapaxes(1, 2), v_cache.swapaxes(1, 2),
                                    k.swapaxes(1, 2), v.swapaxes(1, 2), cache_seqlens, block_table)
         O, L = flash_attention_kvcache(q.swapaxes(1, 2), k_cache.swapaxes(1, 2), v_cache.swapaxes(1, 2),
@@ -172,6 +179,19 @@ def flash_attn_with_kvcache(q: Array, k_cache: Array, v_cache: Array, k: Array |
                                        alibi_slopes=alibi_slopes, return_lse=True, backend=backend)
         out = export(O.swapaxes(1, 2).copy())   # contiguous (batch, seqlen, heads, d), as flash-attn's
         return (out, export(L)) if return_softmax_lse else out
+
+
+def _rotate(q, k, cos, sin, cache_seqlens, local: bool, interleaved: bool):
+    """q and k with rotary embeddings at flash-attn's positions (see flash_attn_with_kvcache)."""
+    cos, sin = rotary.tables(cos, sin, k.shape[-1], _device.is_cupy_array(k))
+    if cache_seqlens is None:
+        raise ValueError("appending k and v needs cache_seqlens: each batch index's new keys go right after "
+                         "its first cache_seqlens[b] keys")
+    _, host = host_lengths(cache_seqlens, q.shape[0])
+    nq, n = q.shape[1], k.shape[1]
+    q_at = host[:, None] + (np.arange(nq) if local else np.zeros(nq, np.int64))
+    return (rotary.rotate(q, cos, sin, q_at, interleaved),
+            rotary.rotate(k, cos, sin, host[:, None] + np.arange(n), interleaved))
 
 
 def _batch_rows(cache_batch_idx, block_table, batch: int, k_cache, v_cache, appending: bool):

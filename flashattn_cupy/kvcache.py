@@ -190,6 +190,19 @@ def _validate(q, k_cache, v_cache, cache_seqlens, block_table, *, backend, **opt
     return _Cache(problem, k_cache, v_cache, seqlens, table, page)
 
 
+def host_lengths(cache_seqlens, batch: int):
+    """(lengths, host): cache_seqlens (not None) as an array of its own kind (an int: NumPy), and
+    its values on the host (a GPU array is read back: a synchronization)."""
+    if isinstance(cache_seqlens, numbers.Integral) and not isinstance(cache_seqlens, (bool, np.bool_)):
+        lengths = np.full(batch, int(cache_seqlens))
+    else:
+        lengths = _interop.small_array("cache_seqlens", cache_seqlens, "an int or an integer array")
+        if tuple(lengths.shape) != (batch,) or np.dtype(lengths.dtype).kind not in "iu":
+            raise ValueError(f"cache_seqlens must be an int or integers of shape ({batch},), got "
+                             f"{tuple(lengths.shape)} of {np.dtype(lengths.dtype)}")
+    return lengths, (lengths if isinstance(lengths, np.ndarray) else lengths.get())
+
+
 def append(q, k_cache, v_cache, k, v, cache_seqlens, block_table):
     """Writes k and v, (batch, kv_heads, n, d), into the cache in place right after each batch
     index's cache_seqlens[b] keys (rows cache_seqlens[b] .. + n - 1, through block_table when
@@ -226,14 +239,7 @@ def append(q, k_cache, v_cache, k, v, cache_seqlens, block_table):
             raise ValueError(f"block_table must be integers of shape ({batch}, pages_per_seq), got "
                              f"{tuple(table.shape)} of {np.dtype(table.dtype)}")
         capacity = table.shape[1] * page
-    if isinstance(cache_seqlens, numbers.Integral) and not isinstance(cache_seqlens, (bool, np.bool_)):
-        lengths = np.full(batch, int(cache_seqlens))
-    else:
-        lengths = _interop.small_array("cache_seqlens", cache_seqlens, "an int or an integer array")
-        if tuple(lengths.shape) != (batch,) or np.dtype(lengths.dtype).kind not in "iu":
-            raise ValueError(f"cache_seqlens must be an int or integers of shape ({batch},), got "
-                             f"{tuple(lengths.shape)} of {np.dtype(lengths.dtype)}")
-    host = lengths if isinstance(lengths, np.ndarray) else lengths.get()
+    lengths, host = host_lengths(cache_seqlens, batch)
     if host.min() < 0 or host.max() + n > capacity:
         raise ValueError(f"the {n} new keys must fit in the cache: cache_seqlens + {n} <= {capacity} (keys it "
                          f"holds), got cache_seqlens from {host.min()} to {host.max()}")

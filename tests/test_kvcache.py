@@ -125,7 +125,7 @@ def test_flash_attn_with_kvcache_is_flash_attention_kvcache(rng):
     assert out.flags.c_contiguous
     np.testing.assert_array_equal(out, flip(O))
     np.testing.assert_array_equal(lse, L)
-    for name, value, match in (("k", flip(q), "k and v"), ("rotary_cos", q, "rotary_cos is not"),
+    for name, value, match in (("k", flip(q), "k and v"), ("rotary_cos", q, "pass k and v with them"),
                                ("cache_leftpad", [0, 0], "cache_leftpad is not"), ("num_splits", 2, "num_splits=2")):
         with pytest.raises(ValueError, match=match):
             flash_attn_with_kvcache(flip(q), flip(k), flip(v), block_table=table, **{name: value})
@@ -198,6 +198,70 @@ def test_flash_attn_with_kvcache_cache_batch_idx(rng, length, n):
             flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lengths, cache_batch_idx=np.array(bad))
     with pytest.raises(ValueError, match="pass one of them"):
         flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lengths, cache_batch_idx=idx, block_table=idx[:, None])
+
+
+def _rotated_by_hand(x, cos, sin, positions, interleaved):
+    """RoFormer's rotation, one pair of dims at a time in float64 (rotary.rotate's reference)."""
+    out = x.astype(np.float64)
+    half = cos.shape[1]
+    for b in range(x.shape[0]):
+        for i in range(x.shape[1]):
+            p = positions[b][i]
+            for j in range(half):
+                a, c = (2 * j, 2 * j + 1) if interleaved else (j, j + half)
+                out[b, i, :, a] = x[b, i, :, a] * float(cos[p, j]) - x[b, i, :, c] * float(sin[p, j])
+                out[b, i, :, c] = x[b, i, :, a] * float(sin[p, j]) + x[b, i, :, c] * float(cos[p, j])
+    return out
+
+
+@pytest.mark.parametrize("interleaved", [True, False])
+def test_rotary_rotates_pairs_of_dims(rng, interleaved):
+    """rotary.rotate against the rotation done pair by pair in float64: the first rotary_dim dims
+    turn, the rest do not; float32 within a few ulps, fp16 as float32 rounded once."""
+    from flashattn_cupy import rotary
+    x = rng.standard_normal((2, 3, 4, 40)).astype(np.float32)
+    angles = np.arange(50)[:, None] * (10000.0 ** (-np.arange(8) / 8))[None, :]
+    cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)   # rotary_dim 16
+    positions = np.array([[7, 8, 9], [0, 0, 49]])
+    got = rotary.rotate(x, cos, sin, positions, interleaved)
+    want = _rotated_by_hand(x, cos, sin, positions, interleaved)
+    np.testing.assert_array_equal(got[..., 16:], x[..., 16:])
+    np.testing.assert_allclose(got, want, rtol=0, atol=4 * 2.0**-24 * np.abs(x).max())
+    half = rotary.rotate(x.astype(np.float16), cos, sin, positions, interleaved)
+    np.testing.assert_array_equal(half, rotary.rotate(x.astype(np.float16).astype(np.float32), cos, sin, positions,
+                                                      interleaved).astype(np.float16))
+    with pytest.raises(ValueError, match="pass longer tables"):
+        rotary.rotate(x, cos, sin, positions + 1, interleaved)
+
+
+@pytest.mark.parametrize("causal, window", [(True, (-1, -1)), (False, (-1, -1)), (False, (5, 0))])
+@pytest.mark.parametrize("page", [None, 16])
+def test_flash_attn_with_kvcache_rotary(rng, causal, window, page):
+    """With rotary tables the new keys are written rotated at cache_seqlens[b] + i, and q rotated
+    at cache_seqlens[b] + i when causal or windowed, else every row at cache_seqlens[b]: the same
+    bits as rotating by hand at those positions and appending without tables."""
+    from flashattn_cupy import rotary
+    q, kc, vc, k, v, table, seqlens = _append_case(rng, page, [40, 3], 3)
+    angles = np.arange(64)[:, None] * (10000.0 ** (-np.arange(16) / 16))[None, :]
+    cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)   # rotary_dim 32 of 40
+    lengths = np.array([40, 3])
+    k_at = lengths[:, None] + np.arange(3)
+    q_at = k_at if causal or window != (-1, -1) else np.repeat(lengths[:, None], 3, axis=1)
+    kc2, vc2 = kc.copy(), vc.copy()
+    want = flash_attn_with_kvcache(rotary.rotate(q, cos, sin, q_at, False), kc2, vc2,
+                                   rotary.rotate(k, cos, sin, k_at, False), v, cache_seqlens=seqlens,
+                                   block_table=table, causal=causal, window_size=window)
+    got = flash_attn_with_kvcache(q, kc, vc, k, v, rotary_cos=cos, rotary_sin=sin, cache_seqlens=seqlens,
+                                  block_table=table, causal=causal, window_size=window, rotary_interleaved=False)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(kc, kc2)   # the keys went in rotated
+    np.testing.assert_array_equal(vc, vc2)   # the values did not turn
+    for bad, match in (({"rotary_cos": cos}, "together"), ({"rotary_cos": np.ones((64, 21), np.float32),
+                                                            "rotary_sin": np.ones((64, 21), np.float32)},
+                                                           "rotary_dim <= headdim"),
+                       ({"rotary_cos": cos[:42], "rotary_sin": sin[:42]}, "pass longer tables")):
+        with pytest.raises(ValueError, match=match):
+            flash_attn_with_kvcache(q, kc, vc, k, v, cache_seqlens=seqlens, block_table=table, **bad)
 
 
 @pytest.mark.parametrize("change, match", [
@@ -422,3 +486,29 @@ def test_cuda_cache_batch_idx_reads_rows_in_place(rng):
     np.testing.assert_array_equal(cp.asnumpy(got), cp.asnumpy(want))
     np.testing.assert_array_equal(cp.asnumpy(kc[idx]), cp.asnumpy(picked_k))
     np.testing.assert_array_equal(cp.asnumpy(vc[idx]), cp.asnumpy(picked_v))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_cuda_rotary_with_appended_keys(rng, dtype):
+    """CuPy fp16/bf16: the rotary tables on the GPU rotate q and the new keys as the NumPy path
+    does (the same float32 arithmetic, rounded once), and decoding then reads the rotated keys."""
+    from flashattn_cupy import rotary
+    cp = _device.cupy()
+    q, kc, vc, k, v, table, seqlens = _append_case(rng, 16, [40, 3], 1)
+    angles = np.arange(64)[:, None] * (10000.0 ** (-np.arange(16) / 16))[None, :]
+    cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+    host_type = np_dtype(dtype)
+    gpu = {name: cp.asarray(x.astype(host_type)) for name, x in (("q", q), ("kc", kc), ("vc", vc), ("k", k), ("v", v))}
+    at = np.array([[40], [3]])
+    want_q = cp.asnumpy(rotary.rotate(gpu["q"], cp.asarray(cos), cp.asarray(sin), at, True))
+    np.testing.assert_array_equal(want_q, rotary.rotate(q.astype(host_type), cos, sin, at, True))
+    kc2, vc2 = gpu["kc"].copy(), gpu["vc"].copy()
+    want = flash_attn_with_kvcache(cp.asarray(want_q), kc2, vc2, rotary.rotate(gpu["k"], cp.asarray(cos), cp.asarray(sin),
+                                   at, True), gpu["v"], cache_seqlens=cp.asarray(seqlens), block_table=cp.asarray(table),
+                                   causal=True)
+    got = flash_attn_with_kvcache(gpu["q"], gpu["kc"], gpu["vc"], gpu["k"], gpu["v"], rotary_cos=cp.asarray(cos),
+                                  rotary_sin=cp.asarray(sin), cache_seqlens=cp.asarray(seqlens),
+                                  block_table=cp.asarray(table), causal=True)
+    np.testing.assert_array_equal(cp.asnumpy(got), cp.asnumpy(want))
+    np.testing.assert_array_equal(cp.asnumpy(gpu["kc"]), cp.asnumpy(kc2))
