@@ -205,6 +205,8 @@ def _batch_rows(cache_batch_idx, block_table, batch: int, k_cache, v_cache, appe
     if tuple(idx.shape) != (batch,) or np.dtype(idx.dtype).kind not in "iu":
         raise ValueError(f"cache_batch_idx must be integers of shape ({batch},), got {tuple(idx.shape)} of "
                          f"{np.dtype(idx.dtype)}")
+    if _device.is_cupy_array(idx) and not _device.is_cupy_array(k_cache):
+        raise TypeError("cache_batch_idx is a CuPy array and k_cache a NumPy one: pass a NumPy cache_batch_idx")
     rows = k_cache.shape[0]
     if isinstance(idx, np.ndarray) and (idx.min() < 0 or idx.max() >= rows):
         raise ValueError(f"cache_batch_idx must lie in [0, {rows - 1}] (rows of k_cache), got values from "
