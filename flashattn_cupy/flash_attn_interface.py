@@ -168,11 +168,11 @@ def flash_attn_with_kvcache(q: Array, k_cache: Array, v_cache: Array, k: Array |
         # (batch, seqlen, heads, d) -> (batch, heads, seqlen, d): views, no copies
         if k is not None:
             k, v = (_interop.small_array(name, x, "an array like k_cache") for name, x in (("k", k), ("v", v)))
+            lengths, host = host_lengths(cache_seqlens, q.shape[0])   # read once, for both below
             if rotary_cos is not None or rotary_sin is not None:
-                q, k = _rotate(q, k, rotary_cos, rotary_sin, cache_seqlens, causal or window != (-1, -1),
-                               rotary_interleaved)
+                q, k = _rotate(q, k, rotary_cos, rotary_sin, host, causal or window != (-1, -1), rotary_interleaved)
             cache_seqlens = append(q.swapaxes(1, 2), k_cache.swapaxes(1, 2), v_cache.swapaxes(1, 2),
-                                   k.swapaxes(1, 2), v.swapaxes(1, 2), cache_seqlens, block_table)
+                                   k.swapaxes(1, 2), v.swapaxes(1, 2), lengths, host, block_table)
         O, L = flash_attention_kvcache(q.swapaxes(1, 2), k_cache.swapaxes(1, 2), v_cache.swapaxes(1, 2),
                                        cache_seqlens=cache_seqlens, block_table=block_table, causal=causal,
                                        softmax_scale=softmax_scale, window=window, softcap=softcap,
@@ -181,13 +181,10 @@ def flash_attn_with_kvcache(q: Array, k_cache: Array, v_cache: Array, k: Array |
         return (out, export(L)) if return_softmax_lse else out
 
 
-def _rotate(q, k, cos, sin, cache_seqlens, local: bool, interleaved: bool):
-    """q and k with rotary embeddings at flash-attn's positions (see flash_attn_with_kvcache)."""
+def _rotate(q, k, cos, sin, host, local: bool, interleaved: bool):
+    """q and k with rotary embeddings at flash-attn's positions (see flash_attn_with_kvcache),
+    host: the cache lengths on the host."""
     cos, sin = rotary.tables(cos, sin, k.shape[-1], _device.is_cupy_array(k))
-    if cache_seqlens is None:
-        raise ValueError("appending k and v needs cache_seqlens: each batch index's new keys go right after "
-                         "its first cache_seqlens[b] keys")
-    _, host = host_lengths(cache_seqlens, q.shape[0])
     nq, n = q.shape[1], k.shape[1]
     q_at = host[:, None] + (np.arange(nq) if local else np.zeros(nq, np.int64))
     return (rotary.rotate(q, cos, sin, q_at, interleaved),

@@ -191,8 +191,11 @@ def _validate(q, k_cache, v_cache, cache_seqlens, block_table, *, backend, **opt
 
 
 def host_lengths(cache_seqlens, batch: int):
-    """(lengths, host): cache_seqlens (not None) as an array of its own kind (an int: NumPy), and
-    its values on the host (a GPU array is read back: a synchronization)."""
+    """(lengths, host): cache_seqlens as an array of its own kind (an int: NumPy), and its values
+    on the host (a GPU array is read back: a synchronization), for appending new keys."""
+    if cache_seqlens is None:
+        raise ValueError("appending k and v needs cache_seqlens: each batch index's new keys go right after "
+                         "its first cache_seqlens[b] keys")
     if isinstance(cache_seqlens, numbers.Integral) and not isinstance(cache_seqlens, (bool, np.bool_)):
         lengths = np.full(batch, int(cache_seqlens))
     else:
@@ -203,16 +206,13 @@ def host_lengths(cache_seqlens, batch: int):
     return lengths, (lengths if isinstance(lengths, np.ndarray) else lengths.get())
 
 
-def append(q, k_cache, v_cache, k, v, cache_seqlens, block_table):
+def append(q, k_cache, v_cache, k, v, lengths, host, block_table):
     """Writes k and v, (batch, kv_heads, n, d), into the cache in place right after each batch
-    index's cache_seqlens[b] keys (rows cache_seqlens[b] .. + n - 1, through block_table when
-    paged), and returns the lengths that count them: cache_seqlens + n, of cache_seqlens' kind
-    (flash-attn's flash_attn_with_kvcache with k and v). Lengths on the GPU are read on the host
-    to check that the new keys fit (a synchronization), and so is a GPU block table, whose pages
-    the new keys go to are checked too."""
-    if cache_seqlens is None:
-        raise ValueError("appending k and v needs cache_seqlens: each batch index's new keys go right after "
-                         "its first cache_seqlens[b] keys")
+    index's lengths[b] keys (rows lengths[b] .. + n - 1, through block_table when paged), and
+    returns the lengths that count them, lengths + n, of lengths' kind (flash-attn's
+    flash_attn_with_kvcache with k and v). lengths and host: host_lengths' pair; the host values
+    are checked to leave room for the new keys, and a GPU block table is read back to check the
+    pages they go to."""
     for name, x in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v)):
         if getattr(x, "ndim", None) != 4:
             raise ValueError(f"{name} must have 4 dims, got shape {tuple(getattr(x, 'shape', ()))}")
@@ -239,7 +239,6 @@ def append(q, k_cache, v_cache, k, v, cache_seqlens, block_table):
             raise ValueError(f"block_table must be integers of shape ({batch}, pages_per_seq), got "
                              f"{tuple(table.shape)} of {np.dtype(table.dtype)}")
         capacity = table.shape[1] * page
-    lengths, host = host_lengths(cache_seqlens, batch)
     if host.min() < 0 or host.max() + n > capacity:
         raise ValueError(f"the {n} new keys must fit in the cache: cache_seqlens + {n} <= {capacity} (keys it "
                          f"holds), got cache_seqlens from {host.min()} to {host.max()}")
@@ -253,7 +252,7 @@ def append(q, k_cache, v_cache, k, v, cache_seqlens, block_table):
     index, rows = xp.asarray(index), xp.asarray(rows)
     for cache, new in ((k_cache, k), (v_cache, v)):   # in (batch or page, row, kv_heads, d) order: two
         cache.swapaxes(1, 2)[index, rows] = new.swapaxes(1, 2)   # adjacent index arrays, (batch, n) each
-    return int(cache_seqlens) + n if isinstance(cache_seqlens, numbers.Integral) else lengths + n
+    return lengths + n
 
 
 def _decoding_plan(cache: _Cache):
