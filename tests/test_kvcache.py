@@ -6,6 +6,7 @@ block_table[b, j // page], row j % page) and runs the float64 reference on them.
 decoding kernel reads the pages in place; a paged cache and a contiguous one holding the same
 keys must then give the same bits (same plan, same arithmetic, only the addresses differ).
 """
+import contextlib
 import dataclasses
 
 import numpy as np
@@ -360,6 +361,19 @@ GPU_CASES = [   # (H, Hk, Nq, d, page, capacity): one row a k/v head to 16, page
 ]
 
 
+@contextlib.contextmanager
+def _decoding_tiles(kernel: str):
+    """Decoding plans made within the block take `kernel`'s (warps, key tile, stages) (its name:
+    flash_decode<T, D, warps, tile, stages, MASK>); plans and calls kept within it are dropped
+    on the way out."""
+    warps, tile, stages = (int(x) for x in kernel.split(",")[2:5])
+    try:
+        with planner._default("DECODE_TILES", ((planner.MAX_HEAD_DIM, ((warps, tile, stages),)),)):
+            yield
+    finally:
+        kvcache._CALLS.clear()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(o) or "plain")
@@ -377,10 +391,14 @@ def test_cuda_decoding_reads_the_pages(rng, dtype, options, H, Hk, Nq, d, page, 
     assert isinstance(O, cp.ndarray) and O.dtype == q.dtype and L.dtype == cp.float32
     O, L = cp.asnumpy(O), cp.asnumpy(L)
     _check(O, L, q, k, v, table, lengths, page, {"compute": "tensor_core", "p": dtype, "splits": plan.splits}, **kw)
-    # the same keys in a contiguous cache: the same plan and arithmetic, so the same bits
+    # the same keys in a contiguous cache, on the paged call's tiles (pages shorter than a tile
+    # get smaller tiles than a contiguous cache: planner.DECODE_PAGED_MAX_BC): the same
+    # arithmetic, so the same bits
     contiguous = [cp.asarray(np.stack([np.concatenate(list(x[table[b]]), axis=1) for b in range(len(lengths))]))
                   for x in (k, v)]
-    O_c, L_c = flash_attention_kvcache(args[0], *contiguous, cache_seqlens=seqlens, return_lse=True, **kw)
+    with _decoding_tiles(plan.kernel):
+        O_c, L_c = flash_attention_kvcache(args[0], *contiguous, cache_seqlens=seqlens, return_lse=True, **kw)
+        assert _decoding_plan(args[0], *contiguous, seqlens, None, **kw).kernel == plan.kernel
     np.testing.assert_array_equal(cp.asnumpy(O_c), O)
     np.testing.assert_array_equal(cp.asnumpy(L_c), L)
 
@@ -441,7 +459,7 @@ def test_a_decoding_loop_reuses_its_call(rng, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("page", [None, 16, 256])
+@pytest.mark.parametrize("page", [None, 16, 64])   # 64: the whole capacity in one page
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 def test_cuda_flash_attn_with_kvcache_appends_k_and_v(rng, page, dtype):
     """CuPy caches, lengths and block table on the GPU: k and v land where a host write puts them,
