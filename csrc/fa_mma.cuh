@@ -193,7 +193,27 @@ __device__ __forceinline__ bool vec_ok(const T* p, long long sb, long long sh, l
            sn % VEC == 0 && d % VEC == 0;
 }
 
-// Rows [0, ROWS) x columns [0, D) of a tile into shared memory (row pitch DP elements); rows
+// A tile of ROWS rows in shared memory lies either in rows of DP elements (DP > 0; a 16-byte pad
+// keeps ldmatrix free of bank conflicts) or, with DP = 0, in 128-byte swizzled panels: D / 64
+// panels of [ROWS][128 bytes], the 16-byte chunk c of row r stored at chunk c ^ (r % 8) of its
+// 128 bytes (address bits 4-6 xor bits 7-9 from a 128-byte-aligned tile; a wgmma operand's
+// panel on a 1024-byte boundary, as its 128-byte swizzle mode reads). Swizzled, every 8 rows'
+// chunk of one column fall in 8 distinct bank groups without a pad, and 128 bytes of a global
+// row land as 128 aligned bytes: cp.async then asks L2 for whole lines (padded rows, 16 bytes
+// out of step with them, cost flash_decode 1.5x the L2 sectors in 2.6x the requests).
+template <int ROWS>
+__device__ __forceinline__ int swz(int r, int c16) {   // byte offset of row r's 16-byte chunk c16
+    return (c16 / 8) * (ROWS * 128) + r * 128 + (((c16 % 8) ^ (r % 8)) << 4);
+}
+template <typename T, int ROWS, int DP>
+__device__ __forceinline__ int tile_offset(int r, int c16) {   // bytes, either layout
+    if constexpr (DP == 0)
+        return swz<ROWS>(r, c16);
+    else
+        return r * DP * (int)sizeof(T) + c16 * 16;
+}
+
+// Rows [0, ROWS) x columns [0, D) of a tile into shared memory (tile_offset's layout); rows
 // past `rows` and columns past d become zeros. 16-byte chunks when `vec`, elements otherwise.
 // Row r starts at row(r) (r < rows only; `any` is a valid address for the chunks that copy
 // nothing): a strided tile (load_tile below) or one gathered from the pages of a paged KV cache.
@@ -203,7 +223,8 @@ __device__ __forceinline__ void load_rows(typename fa_elem<T>::bits* dst, RowAt 
     constexpr int VEC = fa_elem<T>::VEC, CH = D / VEC;
     for (int i = threadIdx.x; i < ROWS * CH; i += NT) {
         const int r = i / CH, c = (i % CH) * VEC;
-        typename fa_elem<T>::bits* s = dst + r * DP + c;
+        typename fa_elem<T>::bits* s = reinterpret_cast<typename fa_elem<T>::bits*>(
+            reinterpret_cast<unsigned char*>(dst) + tile_offset<T, ROWS, DP>(r, i % CH));
         const bool in = r < rows && c < d;
         const T* g = in ? row(r) + c : any;
         if (vec) {
@@ -228,20 +249,27 @@ __device__ __forceinline__ void load_tile(typename fa_elem<T>::bits* dst, const 
 
 // load_tile, but a whole tile (rows == ROWS, d == D, 16-byte rows) goes faster where each row's
 // 16-byte chunks divide among the threads evenly (NT % (D / VEC) == 0): a thread's chunks then
-// lie in one column, NT / (D / VEC) rows apart, so its addresses are a base and a fixed step,
-// with no division, bounds test or size operand a chunk (~3 instructions a chunk, not ~12).
+// lie in one column, STEP = NT / (D / VEC) rows apart, so its addresses are a base and a fixed
+// step, with no division, bounds test or size operand a chunk (~3 instructions a chunk, not ~12).
+// Swizzled (DP = 0, STEP a power of two), row r0 + it STEP of a thread's first row r0 < STEP
+// (or STEP a multiple of 8) has r0 % 8 ^ (it STEP) % 8 as its low three bits: a constant XOR
+// an unrolled step (stepped_offset).
+template <int STEP>
+__device__ __forceinline__ unsigned stepped_offset(unsigned first, int it) {   // swizzled, from a 128-aligned base
+    return (first ^ (((it * STEP) % 8) << 4)) + it * STEP * 128;
+}
 template <typename T, int ROWS, int D, int DP, int NT, int ARCH>
 __device__ __forceinline__ void load_tile_stepped(typename fa_elem<T>::bits* dst, const T* src, long long stride,
                                                   int rows, int d, bool vec) {
     constexpr int CH = D / fa_elem<T>::VEC, STEP = NT / CH;
-    if constexpr (ARCH >= 80 && NT % CH == 0 && ROWS % STEP == 0) {
+    if constexpr (ARCH >= 80 && NT % CH == 0 && ROWS % STEP == 0 && (DP > 0 || (STEP & (STEP - 1)) == 0)) {
         if (rows == ROWS && d == D && vec) {
-            const int r0 = threadIdx.x / CH, c = threadIdx.x % CH * fa_elem<T>::VEC;
-            const unsigned s = smem_addr(dst + r0 * DP + c);
-            const T* g = src + r0 * stride + c;
+            const int r0 = threadIdx.x / CH, c16 = threadIdx.x % CH;
+            const unsigned s = smem_addr(dst) + tile_offset<T, ROWS, DP>(r0, c16);
+            const T* g = src + r0 * stride + c16 * fa_elem<T>::VEC;
 #pragma unroll
             for (int it = 0; it < ROWS / STEP; ++it, g += STEP * stride)
-                cp_async_16_full(s + it * STEP * DP * (int)sizeof(T), g);
+                cp_async_16_full(DP > 0 ? s + it * STEP * DP * (int)sizeof(T) : stepped_offset<STEP>(s, it), g);
             return;
         }
     }

@@ -11,36 +11,8 @@
 #pragma once
 #include "fa_mma.cuh"
 
-// A tile of ROWS rows x D 16-bit columns sits in shared memory as D / 64 panels of [ROWS][64]
-// (128 bytes a row), the layout wgmma's 128-byte swizzle mode reads: the 16-byte chunk c of row
-// r is stored at chunk c ^ (r % 8) of its row (address bits 4-6 xor bits 7-9), so a panel starts
-// on a 1024-byte boundary. ldmatrix-free, and a warp's stores of 8 rows hit 8 distinct chunks.
-template <int ROWS>
-__device__ __forceinline__ int swz(int r, int c16) {   // byte offset of row r's 16-byte chunk c16
-    return (c16 / 8) * (ROWS * 128) + r * 128 + (((c16 % 8) ^ (r % 8)) << 4);
-}
-
-// Rows [0, ROWS) x columns [0, D) of a tile into the swizzled layout; rows past `rows` and
-// columns past d become zeros. cp.async's 16-byte chunks when `vec`, elements otherwise.
-template <typename T, int ROWS, int D, int NT>
-__device__ __forceinline__ void load_tile_swz(unsigned char* dst, const T* src, long long stride, int rows, int d,
-                                              bool vec) {
-    using bits = typename fa_elem<T>::bits;
-    constexpr int CH = D / 8;
-    for (int i = threadIdx.x; i < ROWS * CH; i += NT) {
-        const int r = i / CH, c = i % CH;
-        unsigned char* s = dst + swz<ROWS>(r, c);
-        const bool in = r < rows && c * 8 < d;
-        const T* g = src + (in ? r * stride + c * 8 : 0);
-        if (vec) {
-            cp_async_16(s, g, in ? 16 : 0);
-        } else {
-#pragma unroll
-            for (int e = 0; e < 8; ++e)
-                reinterpret_cast<bits*>(s)[e] = (in && c * 8 + e < d) ? fa_elem<T>::get(g[e]) : 0;
-        }
-    }
-}
+// Tiles sit in the 128-byte swizzled panels of fa_mma.cuh's swz (load_tile with DP = 0), the
+// layout wgmma's 128-byte swizzle mode reads: a panel starts on a 1024-byte boundary.
 
 // A shared-memory matrix descriptor (PTX ISA, "matrix descriptor"): start address, leading and
 // stride byte offsets (all >> 4), 128-byte swizzle (mode 1, bits 62-63). For a K-major operand

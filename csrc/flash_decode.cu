@@ -27,9 +27,11 @@
 //
 // Compile-time: T (fa_half, fa_bfloat16), the head-dim bound D, warps NW, key tile BC (BC / NW
 // keys a warp, a multiple of 16), STAGES (>= 2) and MASK (fa_mask.cuh). Shared memory, mirrored
-// by planner.decode_smem_bytes: Qi[16][DP], STAGES x (Kj[BC][DP], Vj[BC][DP]) with DP = D + 8
-// (16 padding bytes a row: ldmatrix without bank conflicts), then the warps' mi, li [NW][16];
-// after the sweep the stages hold the merged Oi [16][D] in fp32.
+// by planner.decode_smem_bytes, from a 128-byte boundary: Qi[16][DP] with DP = D + 8 (16 padding
+// bytes a row: ldmatrix without bank conflicts), STAGES x (Kj, Vj) as 128-byte swizzled panels
+// (fa_mma.cuh's swz: ceil(D / 64) panels of [BC][128 bytes] each; whole L2 lines a copy, where
+// padded rows cost 1.5x the L2 sectors), then the warps' mi, li [NW][16]; after the sweep the
+// stages hold the merged Oi [16][D] in fp32.
 #include "fa_softmax.cuh"
 
 template <typename T, int D, int NW, int BC, int STAGES, int MASK>
@@ -49,14 +51,16 @@ flash_decode(const T* __restrict__ Q, const T* __restrict__ K, const T* __restri
     constexpr int NT = 32 * NW, KW = BC / NW;                 // threads, keys a warp per tile
     constexpr int DP = D + E::VEC, ROW = DP * sizeof(T);      // smem row pitch: elements, bytes
     constexpr int KS = D / 16, NS = KW / 8, ND = D / 8;       // k-steps of Qi Kj^T, 8-key and 8-d tiles
-    constexpr int STAGE = 2 * BC * DP;                        // elements of one stage (Kj, Vj)
+    constexpr int KT = BC * 128 * ((D + 63) / 64);            // bytes of Kj (and of Vj): swizzled panels
+    constexpr int STAGE = 2 * KT;                             // bytes of one stage (Kj, Vj)
     static_assert(sizeof(T) == 2, "fp16 / bf16 only");
     static_assert(D % 32 == 0 && KW % 16 == 0 && STAGES >= 2, "tiles of 16");
     constexpr float LOG2E = 1.4426950408889634f, LN2 = 0.6931471805599453f;
 
-    extern __shared__ __align__(16) unsigned char smem[];
-    bits* Qs = reinterpret_cast<bits*>(smem);   // [16][DP]
-    bits* St = Qs + 16 * DP;                    // STAGES x {Kj [BC][DP], Vj [BC][DP]}
+    extern __shared__ __align__(128) unsigned char smem_raw[];
+    unsigned char* smem = smem_raw + ((128 - (smem_addr(smem_raw) & 127)) & 127);   // the swizzle's alignment
+    bits* Qs = reinterpret_cast<bits*>(smem);   // [16][DP]: 16 (2 D + 16) bytes, a multiple of 128
+    unsigned char* St = smem + 16 * ROW;        // STAGES x {Kj, Vj}, swizzled
     float* Mw = reinterpret_cast<float*>(St + STAGES * STAGE);   // [NW][16]: each warp's mi
     float* Lw = Mw + NW * 16;                                    // [NW][16]: each warp's li
     float* Of = reinterpret_cast<float*>(St);   // [16][D] fp32, the merged Oi (after the sweep)
@@ -70,10 +74,16 @@ flash_decode(const T* __restrict__ Q, const T* __restrict__ K, const T* __restri
     const int R = group * Nq, Hk = H / group, split = blockIdx.x, splits = gridDim.x;
     const bool q_vec = vec_ok(Q, q_sb, q_sh, q_sn, d), k_vec = vec_ok(K, k_sb, k_sh, k_sn, d);
     const bool v_vec = vec_ok(V, v_sb, v_sh, v_sn, d);
-    // ldmatrix lane addresses as in flash_fwd_mma.cu: Qi (A), Kj (B, rows are keys), Vj (B, .trans)
+    // ldmatrix lane addresses as in flash_fwd_mma.cu: Qi (A, padded rows), Kj (B, rows are keys)
+    // and Vj (B, .trans) swizzled. A lane's Kj / Vj row r has r % 8 = lane % 8 and its chunk
+    // 2 m + h (h = lane / 8 % 2 for Kj, lane / 16 for Vj) for the k-step or d-step m: chunk
+    // bits (2 (m % 4)) ^ h ^ (lane % 8), so the lane's address for m is (x_lane ^ (m % 4) << 5)
+    // plus m / 4 panels (k_at, v_at).
     const unsigned q_lane = smem_addr(Qs) + (lane % 16) * ROW + lane / 16 * 16;
-    const unsigned k_lane = smem_addr(St) + (warp * KW + lane % 8 + lane / 16 * 8) * ROW + lane / 8 % 2 * 16;
-    const unsigned v_lane = smem_addr(St + BC * DP) + (warp * KW + lane % 8 + lane / 8 % 2 * 8) * ROW + lane / 16 * 16;
+    const unsigned k_lane = smem_addr(St) + (warp * KW + lane % 8 + lane / 16 * 8) * 128 + ((lane / 8 % 2) ^ (lane % 8)) * 16;
+    const unsigned v_lane = smem_addr(St) + KT + (warp * KW + lane % 8 + lane / 8 % 2 * 8) * 128 + ((lane / 16) ^ (lane % 8)) * 16;
+    auto k_at = [&](int kk) { return (k_lane ^ ((kk % 4) << 5)) + kk / 4 * BC * 128; };
+    auto v_at = [&](int p) { return (v_lane ^ ((p % 4) << 5)) + p / 4 * BC * 128; };
     // This thread's rows g and g + 8: their query index (the window's row) and q head.
     int qi[2], qh[2];
 #pragma unroll
@@ -131,9 +141,10 @@ flash_decode(const T* __restrict__ Q, const T* __restrict__ K, const T* __restri
             if (tile(n) < j1) {
                 const long long col0 = (long long)tile(n) * BC;
                 const int rows = (int)(nk - col0 < BC ? nk - col0 : BC);
-                bits* Ks = St + (n % STAGES) * STAGE;
+                bits* Ks = reinterpret_cast<bits*>(St + (n % STAGES) * STAGE);   // then Vj, KT bytes on
+                bits* Vs = reinterpret_cast<bits*>(St + (n % STAGES) * STAGE + KT);
                 constexpr int CH = D / E::VEC, STEP = NT / CH;   // load_tile_stepped's layout
-                if constexpr (NT % CH == 0 && BC % STEP == 0) {
+                if constexpr (NT % CH == 0 && BC % STEP == 0 && (STEP & (STEP - 1)) == 0) {
                     // pages shorter than a whole tile: each thread's rows (fixed columns, STEP
                     // rows apart) have their page numbers read once, all in flight together,
                     // for both K and V, then the copies go out
@@ -142,12 +153,12 @@ flash_decode(const T* __restrict__ Q, const T* __restrict__ K, const T* __restri
                         int pg[BC / STEP];
 #pragma unroll
                         for (int it = 0; it < BC / STEP; ++it) pg[it] = pages[(int)(col0 + r0 + it * STEP) >> page_shift];
-                        const unsigned sk = smem_addr(Ks + r0 * DP + c), sv = sk + BC * DP * (int)sizeof(T);
+                        const unsigned sk = smem_addr(Ks) + swz<BC>(r0, threadIdx.x % CH), sv = sk + KT;
 #pragma unroll
                         for (int it = 0; it < BC / STEP; ++it) {
                             const long long row = (col0 + r0 + it * STEP) & in_page;
-                            cp_async_16_full(sk + it * STEP * ROW, Kb + pg[it] * k_sb + row * k_sn + c);
-                            cp_async_16_full(sv + it * STEP * ROW, Vb + pg[it] * v_sb + row * v_sn + c);
+                            cp_async_16_full(stepped_offset<STEP>(sk, it), Kb + pg[it] * k_sb + row * k_sn + c);
+                            cp_async_16_full(stepped_offset<STEP>(sv, it), Vb + pg[it] * v_sb + row * v_sn + c);
                         }
                         cp_async_commit();
                         return;
@@ -158,15 +169,15 @@ flash_decode(const T* __restrict__ Q, const T* __restrict__ K, const T* __restri
                         const int key = (int)col0 + r;   // < nk
                         return base + pages[key >> page_shift] * page_stride + (key & in_page) * sn;
                     };
-                    load_rows<T, BC, D, DP, NT, ARCH>(Ks, [&](int r) { return at(Kb, k_sb, k_sn, r); }, K, rows, d, k_vec);
-                    load_rows<T, BC, D, DP, NT, ARCH>(Ks + BC * DP, [&](int r) { return at(Vb, v_sb, v_sn, r); }, V, rows, d, v_vec);
+                    load_rows<T, BC, D, 0, NT, ARCH>(Ks, [&](int r) { return at(Kb, k_sb, k_sn, r); }, K, rows, d, k_vec);
+                    load_rows<T, BC, D, 0, NT, ARCH>(Vs, [&](int r) { return at(Vb, v_sb, v_sn, r); }, V, rows, d, v_vec);
                 } else {   // contiguous, or the tile within one page (pages and tiles: powers of two): one lookup
                     const long long page = next_page, row = pages ? col0 & in_page : col0;
                     next_page = page_of(n + 1);
                     const T* Kt = Kb + page * k_sb + row * k_sn;
                     const T* Vt = Vb + page * v_sb + row * v_sn;
-                    load_tile_stepped<T, BC, D, DP, NT, ARCH>(Ks, Kt, k_sn, rows, d, k_vec);
-                    load_tile_stepped<T, BC, D, DP, NT, ARCH>(Ks + BC * DP, Vt, v_sn, rows, d, v_vec);
+                    load_tile_stepped<T, BC, D, 0, NT, ARCH>(Ks, Kt, k_sn, rows, d, k_vec);
+                    load_tile_stepped<T, BC, D, 0, NT, ARCH>(Vs, Vt, v_sn, rows, d, v_vec);
                 }
             }
             cp_async_commit();
@@ -196,7 +207,7 @@ flash_decode(const T* __restrict__ Q, const T* __restrict__ K, const T* __restri
             cp_async_wait_group<STAGES - 2>();  // tile n (and Qi) have landed ...
             __syncthreads();                    // ... for every thread; all are done with tile n - 1
             load_stage(n + STAGES - 1);         // line 7: into the stage tile n - 1 left
-            const unsigned stage = (n % STAGES) * STAGE * sizeof(T);
+            const unsigned stage = (n % STAGES) * STAGE;
             const int col0 = tile(n) * BC + warp * KW;   // this warp's first key
 
             // Line 8: Sij = Qi Kj^T over this warp's KW keys.
@@ -214,7 +225,7 @@ flash_decode(const T* __restrict__ Q, const T* __restrict__ K, const T* __restri
 #pragma unroll
                 for (int p = 0; p < NS / 2; ++p) {
                     operand<4> kb;   // B operands of key tiles 2p (registers 0, 1) and 2p + 1 (2, 3)
-                    ldmatrix_x4<false>(kb.hi, k_lane + stage + p * 16 * ROW + kk * 32);
+                    ldmatrix_x4<false>(kb.hi, k_at(kk) + stage + p * 16 * 128);
                     mma_op<T, ARCH, 1>(s[2 * p], qa, kb, 0);
                     mma_op<T, ARCH, 1>(s[2 * p + 1], qa, kb, 2);
                 }
@@ -249,7 +260,7 @@ flash_decode(const T* __restrict__ Q, const T* __restrict__ K, const T* __restri
 #pragma unroll
                 for (int p = 0; p < D / 16; ++p) {
                     operand<4> vb;   // d tiles 2p (registers 0, 1) and 2p + 1 (2, 3)
-                    ldmatrix_x4<true>(vb.hi, v_lane + stage + kk * 16 * ROW + p * 32);
+                    ldmatrix_x4<true>(vb.hi, v_at(p) + stage + kk * 16 * 128);
                     mma_op<T, ARCH, 1>(o[2 * p], pa, vb, 0);
                     mma_op<T, ARCH, 1>(o[2 * p + 1], pa, vb, 2);
                 }

@@ -7,7 +7,7 @@
 //   Sij = Qi Kj^T   m64nBCk16, A = Qi and B = Kj from shared memory (K-major: rows of d);
 //   Oi += Pij Vj    m64nDk16, A = Pij from registers (the Sij accumulators rounded to T, as in
 //                   flash_fwd_mma.cu) and B = Vj from shared memory, transposed (MN-major).
-// Qi, Kj and Vj sit in the 128-byte swizzled layout the MMA reads (fa_wgmma.cuh): conflict-free
+// Qi, Kj and Vj sit in the 128-byte swizzled layout the MMA reads (fa_mma.cuh, swz): conflict-free
 // without padding. Kj and Vj stream through two buffers by cp.async, tile j + 1 loading while
 // tile j is computed, one barrier a tile. Two blocks share an SM (launch bounds: at most 128
 // registers a thread at NWG = 2), so one block's MMAs run while the other does its softmax, its
@@ -51,6 +51,7 @@ flash_fwd_wgmma(const T* __restrict__ Q, const T* __restrict__ K, const T* __res
     unsigned char* Qs = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);   // [D/64][BR][128 B]
     unsigned char* KV = Qs + QB;   // buffer s: Kj at KV + 2 s KB, Vj at KV + (2 s + 1) KB, [D/64][BC][128 B]
     const unsigned q_base = smem_addr(Qs), kv_base = smem_addr(KV);
+    auto tile_at = [](unsigned char* p) { return reinterpret_cast<typename fa_elem<T>::bits*>(p); };   // load_tile's type
 
     const float neg_inf = __int_as_float(0xff800000);
     const float sl2 = MASK == FA_MODS ? 1.f : fmaxf(fabsf(scale) * LOG2E, 1.17549435e-38f);
@@ -74,12 +75,13 @@ flash_fwd_wgmma(const T* __restrict__ Q, const T* __restrict__ K, const T* __res
         const T* Vbh = V + b * v_sb + (h / group) * v_sh + sq.k0 * v_sn;
         auto load_kv = [&](int j, int stage) {   // line 7: Kj and Vj into buffer `stage`
             const long long c0 = (long long)j * BC;
-            load_tile_swz<T, BC, D, NT>(KV + 2 * stage * KB, Kbh + c0 * k_sn, k_sn, nk - (int)c0, d, k_vec);
-            load_tile_swz<T, BC, D, NT>(KV + (2 * stage + 1) * KB, Vbh + c0 * v_sn, v_sn, nk - (int)c0, d, v_vec);
+            load_tile<T, BC, D, 0, NT, ARCH>(tile_at(KV + 2 * stage * KB), Kbh + c0 * k_sn, k_sn, nk - (int)c0, d, k_vec);
+            load_tile<T, BC, D, 0, NT, ARCH>(tile_at(KV + (2 * stage + 1) * KB), Vbh + c0 * v_sn, v_sn, nk - (int)c0, d,
+                                             v_vec);
         };
 
         // Line 4: Qi, with K(j0) and V(j0) behind it.
-        load_tile_swz<T, BR, D, NT>(Qs, Qbh, q_sn, rows, d, q_vec);
+        load_tile<T, BR, D, 0, NT, ARCH>(tile_at(Qs), Qbh, q_sn, rows, d, q_vec);
         if (j0 < j1) load_kv(j0, 0);
         cp_async_commit();
 

@@ -240,9 +240,10 @@ def simt_tiles(D: int, smem_limit: int) -> tuple[int, int, int]:
 
 
 def decode_smem_bytes(NW: int, BC: int, stages: int, D: int) -> int:
-    """Exact dynamic shared memory of csrc/flash_decode.cu: Qi[16] and STAGES x (Kj[BC], Vj[BC])
-    rows of D halves and a 16-byte pad, then each warp's row max and sum (float32 [NW][16] each)."""
-    return (16 + 2 * stages * BC) * (2 * D + 16) + 2 * NW * 16 * 4
+    """Exact dynamic shared memory of csrc/flash_decode.cu: 128 bytes of slack to align it, Qi[16]
+    in rows of D halves and a 16-byte pad, STAGES x (Kj[BC], Vj[BC]) in 128-byte swizzled panels
+    (ceil(D / 64) of 128 bytes a row), then each warp's row max and sum (float32 [NW][16] each)."""
+    return 128 + 16 * (2 * D + 16) + 2 * stages * BC * 128 * math.ceil(D / 64) + 2 * NW * 16 * 4
 
 
 def decode_tiles(D: int, smem_limit: int, page: int = 0) -> tuple[int, int, int] | None:
