@@ -127,18 +127,23 @@ def wgmma_default(on: bool):
 
 # (largest D, (warps NW, key tile BC, pipeline stages) candidates, best first). Every warp takes
 # BC / NW keys of a tile (a multiple of 16). Decoding streams K and V once, so what counts is the
-# bytes in flight an SM: at D = 65-128 one block of 2 warps with three 128-key stages (two 64 KB
-# K + V tiles in flight) streams fastest (H200, fp16 d128 32/8 heads, against (4, 64, 3)'s two blocks
-# an SM: B8 Nk32k 262 against 273 us, B1 Nk128k 142 against 151; 4 warps on the same tiles within
-# 1%; 8 warps, 64-key tiles in 2-6 stages, 1 warp: slower). Smaller devices get fewer stages, then
+# bytes in flight an SM: one block of 2 warps (4 at D <= 64) with three tiles of K + V in flight
+# streams fastest. H200 sweep with swizzled tiles (fp16 32 / 8 heads, one query row, us): d128
+# B8 Nk32k / B1 Nk128k / B2 Nk64k: (2, 64, 4) 251.9 / 135.8 / 134.2, (2, 128, 3) 252.3 / 136.9 /
+# 135.9, (4, 128, 3) 253.4 / 138.4 / 136.8, (2, 64, 3) two blocks an SM 253.7 / 141.6 / 137.2,
+# (4, 64, 3) 256.6 / 144.2 / 139.8, (8, 128, 2) 262.7 / 147.1 / 145.7, (4, 64, 2) 282.9 / 174.6 /
+# 164.6; d64 B8 Nk32k: (4, 128, 4) 133.6, (2, 128, 3) 134.1, (2, 64, 6) 134.6, (4, 64, 4) 136.2,
+# (4, 64, 3) 136.4. (2, 64, 4) also fits an A100's 163 KB. Smaller devices get fewer stages, then
 # smaller tiles (down to one warp of 16 keys, D = 256 within 48 KB).
-DECODE_TILES = ((64, ((4, 64, 4), (4, 64, 3), (4, 64, 2), (2, 32, 2), (1, 16, 2))),
-                (256, ((2, 128, 3), (4, 64, 3), (4, 64, 2), (2, 32, 2), (1, 16, 2))))
+DECODE_TILES = ((64, ((4, 128, 4), (4, 64, 4), (4, 64, 3), (4, 64, 2), (2, 32, 2), (1, 16, 2))),
+                (256, ((2, 64, 4), (4, 64, 3), (4, 64, 2), (2, 32, 2), (1, 16, 2))))
 # A paged KV cache whose pages are shorter than the key tile has its tiles' rows looked up page by
-# page; there the tiles of up to 64 keys on 4 warps go on (pages of 64 keys fill a tile, and
-# pages of 16 spread their lookups over 128 threads): (2, 128, 3) ran pages of 16 at 489 us and
-# of 64 at 458 against (4, 64, 3)'s 285 and 272 (the B8 row above).
+# page, each thread its rows' page numbers before its copies; there the first candidate of at most
+# 64 keys on at least 4 warps that fits goes on (at most 8 lookups a thread a tile at D = 128):
+# d128 B8 Nk32k pages of 16 took 507 us on (2, 64, 4) (16 a thread) and 489 on (2, 128, 3) (32; of
+# 64: 458) against (4, 64, 3)'s 258 (285 and 272 with padded tiles; BENCHMARKS.md, session 15).
 DECODE_PAGED_MAX_BC = 64
+DECODE_PAGED_MIN_WARPS = 4
 # The page sizes a decoding tile choice can differ for (0: not paged), for cuda_variants.
 DECODE_PAGES = (0, 1, 16, 64, 256)
 
@@ -248,11 +253,14 @@ def decode_smem_bytes(NW: int, BC: int, stages: int, D: int) -> int:
 
 def decode_tiles(D: int, smem_limit: int, page: int = 0) -> tuple[int, int, int] | None:
     """(warps, key tile BC, stages) of the first decoding candidate for D that fits, None if none;
-    page: a paged KV cache's keys a page (0: not paged), which tiles longer than it and than
-    DECODE_PAGED_MAX_BC skip."""
+    page: a paged KV cache's keys a page (0: not paged). Pages shorter than a candidate's tile
+    take it only with at most DECODE_PAGED_MAX_BC keys on at least DECODE_PAGED_MIN_WARPS warps,
+    while one such fits (else the first that fits)."""
     candidates = next(c for d_max, c in DECODE_TILES if D <= d_max)
-    return next((c for c in candidates if decode_smem_bytes(*c, D) <= smem_limit
-                 and not (0 < page < c[1] and c[1] > DECODE_PAGED_MAX_BC)), None)
+    fits = [c for c in candidates if decode_smem_bytes(*c, D) <= smem_limit]
+    paged_ok = [c for c in fits if not (0 < page < c[1] and (c[1] > DECODE_PAGED_MAX_BC
+                                                              or c[0] < DECODE_PAGED_MIN_WARPS))]
+    return (paged_ok or fits or [None])[0]
 
 
 @functools.lru_cache(maxsize=1024)   # a decoding loop asks again for each key tile's Nk

@@ -74,7 +74,12 @@ def test_every_decode_plan_fits(arch, limit):
                 NW, BC, stages = (int(x) for x in p.kernel.rstrip(">").split(", ")[2:5])
                 assert p.smem_bytes == planner.decode_smem_bytes(NW, BC, stages, p.head_dim_bound) <= limit
                 assert BC % (16 * NW) == 0 and p.threads == 32 * NW and stages >= 2   # 16k keys a warp
-                assert p.Bc == BC and (page == 0 or page >= BC or BC <= planner.DECODE_PAGED_MAX_BC)
+                assert p.Bc == BC
+                if 0 < page < BC:   # pages shorter than the tile: few rows a thread, where such a tile fits
+                    short = [c for c in next(c for D, c in planner.DECODE_TILES if p.head_dim_bound <= D)
+                             if planner.decode_smem_bytes(*c, p.head_dim_bound) <= limit and (page >= c[1] or (
+                                 c[1] <= planner.DECODE_PAGED_MAX_BC and c[0] >= planner.DECODE_PAGED_MIN_WARPS))]
+                    assert (NW, BC, stages) == (short[0] if short else (NW, BC, stages))
             assert p.workspace_bytes == 4 * 3 * 8 * 1 * p.splits * (p.head_dim_bound + 1)
             assert 1 <= p.splits <= planner.DECODE_MAX_SPLITS
 
@@ -82,16 +87,25 @@ def test_every_decode_plan_fits(arch, limit):
 def test_the_bench_shapes_fill_an_h100():
     """The benchmark's rows: B=8 H=32 (8 k/v heads) Nk=32k and B=1 Nk=128k, d=128, fp16."""
     p = planner.plan(1, 32768, 128, dtype="float16", batch=8, heads=32, group=4, **H100)
-    assert p.kernel == "flash_decode<fa_half, 128, 2, 128, 3, 0>" and p.grid == (2, 8, 8)
+    assert p.kernel == "flash_decode<fa_half, 128, 2, 64, 4, 0>" and p.grid == (2, 8, 8)
     slots = 132 * (227 * KB // p.smem_bytes)
     assert slots == 132 and 0.85 * slots <= math.prod(p.grid) <= slots   # one full wave: 128 of 132 blocks
     p = planner.plan(1, 131072, 128, dtype="float16", batch=1, heads=32, group=4, **H100)
     assert 0.85 * slots <= math.prod(p.grid) <= slots and p.splits >= 16
-    # a paged cache with pages shorter than 128 keys: two blocks of 64-key tiles an SM
-    for page in (1, 16, 64):
+    # pages as long as the tile or longer: the same plan; shorter: 4 warps look their rows' pages up
+    for page in (64, 256):
+        assert planner.plan(1, 32768, 128, dtype="float16", batch=8, heads=32, group=4, page=page, **H100) == \
+            planner.plan(1, 32768, 128, dtype="float16", batch=8, heads=32, group=4, **H100)
+    for page in (1, 16, 32):
         p = planner.plan(1, 32768, 128, dtype="float16", batch=8, heads=32, group=4, page=page, **H100)
-        assert p.kernel == "flash_decode<fa_half, 128, 4, 64, 3, 0>" and p.grid == (4, 8, 8)
-    assert planner.plan(1, 32768, 128, dtype="float16", batch=8, heads=32, group=4, page=256, **H100).Bc == 128
+        assert p.kernel == "flash_decode<fa_half, 128, 4, 64, 3, 0>"
+    # d = 64 streams 128-key tiles, but from pages shorter than that 64-key ones
+    assert planner.plan(1, 32768, 64, dtype="float16", batch=8, heads=32, group=4, **H100).kernel == \
+        "flash_decode<fa_half, 64, 4, 128, 4, 0>"
+    for page in (1, 16, 64):
+        p = planner.plan(1, 32768, 64, dtype="float16", batch=8, heads=32, group=4, page=page, **H100)
+        assert p.kernel == "flash_decode<fa_half, 64, 4, 64, 4, 0>"
+    assert planner.plan(1, 32768, 64, dtype="float16", batch=8, heads=32, group=4, page=256, **H100).Bc == 128
     with pytest.raises(ValueError, match="page"):
         planner.plan(1, 32768, 128, dtype="float16", page=-16, **H100)
 
@@ -328,6 +342,31 @@ def test_one_split_and_many(cp, rng, dtype, splits):
     _check_sharp(cp, qh, kh, vh, O, L, True, q, k, v)
     O2, L2 = _run_plan(cp, q, k, v, plan, True)
     assert (O == O2).all() and (L == L2).all()   # no atomics: bitwise repeatable
+
+
+# Every decoding tile candidate at a head dim of its row: d = 64 for the first, 96 and 128 for the second
+TILE_CASES = [(d, tiles) for D, candidates in planner.DECODE_TILES for tiles in candidates
+              for d in ((64,) if D == 64 else (96, 128))]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d, tiles", TILE_CASES)
+def test_every_decode_tile_runs(cp, rng, d, tiles):
+    """Each (warps, key tile, stages) candidate, forced (planner.DECODE_TILES narrowed to it) where
+    it fits this GPU: keys ragged past the last tile, causal rows, against the reference and the
+    one-pass kernel. The planner's first choices run in every other test; this reaches the ones
+    smaller GPUs get."""
+    from flashattn_cupy import _device
+    if planner.decode_smem_bytes(*tiles, planner.head_dim_bound(d)) > _device.smem_limit():
+        pytest.skip(f"{tiles} at d = {d} needs more shared memory than this GPU has")
+    qh, kh, vh = _gqa(rng, 2, 8, 2, 2, 3001, d, np.float16)
+    q, k, v = (cp.asarray(x) for x in (qh, kh, vh))
+    with planner._default("DECODE_TILES", ((planner.MAX_HEAD_DIM, (tiles,)),)):
+        plan = _forced(cp, q, k, v, True, decode=True)
+    assert ", {}, {}, {}, ".format(*tiles) in plan.kernel, plan.kernel
+    O, L = _run_plan(cp, q, k, v, plan, True)
+    assert_attention_close(O, L, qh, kh, vh, causal=True, **kernel_rounding(plan))
+    _check_sharp(cp, qh, kh, vh, O, L, True, q, k, v)
 
 
 @pytest.mark.gpu

@@ -336,10 +336,10 @@ def test_decoding_launch_on_the_kernel_model(rng, monkeypatch, options, page):
 
 @pytest.mark.parametrize("page, tile", [(None, 128), (256, 128), (128, 128), (64, 64), (16, 64), (1, 64)])
 def test_the_decoding_tile_follows_the_page(rng, monkeypatch, page, tile):
-    """kvcache plans with its page size: on an H100's limits d = 128 decodes in 128-key tiles,
+    """kvcache plans with its page size: on an H100's limits d = 64 decodes in 128-key tiles,
     except from pages shorter than that (planner.DECODE_PAGED_MAX_BC)."""
     from flashattn_cupy import api
-    q, k, v, table = _cache(rng, [256, 100], H=32, Hk=8, d=128, page=page, capacity=256)
+    q, k, v, table = _cache(rng, [256, 100], H=32, Hk=8, d=64, page=page, capacity=256)
     cache = kvcache._validate(q, k, v, None, table, backend="c", causal=False, softmax_scale=None, window=None,
                               softcap=0.0, alibi_slopes=None, return_lse=False)
     cache.problem = dataclasses.replace(cache.problem, backend="cuda", on_gpu=True, dtype="float16")   # a GPU's
@@ -347,7 +347,7 @@ def test_the_decoding_tile_follows_the_page(rng, monkeypatch, page, tile):
         monkeypatch.setattr(_device, name, lambda device_id=None, value=value: value)
     monkeypatch.setattr(api, "_device_id", lambda problem: 0)
     plan = kvcache._decoding_plan(cache)
-    assert plan.kernel.startswith("flash_decode<fa_half, 128,") and plan.Bc == tile
+    assert plan.kernel.startswith("flash_decode<fa_half, 64,") and plan.Bc == tile
 
 
 # ---- CUDA: the decoding kernel reading the cache in place ----
