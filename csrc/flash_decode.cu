@@ -75,10 +75,10 @@ flash_decode(const T* __restrict__ Q, const T* __restrict__ K, const T* __restri
     const bool q_vec = vec_ok(Q, q_sb, q_sh, q_sn, d), k_vec = vec_ok(K, k_sb, k_sh, k_sn, d);
     const bool v_vec = vec_ok(V, v_sb, v_sh, v_sn, d);
     // ldmatrix lane addresses as in flash_fwd_mma.cu: Qi (A, padded rows), Kj (B, rows are keys)
-    // and Vj (B, .trans) swizzled. A lane's Kj / Vj row r has r % 8 = lane % 8 and its chunk
-    // 2 m + h (h = lane / 8 % 2 for Kj, lane / 16 for Vj) for the k-step or d-step m: chunk
-    // bits (2 (m % 4)) ^ h ^ (lane % 8), so the lane's address for m is (x_lane ^ (m % 4) << 5)
-    // plus m / 4 panels (k_at, v_at).
+    // and Vj (B, .trans) swizzled. A lane's Kj / Vj row r has r % 8 = lane % 8, and for the
+    // k-step or d-step m its chunk is 2 m + h (h = lane / 8 % 2 for Kj, lane / 16 for Vj), stored
+    // at chunk 2 (m % 4) ^ h ^ (lane % 8) of panel m / 4: the lane's address for m = 0, XORed
+    // with (m % 4) << 5, plus m / 4 panels (k_at, v_at).
     const unsigned q_lane = smem_addr(Qs) + (lane % 16) * ROW + lane / 16 * 16;
     const unsigned k_lane = smem_addr(St) + (warp * KW + lane % 8 + lane / 16 * 8) * 128 + ((lane / 8 % 2) ^ (lane % 8)) * 16;
     const unsigned v_lane = smem_addr(St) + KT + (warp * KW + lane % 8 + lane / 8 % 2 * 8) * 128 + ((lane / 16) ^ (lane % 8)) * 16;
