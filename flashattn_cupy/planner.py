@@ -260,7 +260,8 @@ def decode_tiles(D: int, smem_limit: int, page: int = 0) -> tuple[int, int, int]
     fits = [c for c in candidates if decode_smem_bytes(*c, D) <= smem_limit]
     paged_ok = [c for c in fits if not (0 < page < c[1] and (c[1] > DECODE_PAGED_MAX_BC
                                                               or c[0] < DECODE_PAGED_MIN_WARPS))]
-    return (paged_ok or fits or [None])[0]
+    choices = paged_ok or fits
+    return choices[0] if choices else None
 
 
 @functools.lru_cache(maxsize=1024)   # a decoding loop asks again for each key tile's Nk
