@@ -1,5 +1,6 @@
 // flash_decode.cu: split-KV decoding (flash-decoding) for few query rows and many keys, fp16/bf16
-// on sm_80+ (mma m16n8k16, cp.async), fp32 accumulation. Two kernels, launched back to back:
+// on sm_80+ (mma m16n8k16, cp.async), fp32 accumulation. Two kernels, the second launched after
+// the first where the planner does not fuse the merge into it:
 //
 // flash_decode: one block per (batch b, k/v head hk, split s of the keys). Its rows are every
 //   query row that reads k/v head hk: the group's q heads hk*group .. hk*group+group-1 times Nq
@@ -13,7 +14,10 @@
 //   flash_fwd_mma.cu, whose fragments and ldmatrix addressing this reuses); at the end the
 //   warps' (mi, li, Oi) merge through shared memory in a fixed order, and the block writes its
 //   split's partial O_s = Oi / li (fp32) and L_s = mi + log li (natural log; -inf with O_s = 0
-//   when the split saw no key) to the workspace.
+//   when the split saw no key) to the workspace. One split writes O and L itself. Where the
+//   planner fuses the merge (Cnt not null: few rows, partials that fit in the stages), the
+//   pair's last split to finish (an atomic count per pair, left at zero again) merges its
+//   partials (merge_pair), saving the second launch.
 //   A KV cache (kvcache.py): seqlens_k (or null) gives batch b's number of keys, and
 //   block_table (or null) where they lie: key j of batch b in page block_table[b][j / page]
 //   (page = 2^page_shift rows, K's batch stride k_sb the page stride), row j % page. Pages
@@ -22,8 +26,9 @@
 //   fp32): m = max_s L_s, w_s = exp(L_s - m) / sum_s exp(L_s - m), O = sum_s w_s O_s in the
 //   input type, L = m + log(sum_s exp(L_s - m)); every L_s = -inf gives O = 0, L = -inf.
 //
-// Workspace (float32): O_s of row (b, h, i) at Op[((b*H + h)*Nq + i)*splits + s][PITCH = D],
+// Workspace (float32; none for one split): O_s of row (b, h, i) at Op[((b*H + h)*Nq + i)*splits + s][PITCH = D],
 // L_s at Lp[((b*H + h)*Nq + i)*splits + s]; the planner sizes it (planner.decode_workspace_bytes).
+// Cnt[b*Hk + hk] (int, zero at the launch, zero again after it): the pair's splits done.
 //
 // Compile-time: T (fa_half, fa_bfloat16), the head-dim bound D, warps NW, key tile BC (BC / NW
 // keys a warp, a multiple of 16), STAGES (>= 2) and MASK (fa_mask.cuh). Shared memory, mirrored
@@ -34,15 +39,69 @@
 // stages hold the merged Oi [16][D] in fp32.
 #include "fa_softmax.cuh"
 
+// The last split of a (batch, k/v head) to finish merges its R query rows' splits, the whole
+// block at once (the planner fuses the merge only where the rows are few and their partials fit
+// in the K/V stages: planner.decode_fused_merge). The R * splits O_s (contiguous, D floats each)
+// come into Ws by cp.async, all in flight together, the L_s beside them; a warp a row turns the
+// L_s into weights (flash_decode_combine's arithmetic) and writes L; a thread per 4 columns of a row sums
+// the weighted O_s in split order. Row r is q head r / Nq of O and L (from there), query r % Nq.
+template <typename T, int D, int NW>
+__device__ void merge_pair(const float* Op, const float* Lp, float* Ws, int R, int splits, int d,
+                           T* O, float* L, int Nq, long long o_sh, long long o_sn, long long l_sh)
+{
+    constexpr int NT = 32 * NW;
+    const float neg_inf = __int_as_float(0xff800000);
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, n = R * splits;
+    float* Ls = Ws + n * D;   // after the O_s (16-byte aligned: D % 32 == 0)
+    for (int i = threadIdx.x; i < n * D / 4; i += NT) cp_async_16(Ws + 4 * i, Op + 4 * i, 16);
+    cp_async_commit();
+    for (int i = threadIdx.x; i < n; i += NT) Ls[i] = __ldcg(Lp + i);
+    __syncthreads();
+    for (int r = warp; r < R; r += NW) {   // L_s -> weights, in place
+        float* w = Ls + r * splits;
+        float m = neg_inf;
+        for (int s = lane; s < splits; s += 32) m = fmaxf(m, w[s]);
+#pragma unroll
+        for (int x = 16; x > 0; x /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, x));
+        const float base = m == neg_inf ? 0.f : m;   // no key in any split: every weight 0
+        float sum = 0.f;
+        for (int s = lane; s < splits; s += 32) sum += expf(w[s] - base);
+#pragma unroll
+        for (int x = 16; x > 0; x /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, x);
+        const bool empty = sum == 0.f;
+        for (int s = lane; s < splits; s += 32) w[s] = empty ? 0.f : expf(w[s] - base) / sum;
+        if (lane == 0) L[(r / Nq) * l_sh + r % Nq] = empty ? neg_inf : m + logf(sum);
+    }
+    cp_async_wait_all();
+    __syncthreads();
+    for (int i = threadIdx.x; i < R * (D / 4); i += NT) {
+        const int r = i / (D / 4), c = i % (D / 4) * 4;
+        if (c >= d) continue;
+        float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+        for (int s = 0; s < splits; ++s) {
+            const float w = Ls[r * splits + s];
+            const float4 part = *reinterpret_cast<const float4*>(Ws + (r * splits + s) * D + c);
+            acc.x += w * part.x, acc.y += w * part.y, acc.z += w * part.z, acc.w += w * part.w;
+        }
+        T* Orow = O + (r / Nq) * o_sh + (long long)(r % Nq) * o_sn;
+        const float out[4] = {acc.x, acc.y, acc.z, acc.w};
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+            if (c + e < d) Orow[c + e] = from_float<T>(out[e]);
+    }
+}
+
 template <typename T, int D, int NW, int BC, int STAGES, int MASK>
 __global__ void __launch_bounds__(NW * 32)
 flash_decode(const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V,
              const float* __restrict__ alibi, const int* __restrict__ seqlens_k,
              const int* __restrict__ block_table, float* __restrict__ Op, float* __restrict__ Lp,
+             int* __restrict__ Cnt, T* __restrict__ O, float* __restrict__ L,
              int B, int H, int group, int Nq, int Nk, int d, int win_left, int win_right, int page_shift,
              long long q_sb, long long q_sh, long long q_sn,
              long long k_sb, long long k_sh, long long k_sn,
              long long v_sb, long long v_sh, long long v_sn, long long bt_sb,
+             long long o_sb, long long o_sh, long long o_sn, long long l_sb, long long l_sh,
              float scale, float softcap)
 {
     using E = fa_elem<T>;
@@ -310,16 +369,39 @@ flash_decode(const T* __restrict__ Q, const T* __restrict__ K, const T* __restri
         }
         __syncthreads();
 
-        // Lines 12-15 for this split: O_s = Oi / li (fp32), L_s = mi + log li; no key: O_s = 0, L_s = -inf.
+        // Lines 12-15: O = Oi / li, L = mi + log li (no key: O = 0, L = -inf). One split writes
+        // them to the outputs (O in T); several write this split's partial (O_s in fp32, L_s) to
+        // the workspace, and where the merge is fused the pair's last split merges them.
         const long long row0 = ((long long)b * H + (long long)hk * group) * Nq;   // (b, hk*group, 0)
-        for (int i = threadIdx.x; i < R * D; i += NT) {   // columns past d too: the combine reads float4s
+        T* Ob = O + b * o_sb + (long long)hk * group * o_sh;                      // row 0's outputs
+        float* Lb = L + b * l_sb + (long long)hk * group * l_sh;
+        for (int i = threadIdx.x; i < R * D; i += NT) {   // columns past d too: the merge reads float4s
             const int r = i / D, c = i % D;
-            const float li = Lw[r];
-            Op[((row0 + r) * splits + split) * D + c] = li == 0.f || c >= d ? 0.f : Of[r * D + c] / li;
+            const float li = Lw[r], x = li == 0.f || c >= d ? 0.f : Of[r * D + c] / li;
+            if (splits > 1) Op[((row0 + r) * splits + split) * D + c] = x;
+            else if (c < d) Ob[(r / Nq) * o_sh + (long long)(r % Nq) * o_sn + c] = from_float<T>(x);
         }
         if (threadIdx.x < R) {
-            const float li = Lw[threadIdx.x];
-            Lp[(row0 + threadIdx.x) * splits + split] = li == 0.f ? neg_inf : Mw[threadIdx.x] * LN2 + logf(li);
+            const int r = threadIdx.x;
+            const float li = Lw[r], lse = li == 0.f ? neg_inf : Mw[r] * LN2 + logf(li);
+            if (splits > 1) Lp[(row0 + r) * splits + split] = lse;
+            else Lb[(r / Nq) * l_sh + r % Nq] = lse;
+        }
+        if (splits > 1 && Cnt) {
+            __threadfence();   // this block's partial is visible to whichever block merges
+            __syncthreads();   // every thread's part of it; Mw, Lw and the stages are free
+            int* last = reinterpret_cast<int*>(Mw);
+            if (threadIdx.x == 0) {
+                int* count = Cnt + (long long)b * Hk + hk;
+                *last = atomicAdd(count, 1) == splits - 1;
+                if (*last) *count = 0;   // zero again for the next call on this stream
+            }
+            __syncthreads();
+            if (*last) {
+                __threadfence();   // the other splits' partials, seen after their counts
+                merge_pair<T, D, NW>(Op + row0 * splits * D, Lp + row0 * splits, reinterpret_cast<float*>(St),
+                                     R, splits, d, Ob, Lb, Nq, o_sh, o_sn, l_sh);
+            }
         }
         __syncthreads();   // smem is reused by the next (batch, k/v head)
     }

@@ -165,15 +165,19 @@ class Call:
         os_, ls = _contiguous_layout(self.out_shape), (H * Nq, Nq)
         self.pointers = (null() if alibi is None else alibi, null(), null())   # alibi, cu_q, cu_k
         self.kernel = kernels.get(plan, device_id)   # compiled for device_id (kernels.get sets it)
-        if plan.splits:   # split-KV decoding: no output strides, then the merge's launch
+        if plan.splits:   # split-KV decoding
             # paging: (log2 page, block table row stride) of a paged KV cache (kvcache.py), else (0, 0)
-            self.scalars = packed((*sizes, paging[0]), (*sum(layouts, ()), paging[1]), (problem.scale, softcap))
-            self.combine = kernels.get(kernels.Variant(plan.combine), device_id)
+            self.scalars = packed((*sizes, paging[0]), (*sum(layouts, ()), paging[1], *os_, *ls),
+                                  (problem.scale, softcap))
             rows = B * H * Nq
             self.work = (rows * plan.splits * plan.head_dim_bound, rows * plan.splits)   # Op, Lp floats
-            self.combine_grid = (min(-(-rows // COMBINE_WARPS), COMBINE_BLOCKS_MAX),)
-            self.combine_scalars = packed((B, H, Nq, problem.d, plan.head_dim_bound, plan.splits),
-                                          (*os_, *ls))
+            # the merge: none for one split; by the pair's last split (a count per pair) or a launch
+            self.pairs = B * (H // problem.group) if plan.splits > 1 and not plan.combine else 0
+            if plan.combine:
+                self.combine = kernels.get(kernels.Variant(plan.combine), device_id)
+                self.combine_grid = (min(-(-rows // COMBINE_WARPS), COMBINE_BLOCKS_MAX),)
+                self.combine_scalars = packed((B, H, Nq, problem.d, plan.head_dim_bound, plan.splits),
+                                              (*os_, *ls))
         else:
             self.scalars = packed(sizes, (*sum(layouts, ()), *os_, *ls), (problem.scale, softcap))
 
@@ -208,15 +212,35 @@ class Call:
             self.kernel(plan.grid, (plan.threads,), (q, k, v, *self.pointers, O, L, *self.scalars),
                         shared_mem=plan.smem_bytes)
             return O, L
-        # Decoding: each split's partial (O_s, L_s) into a float32 workspace from CuPy's pool (which
-        # hands it out again only in stream order, so returning it at the end is safe), then the merge.
-        work = cp.empty(sum(self.work), dtype=cp.float32)
-        Op, Lp = work[:self.work[0]], work[self.work[0]:]
+        # Decoding over several splits: their partials (O_s, L_s) into a float32 workspace from
+        # CuPy's pool (which hands it out again only in stream order, so returning it at the end
+        # is safe), then the merge (by the pair's last split or a second launch).
+        Op = Lp = null()
+        if plan.splits > 1:
+            work = cp.empty(sum(self.work), dtype=cp.float32)
+            Op, Lp = work[:self.work[0]], work[self.work[0]:]
         cache = tuple(null() if x is None else x for x in (seqlens_k, block_table))
-        self.kernel(plan.grid, (plan.threads,), (q, k, v, self.pointers[0], *cache, Op, Lp, *self.scalars),
+        count = split_counts(cp, self.pairs) if self.pairs else null()
+        self.kernel(plan.grid, (plan.threads,), (q, k, v, self.pointers[0], *cache, Op, Lp, count, O, L, *self.scalars),
                     shared_mem=plan.smem_bytes)
-        self.combine(self.combine_grid, (32 * COMBINE_WARPS,), (Op, Lp, O, L, *self.combine_scalars))
+        if plan.combine:
+            self.combine(self.combine_grid, (32 * COMBINE_WARPS,), (Op, Lp, O, L, *self.combine_scalars))
         return O, L
+
+
+_COUNTS: dict = {}   # (device, stream) -> int32 counts, zero between launches
+
+
+def split_counts(cp, pairs: int):
+    """Zeroed int32 counts of at least `pairs` for a fused-merge decoding launch on the current
+    stream: each (batch, k/v head)'s splits done, which its last split sets to zero again, so
+    one array serves every launch in the stream's order. One per stream: launches on two streams
+    at once would share counts otherwise."""
+    key = (cp.cuda.Device().id, cp.cuda.get_current_stream().ptr)
+    counts = _COUNTS.get(key)
+    if counts is None or counts.size < pairs:
+        counts = _COUNTS[key] = cp.zeros(max(pairs, 1024), dtype=cp.int32)
+    return counts
 
 
 def run(problem, plan, device_id: int):

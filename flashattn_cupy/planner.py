@@ -61,13 +61,21 @@ MMA_TILES_F32 = ((64, ((4, 2, 64), (4, 2, 32), (4, 1, 32), (2, 1, 16))),
 # many keys. One block per (batch, k/v head, split of the keys) holds all group * Nq query rows
 # that read the k/v head as one 16-row MMA tile (so K and V are read once per k/v head), streams
 # its split through a STAGES-deep cp.async pipeline, and writes a partial (O_s, L_s) in fp32;
-# a second kernel merges the splits (merge.py's math). fp16/bf16 on sm_80+ only: fp32 and
+# the pair's last split or a second kernel merges the splits (merge.py's math; one split writes
+# O and L itself). fp16/bf16 on sm_80+ only: fp32 and
 # Turing keep the other kernels. Chosen (plan's decode=None) when group * Nq <= DECODE_MAX_ROWS
 # and Nk >= DECODE_MIN_KEYS (below that a call is launch-bound either way).
 DECODE_MAX_ROWS = 16
 DECODE_MIN_KEYS = 256
 DECODE_MAX_SPLITS = 128            # the combine kernel's bound (flash_decode_combine MAX_SPLITS)
 DECODE_MIN_TILES_PER_SPLIT = 4     # a split streams at least this many key tiles (if there are)
+# Where a pair (batch, k/v head) has at most this many query rows, its splits' partials are merged
+# by its last split to finish, in the decoding kernel (no second launch), if they fit in its K/V
+# stages at once. H200, fp16 d128, 32/8 heads, µs with the combine launch / fused: B1 Nq1 Nk128k
+# (4 rows, 16 splits) 133.1 / 130.3, B8 Nk32k (2 splits) 244.0 / 243.8; with 8 or 16 rows one
+# block's merge costs more than the launch: B4 Nq2 Nk16k 74.3 / 75.6, B8 Nq4 Nk32k 247.1 / 252.4,
+# B1 16/1 heads Nk64k (16 rows, 128 splits) 60.0 / 78.5 (BENCHMARKS.md, session 16).
+DECODE_FUSED_MAX_ROWS = 4
 DECODE_DTYPES = ("float16", "bfloat16")
 # Whether plan(decode=None) picks decoding where use_decode() says it pays (on since its gpu
 # tests passed on an H200, 2026-12-02). decode_default(False) turns it off for a block of calls:
@@ -166,7 +174,7 @@ class Plan:
     smem_bytes: int = 0          # CUDA: dynamic shared memory; C: working-set bytes
     smem_limit: int = 0
     splits: int = 0              # split-KV decoding: key splits per (batch, k/v head); 0 = not decoding
-    combine: str = ""            # decoding: the name expression of the kernel that merges the splits
+    combine: str = ""            # decoding: the kernel that merges the splits; "" where flash_decode does
     workspace_bytes: int = 0     # decoding: the splits' partial O and L (float32), from CuPy's pool
 
     def __str__(self) -> str:
@@ -178,7 +186,8 @@ class Plan:
                 f"Br={self.Br}, Bc={self.Bc}, d={self.d} (compiled for {self.head_dim_bound}), "
                 f"shared memory {self.smem_bytes / 1024:.2f} KB of {self.smem_limit / 1024:.2f} KB")
         if self.splits:
-            text += (f"; {self.splits} key split{'s' if self.splits > 1 else ''} merged by {self.combine}, "
+            merged = f"merged by {self.combine}" if self.combine else "merged in the kernel"
+            text += (f"; {self.splits} key split{'s' if self.splits > 1 else ''} {merged}, "
                      f"workspace {self.workspace_bytes / 1024:.2f} KB")
         return text
 
@@ -291,8 +300,23 @@ def decode_splits(pairs: int, slots: int, tiles: int) -> int:
 
 
 def decode_workspace_bytes(batch: int, heads: int, Nq: int, splits: int, D: int) -> int:
-    """The decoding workspace: each query row's O_s (D floats) and L_s (one float) per split."""
-    return 4 * batch * heads * Nq * splits * (D + 1)
+    """The decoding workspace: each query row's O_s (D floats) and L_s (one float) per split;
+    none for one split (its block writes O and L)."""
+    return 4 * batch * heads * Nq * splits * (D + 1) if splits > 1 else 0
+
+
+def combine_name(dtype: str) -> str:
+    """The name expression of the kernel that merges decoding's splits where flash_decode does not."""
+    return f"flash_decode_combine<{CUDA_TYPES[dtype]}>"
+
+
+def decode_fused_merge(rows: int, splits: int, tiles: tuple[int, int, int], D: int) -> bool:
+    """Whether flash_decode merges a pair's splits itself (its last split to finish, no combine
+    launch): one split always; more where the pair has at most DECODE_FUSED_MAX_ROWS query rows
+    (group x Nq) and their partials (rows x splits x (D + 1) floats) fit in the K/V stages."""
+    NW, BC, stages = tiles
+    stage_bytes = 2 * stages * BC * 128 * math.ceil(D / 64)
+    return splits == 1 or (rows <= DECODE_FUSED_MAX_ROWS and 4 * rows * splits * (D + 1) <= stage_bytes)
 
 
 def decode_fits(Nq: int, group: int, dtype: str, arch: int, D: int, smem_limit: int,
@@ -426,9 +450,9 @@ def _decode_plan(Nq, Nk, d, D, dtype, causal, mask, batch, heads, group, tiles, 
     splits = decode_splits(batch * kv_heads, slots, math.ceil(Nk / BC))
     name = f"flash_decode<{CUDA_TYPES[dtype]}, {D}, {NW}, {BC}, {stages}, {mask}>"
     grid = (splits, min(kv_heads, GRID_YZ_MAX), min(batch, GRID_YZ_MAX))
+    combine = "" if decode_fused_merge(group * Nq, splits, tiles, D) else combine_name(dtype)
     return Plan("cuda", name, dtype, d, D, 16, BC, causal, mask, 32 * NW, grid, smem, smem_limit, splits,
-                f"flash_decode_combine<{CUDA_TYPES[dtype]}>",
-                decode_workspace_bytes(batch, heads, Nq, splits, D))
+                combine, decode_workspace_bytes(batch, heads, Nq, splits, D))
 
 
 # The API's entry point: plan() memoized, so a small call does not pay for planning again.
@@ -454,5 +478,5 @@ def cuda_variants(smem_limit: int, arch: int) -> list[str]:
                     if dtype in DECODE_DTYPES and arch >= 80 and decode_tiles(head_dim_bound(d), smem_limit, page):
                         p = plan(1, DECODE_MIN_KEYS, d, dtype=dtype, window=mask >= 1, score_mod=mask == 2,
                                  smem_limit=smem_limit, arch=arch, sm_count=1, decode=True, page=page)
-                        names.update((p.kernel, p.combine))
+                        names.update((p.kernel, combine_name(dtype)))   # whichever merges
     return sorted(names)

@@ -9,7 +9,8 @@ csrc/fa_mask.cuh says in float64: scale, softcap, ALiBi, the window for MASK >= 
 to address memory outside the array a pointer points into. Each launch's arguments are appended
 to `launches` as a dict. Split-KV decoding's two kernels (csrc/flash_decode.cu) are modelled the
 same way: `decode_kernel` computes each split's partial (O_s, L_s) over the key tiles the kernel
-gives that split (`split_tiles`) and writes them where the kernel does in the workspace;
+gives that split (`split_tiles`) and writes them where the kernel does in the workspace (one
+split: to O and L), and merges them where the launch fuses the merge (a count array passed);
 `combine_kernel` merges them as the combine kernel does, in float64.
 """
 import contextlib
@@ -98,9 +99,9 @@ def make_kernel(mask, launches):
     return kernel
 
 
-DECODE_NAMES = ("q", "k", "v", "alibi", "seqlens", "table", "Op", "Lp", "B", "H", "group", "Nq", "Nk", "d", "left",
-                "right", "page_shift", "q_sb", "q_sh", "q_sn", "k_sb", "k_sh", "k_sn", "v_sb", "v_sh", "v_sn", "bt_sb",
-                "scale", "softcap")
+DECODE_NAMES = ("q", "k", "v", "alibi", "seqlens", "table", "Op", "Lp", "count", "O", "L", "B", "H", "group", "Nq",
+                "Nk", "d", "left", "right", "page_shift", "q_sb", "q_sh", "q_sn", "k_sb", "k_sh", "k_sn", "v_sb",
+                "v_sh", "v_sn", "bt_sb", "o_sb", "o_sh", "o_sn", "l_sb", "l_sh", "scale", "softcap")
 COMBINE_NAMES = ("Op", "Lp", "O", "L", "B", "H", "Nq", "d", "pitch", "splits", "o_sb", "o_sh", "o_sn",
                  "l_sb", "l_sh")
 
@@ -145,7 +146,11 @@ def decode_kernel(plan, launches):
         Hk, splits, R = H // G, grid[0], G * Nq
         assert R <= 16 and grid[1] == min(Hk, 65535) and grid[2] == min(B, 65535)
         assert block == (plan.threads,) and shared_mem == plan.smem_bytes
-        Op, Lp = a["Op"], a["Lp"]
+        Op, Lp, count = a["Op"], a["Lp"], a["count"]
+        fused = isinstance(count, np.ndarray)
+        assert (splits == 1) == (not isinstance(Op, np.ndarray)) and not (fused and splits == 1)
+        if fused:
+            assert count.dtype == np.int32 and count.size >= B * Hk and not count.any()   # zero at launch
         lengths, table = (a[n] if isinstance(a[n], np.ndarray) else None for n in ("seqlens", "table"))
         shift = int(a["page_shift"])
         for b in range(B):
@@ -178,10 +183,38 @@ def decode_kernel(plan, launches):
                     O_s, L_s = _softmax_rows(S, V)
                     row = (b * H + hk * G) * Nq + r          # (b, q head, query) flattened
                     for n in range(R):
+                        h, i = hk * G + n // Nq, n % Nq
+                        if splits == 1:   # the outputs, directly
+                            _write_row(a, b, h, i, d, O_s[n], L_s[n])
+                            continue
                         start = int((row[n] * splits + s) * D)
                         _flat(Op, start + d)[start:] = O_s[n]
                         _flat(Lp, int(row[n] * splits + s) + 1)[int(row[n] * splits + s)] = L_s[n]
+                if fused:   # the pair's last split merges its rows
+                    for n in range(R):
+                        _merge_row(a, b, hk * G + n // Nq, n % Nq, splits, D, d)
     return kernel
+
+
+def _write_row(a, b, h, i, d, O, L):
+    """Query row (b, h, i)'s O (d values) and L into the outputs, at their strides."""
+    _rows(a["O"], b * int(a["o_sb"]) + h * int(a["o_sh"]) + i * int(a["o_sn"]), 1, 1, d)[0] = O
+    at = b * int(a["l_sb"]) + h * int(a["l_sh"]) + i
+    _flat(a["L"], at + 1)[at] = L
+
+
+def _merge_row(a, b, h, i, splits, pitch, d):
+    """Query row (b, h, i)'s splits merged from the workspace (a launch's Op, Lp) into O and L,
+    in float64: merge.py's math, as the combine kernel and flash_decode's fused merge do it."""
+    row = (b * int(a["H"]) + h) * int(a["Nq"]) + i
+    Ls = _flat(a["Lp"], (row + 1) * splits)[row * splits:].astype(np.float64)
+    Os = _rows(a["Op"], row * splits * pitch, pitch, splits, d).astype(np.float64)
+    m = Ls.max()
+    base = 0.0 if np.isneginf(m) else m
+    w = np.exp(Ls - base)
+    total = w.sum()
+    _write_row(a, b, h, i, d, np.zeros(d) if total == 0 else (w / total) @ Os,
+               -np.inf if total == 0 else base + np.log(total))
 
 
 def combine_kernel(launches):
@@ -193,17 +226,7 @@ def combine_kernel(launches):
         for b in range(B):
             for h in range(H):
                 for i in range(Nq):
-                    row = (b * H + h) * Nq + i
-                    Ls = _flat(a["Lp"], (row + 1) * splits)[row * splits:].astype(np.float64)
-                    Os = _rows(a["Op"], row * splits * pitch, pitch, splits, d).astype(np.float64)
-                    m = Ls.max()
-                    base = 0.0 if np.isneginf(m) else m
-                    w = np.exp(Ls - base)
-                    total = w.sum()
-                    O = np.zeros(d) if total == 0 else (w / total) @ Os
-                    _rows(a["O"], b * int(a["o_sb"]) + h * int(a["o_sh"]) + i * int(a["o_sn"]), 1, 1, d)[0] = O
-                    at = b * int(a["l_sb"]) + h * int(a["l_sh"]) + i
-                    _flat(a["L"], at + 1)[at] = -np.inf if total == 0 else base + np.log(total)
+                    _merge_row(a, b, h, i, splits, pitch, d)
     return kernel
 
 
@@ -222,3 +245,4 @@ def use(monkeypatch, launches):
                            cuda=SimpleNamespace(Device=lambda _: contextlib.nullcontext()))
     monkeypatch.setattr(_cuda_backend, "cupy", lambda: shim)
     monkeypatch.setattr(kernels, "get", lambda plan, device_id: get(plan, launches))
+    monkeypatch.setattr(_cuda_backend, "split_counts", lambda cp, pairs: np.zeros(pairs, np.int32))

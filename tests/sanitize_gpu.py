@@ -54,8 +54,9 @@ TOOL_LEAD = {"racecheck": (1, 1)}
 CASES = ((0, "contiguous", ((77, 203), (203, 77))), (24, "transposed", ((203, 77),)),
          (31, "unaligned", ((77, 203),)))
 # split-KV decoding's variants (fp16/bf16 on sm_80+): few query rows, keys past a tile and past
-# DECODE_MIN_KEYS, so the planner splits them (the last split's last tile ragged)
-DECODE_CASES = ((0, "contiguous", ((1, 1000), (5, 300))), (24, "transposed", ((3, 777),)),
+# DECODE_MIN_KEYS, so the planner splits them (the last split's last tile ragged) and merges them
+# in the kernel (1 or 3 rows) or by the combine launch (5 rows); 300 keys: one split
+DECODE_CASES = ((0, "contiguous", ((1, 1000), (5, 1000))), (24, "transposed", ((3, 777),)),
                 (31, "unaligned", ((2, 300),)))
 # planner.plan's fp32 modes as flash_attention's options
 API_FP32 = {"auto": {}, "3xtf32": {"fp32_kernel": "3xtf32"}, "tf32": {"allow_tf32": True},
@@ -109,6 +110,11 @@ def variants(smem_limit: int, arch: int, family: str = "") -> set:
     return names
 
 
+def _launched(plan) -> set:
+    """The kernels a plan launches: its kernel, and a decoding plan's combine where it has one."""
+    return {plan.kernel, plan.combine} - {""}
+
+
 def _below(below, plan):
     """CASES' d below the bound (given for a step of 32) for this plan's kernel, whose step may be
     16 (the mma kernel): the same kernel must run d = D - below."""
@@ -133,7 +139,7 @@ def kernels_reached(smem_limit: int, arch: int, family: str = "") -> tuple[set, 
         with planner.wgmma_default(options.get("wgmma", False)):
             p = _plan(planner, Nq, Nk, d, dtype, mods, smem_limit, arch, fp32, sm_count=132,
                       **({"decode": True, "page": options["page"]} if "page" in options else {}))
-        reached.update((p.kernel, p.combine) if p.splits else (p.kernel,))
+        reached.update(_launched(p))
     return reached, variants(smem_limit, arch, family)
 
 
@@ -195,7 +201,7 @@ def worker(shard: int = 0, shards: int = 1, family: str = "", lead: tuple = LEAD
             else:
                 plan = plan_for(q, k, v, **kw, **api)
                 O, L = flash_attention(q, k, v, return_lse=True, **kw, **api)
-            ran.update((plan.kernel, plan.combine) if plan.splits else (plan.kernel,))
+            ran.update(_launched(plan))
         try:
             assert_attention_close(cp.asnumpy(O), cp.asnumpy(L), *(cp.asnumpy(x) for x in (q, k, v)),
                                    **kw, **kernel_rounding(plan))

@@ -43,7 +43,7 @@ def test_when_decoding_is_chosen(Nq, Nk, group, dtype, arch, chosen):
                      arch=arch, sm_count=100)
     assert p.kernel.startswith("flash_decode<") == chosen == (p.splits > 0)
     if chosen:
-        assert p.combine == f"flash_decode_combine<{planner.CUDA_TYPES[dtype]}>"
+        assert p.combine in ("", f"flash_decode_combine<{planner.CUDA_TYPES[dtype]}>")
         assert p.grid == (p.splits, 8, 2) and p.Br == 16 and p.threads == 32 * (p.Bc // 16)
         assert f"{p.splits} key split" in str(p)
 
@@ -189,14 +189,21 @@ def _gqa(rng, B, H, Hkv, Nq, Nk, d, dtype=np.float32, layout="bhnd"):
     return q, k, v
 
 
+@pytest.mark.parametrize("DECODE_FUSED_MAX_ROWS, merge", [(planner.DECODE_FUSED_MAX_ROWS, None), (0, "launch")])
 @pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
-@pytest.mark.parametrize("B, H, Hkv, Nq, Nk, d, causal, sm_count", [
-    (2, 8, 2, 1, 1000, 40, False, 132), (1, 8, 1, 2, 4097, 64, True, 132), (3, 4, 4, 4, 700, 16, True, 1),
-    (2, 6, 3, 8, 300, 24, True, 1000), (1, 2, 2, 16, 2000, 8, True, 7)])
-def test_decode_launches_on_the_model(rng, monkeypatch, layout, B, H, Hkv, Nq, Nk, d, causal, sm_count):
-    """The two launches read and write what the kernels would: q rows of a group packed per k/v
-    head, the workspace of plan.workspace_bytes, O and L as the one-pass kernel leaves them;
-    k and v are the caller's arrays (no repeat, no copy)."""
+@pytest.mark.parametrize("B, H, Hkv, Nq, Nk, d, causal, sm_count, expected", [
+    (2, 8, 2, 1, 1000, 40, False, 132, "fused"), (1, 8, 1, 2, 4097, 64, True, 132, "launch"),
+    (3, 4, 4, 4, 700, 16, True, 1, "one split"), (2, 6, 3, 8, 300, 24, True, 1000, "one split"),
+    (1, 2, 2, 16, 2000, 8, True, 7, "launch"), (1, 4, 2, 2, 3000, 32, False, 50, "fused")])
+def test_decode_launches_on_the_model(rng, monkeypatch, DECODE_FUSED_MAX_ROWS, merge, layout, B, H, Hkv, Nq, Nk,
+                                      d, causal, sm_count, expected):
+    """The launches read and write what the kernels would: q rows of a group packed per k/v
+    head, the workspace of plan.workspace_bytes (none for one split), O and L as the one-pass
+    kernel leaves them, the merge by the pairs' last splits (a zeroed count array passed) or a
+    second launch, as the plan says (and with fused merges turned off); k and v are the caller's
+    arrays (no repeat, no copy)."""
+    monkeypatch.setattr(planner, "DECODE_FUSED_MAX_ROWS", DECODE_FUSED_MAX_ROWS)
+    expected = "one split" if expected == "one split" else merge or expected
     q, k, v = _gqa(rng, B, H, Hkv, Nq, Nk, d, layout=layout)
     problem = _problem(q, k, v, causal)
     plan = planner.plan(Nq, Nk, d, dtype="float16", causal=causal, batch=B, heads=H, group=H // Hkv,
@@ -208,11 +215,33 @@ def test_decode_launches_on_the_model(rng, monkeypatch, layout, B, H, Hkv, Nq, N
     O_ref, L_ref = reference.attention(q, k, v, causal=causal)
     np.testing.assert_allclose(O, O_ref, rtol=0, atol=1e-6)
     np.testing.assert_allclose(L, L_ref, rtol=0, atol=1e-5)
-    main, combine = launches
-    assert main["kernel"] == plan.kernel and main["grid"] == plan.grid and combine["kernel"] == "combine"
-    assert (main["group"], int(combine["splits"]), int(combine["pitch"])) == (H // Hkv, plan.splits, plan.head_dim_bound)
-    assert main["Op"].nbytes + main["Lp"].nbytes == plan.workspace_bytes
+    main = launches[0]
+    assert main["kernel"] == plan.kernel and main["grid"] == plan.grid and main["group"] == H // Hkv
+    assert (plan.splits == 1) == (expected == "one split") and (plan.combine != "") == (expected == "launch")
+    assert isinstance(main["count"], np.ndarray) == (expected == "fused")
+    if expected == "launch":
+        combine = launches[1]
+        assert combine["kernel"] == "combine" and len(launches) == 2
+        assert (int(combine["splits"]), int(combine["pitch"])) == (plan.splits, plan.head_dim_bound)
+    else:
+        assert len(launches) == 1
+    work = (main["Op"].nbytes + main["Lp"].nbytes) if plan.splits > 1 else 0
+    assert work == plan.workspace_bytes
     assert all(np.shares_memory(main[name], x) for name, x in zip("kv", (k, v)))
+
+
+@pytest.mark.parametrize("rows, splits, tiles, D, fused", [
+    (4, 16, (2, 64, 4), 128, True),     # B1 32/8 heads: 4 rows, 16 splits, 33 of 128 KB
+    (1, 128, (2, 64, 4), 128, True), (4, 128, (2, 64, 4), 128, False),   # 66 / 264 KB of 128
+    (8, 2, (2, 64, 4), 128, False), (16, 1, (2, 64, 4), 128, True),      # more rows; one split
+    (4, 7, (1, 16, 2), 64, True), (4, 8, (1, 16, 2), 64, False)])        # 8 KB: 4 x 7 x 65 floats fit
+def test_fused_merge_choice(rows, splits, tiles, D, fused):
+    """flash_decode merges a pair's splits itself for one split, or for a few rows whose partials
+    fit in the K/V stages at once (merge_pair copies them all there)."""
+    assert planner.decode_fused_merge(rows, splits, tiles, D) == fused
+    p = planner.plan(1, 131072, 128, dtype="float16", batch=1, heads=32, group=4, smem_limit=227 * KB,
+                     arch=90, sm_count=132)
+    assert p.splits > 1 and p.combine == "" and p.workspace_bytes > 0
 
 
 @pytest.mark.parametrize("Nq, Nk, group", [(3, 900, 2), (16, 7, 1), (8, 1, 2)])
@@ -223,7 +252,7 @@ def test_decode_with_more_splits_than_tiles_and_a_window(rng, monkeypatch, Nq, N
     q, k, v = _gqa(rng, 2, 2 * group, 2, Nq, Nk, 32)
     args = dict(causal=True, batch=2, heads=2 * group, group=group, window=True, smem_limit=99 * KB, arch=80,
                 sm_count=132)
-    plan = _with_splits(planner.plan(Nq, Nk, 32, dtype="float16", decode=True, **args), 40, 2, 2 * group, Nq)
+    plan = _with_splits(planner.plan(Nq, Nk, 32, dtype="float16", decode=True, **args), 40, 2, 2 * group, Nq, group)
     one = planner.plan(Nq, Nk, 32, decode=False, **args)
     launches = []
     kernel_model.use(monkeypatch, launches)
@@ -279,8 +308,13 @@ def _forced(cp, q, k, v, causal, **kw):
                         batch=problem.batch, heads=problem.heads, group=problem.group, **kw)
 
 
-def _with_splits(plan, splits, batch, heads, Nq):
+def _with_splits(plan, splits, batch, heads, Nq, group):
+    """A decoding plan forced to `splits` splits, with the workspace and the merge (in the kernel
+    or by the combine launch) the planner gives that count."""
+    tiles = tuple(int(x) for x in plan.kernel.split(",")[2:5])   # flash_decode<T, D, NW, BC, STAGES, MASK>
+    fused = planner.decode_fused_merge(group * Nq, splits, tiles, plan.head_dim_bound)
     return dataclasses.replace(plan, splits=splits, grid=(splits,) + plan.grid[1:],
+                               combine="" if fused else planner.combine_name(plan.dtype),
                                workspace_bytes=planner.decode_workspace_bytes(batch, heads, Nq, splits,
                                                                                plan.head_dim_bound))
 
@@ -331,17 +365,22 @@ def test_decode_against_the_reference(cp, rng, dtype, Nk, B, H, Hkv, Nq, d):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("splits", [1, 2, 5, 33, 128])
-def test_one_split_and_many(cp, rng, dtype, splits):
+@pytest.mark.parametrize("merge", ["in the kernel", "launch"])
+def test_one_split_and_many(cp, rng, dtype, splits, merge):
     """The same problem cut into 1 .. 128 splits (past the tiles: empty splits) agrees with the
-    reference each time, and one split's result is the one-pass result's accuracy."""
-    qh, kh, vh = _gqa(rng, 2, 8, 2, 2, 4097, 128, np_dtype(dtype))
+    reference each time, and one split's result is the one-pass result's accuracy; merged by
+    the k/v heads' last splits (1 row a k/v head, 66 KB of partials at 128 splits) or by the
+    combine launch (8 rows), as the planner's rule gives for those rows."""
+    H, Hkv, Nq = (2, 2, 1) if merge == "in the kernel" else (8, 2, 2)
+    qh, kh, vh = _gqa(rng, 2, H, Hkv, Nq, 4097, 128, np_dtype(dtype))
     q, k, v = (cp.asarray(x) for x in (qh, kh, vh))
-    plan = _with_splits(_forced(cp, q, k, v, True, decode=True), splits, 2, 8, 2)
+    plan = _with_splits(_forced(cp, q, k, v, True, decode=True), splits, 2, H, Nq, H // Hkv)
+    assert (plan.combine == "") == (merge == "in the kernel" or splits == 1), str(plan)
     O, L = _run_plan(cp, q, k, v, plan, True)
     assert_attention_close(O, L, qh, kh, vh, causal=True, **kernel_rounding(plan))
     _check_sharp(cp, qh, kh, vh, O, L, True, q, k, v)
     O2, L2 = _run_plan(cp, q, k, v, plan, True)
-    assert (O == O2).all() and (L == L2).all()   # no atomics: bitwise repeatable
+    assert (O == O2).all() and (L == L2).all()   # merged in split order whichever block merges: repeatable
 
 
 # Every decoding tile candidate at a head dim of its row: d = 64 for the first, 96 and 128 for the second
@@ -350,16 +389,18 @@ TILE_CASES = [(d, tiles) for D, candidates in planner.DECODE_TILES for tiles in 
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("H, Hkv, Nq", [(8, 2, 2), (2, 2, 1)])
 @pytest.mark.parametrize("d, tiles", TILE_CASES)
-def test_every_decode_tile_runs(cp, rng, d, tiles):
+def test_every_decode_tile_runs(cp, rng, d, tiles, H, Hkv, Nq):
     """Each (warps, key tile, stages) candidate, forced (planner.DECODE_TILES narrowed to it) where
     it fits this GPU: keys ragged past the last tile, causal rows, against the reference and the
-    one-pass kernel. The planner's first choices run in every other test; this reaches the ones
-    smaller GPUs get."""
+    one-pass kernel, with 8 query rows a k/v head and with 1 (whose splits the kernel merges
+    where they fit in its stages). The planner's first choices run in every other test; this
+    reaches the ones smaller GPUs get."""
     from flashattn_cupy import _device
     if planner.decode_smem_bytes(*tiles, planner.head_dim_bound(d)) > _device.smem_limit():
         pytest.skip(f"{tiles} at d = {d} needs more shared memory than this GPU has")
-    qh, kh, vh = _gqa(rng, 2, 8, 2, 2, 3001, d, np.float16)
+    qh, kh, vh = _gqa(rng, 2, H, Hkv, Nq, 3001, d, np.float16)
     q, k, v = (cp.asarray(x) for x in (qh, kh, vh))
     with planner._default("DECODE_TILES", ((planner.MAX_HEAD_DIM, (tiles,)),)):
         plan = _forced(cp, q, k, v, True, decode=True)
