@@ -266,10 +266,12 @@ def _ml_bfloat16():
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flashattn_cupy bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="which backend to measure")
+    parser.add_argument("--device", choices=("cpu", "gpu"), default=None,
+                        help="which backend to measure (default cpu; gpu with --extras, --features, --decode "
+                             "or --dtypes)")
     parser.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
     parser.add_argument("--no-memory", action="store_true", help="cpu: skip the N = 65536 peak-memory run")
-    parser.add_argument("--dtypes", default=",".join(GPU_ROWS),
+    parser.add_argument("--dtypes", default=None,
                         help="gpu: comma-separated rows to measure: dtypes, 'float32-simt' (fp32 on the "
                              "CUDA cores), 'tf32' (float32 with allow_tf32=True); default all")
     parser.add_argument("--extras", action="store_true",
@@ -284,6 +286,12 @@ def main(argv=None) -> int:
     parser.add_argument("--plot", metavar="PATH", help="also plot speed against N per (dtype, d) to PATH "
                         "(PNG; needs matplotlib)")
     args = parser.parse_args(argv)
+    gpu_only = [flag for flag, given in (("--extras", args.extras), ("--features", args.features),
+                                         ("--decode", args.decode), ("--dtypes", args.dtypes is not None))
+                if given]
+    if gpu_only and args.device == "cpu":
+        parser.error(f"{', '.join(gpu_only)} measure{'s' if len(gpu_only) == 1 else ''} the GPU: drop --device cpu")
+    args.device = args.device or ("gpu" if gpu_only else "cpu")
     if args.device == "cpu":
         lines = bench_cpu(args.quick, not args.no_memory)
     elif args.extras:
@@ -296,7 +304,7 @@ def main(argv=None) -> int:
         from .bench_decode import bench_decode
         lines = bench_decode(3 if args.quick else 20)
     else:
-        lines = bench_gpu(args.quick, tuple(args.dtypes.split(",")))
+        lines = bench_gpu(args.quick, tuple((args.dtypes or ",".join(GPU_ROWS)).split(",")))
     print("\n".join(lines))
     from . import bench_output
     if args.csv:

@@ -118,3 +118,27 @@ def test_shipped_gpu_csv_reads():
         rows = list(csv.DictReader(f))
     assert rows and {"dtype", "d", "B×H×N", "causal", "ours", "sdpa-flash"} <= set(rows[0])
     assert all(float(row["ours"]) > 0 for row in rows)
+
+
+@pytest.mark.parametrize("args, device", [((), "cpu"), (("--decode",), "gpu"), (("--extras",), "gpu"),
+                                          (("--features",), "gpu"), (("--dtypes", "float16"), "gpu"),
+                                          (("--device", "gpu"), "gpu")])
+def test_bench_flags_pick_the_device(monkeypatch, args, device):
+    """The GPU-only tables (--decode, --features, --extras, --dtypes) measure the GPU without
+    --device gpu (they once ran the CPU table instead, silently)."""
+    from flashattn_cupy import bench
+    ran = []
+    monkeypatch.setattr(bench, "bench_cpu", lambda *a: ran.append("cpu") or [])
+    monkeypatch.setattr(bench, "bench_gpu", lambda *a: ran.append("gpu") or [])
+    for module, name in (("bench_decode", "bench_decode"), ("bench_extras", "bench_extras"),
+                         ("bench_features", "bench_features")):
+        monkeypatch.setattr(importlib.import_module(f"flashattn_cupy.{module}"), name,
+                            lambda *a: ran.append("gpu") or [])
+    assert bench.main(list(args)) == 0 and ran == [device]
+
+
+def test_bench_refuses_gpu_tables_on_the_cpu(capsys):
+    from flashattn_cupy import bench
+    with pytest.raises(SystemExit):
+        bench.main(["--device", "cpu", "--decode"])
+    assert "--decode measures the GPU: drop --device cpu" in capsys.readouterr().err
