@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import sys
+import threading
 
 import numpy as np
 
@@ -228,18 +229,20 @@ class Call:
         return O, L
 
 
-_COUNTS: dict = {}   # (device, stream) -> int32 counts, zero between launches
+_COUNTS = threading.local()   # each thread's {(device, stream): int32 counts, zero between launches}
 
 
 def split_counts(cp, pairs: int):
     """Zeroed int32 counts of at least `pairs` for a fused-merge decoding launch on the current
     stream: each (batch, k/v head)'s splits done, which its last split sets to zero again, so
-    one array serves every launch in the stream's order. One per stream: launches on two streams
-    at once would share counts otherwise."""
+    one array serves every launch in the stream's order. One per thread, device and stream:
+    launches on two streams at once would share counts otherwise, and so would two threads'
+    per-thread default streams (one handle, two streams)."""
+    table = _COUNTS.__dict__.setdefault("table", {})
     key = (cp.cuda.Device().id, cp.cuda.get_current_stream().ptr)
-    counts = _COUNTS.get(key)
+    counts = table.get(key)
     if counts is None or counts.size < pairs:
-        counts = _COUNTS[key] = cp.zeros(max(pairs, 1024), dtype=cp.int32)
+        counts = table[key] = cp.zeros(max(pairs, 1024), dtype=cp.int32)
     return counts
 
 

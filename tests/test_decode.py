@@ -486,3 +486,30 @@ def test_window_softcap_alibi(cp, rng, dtype, monkeypatch):
         tol = 4 * UNIT_ROUNDOFF[dtype] * np.abs(vh.astype(np.float64)).max() + 2e-3
         assert np.abs(O.astype(np.float64) - O_ref).max() <= tol, (window, softcap)
         assert np.abs(L[~empty] - L_ref[~empty]).max() <= 2e-3, (window, softcap)
+
+
+def test_split_counts_per_thread_device_and_stream():
+    """The fused merge's counts: one zeroed array per (thread, device, stream), reused while large
+    enough, grown when not; two threads on the same stream handle (per-thread default streams
+    share one) get their own."""
+    import threading
+    from types import SimpleNamespace
+    current = {"device": 0, "stream": 0}
+    fake = SimpleNamespace(int32=np.int32, zeros=np.zeros, cuda=SimpleNamespace(
+        Device=lambda: SimpleNamespace(id=current["device"]),
+        get_current_stream=lambda: SimpleNamespace(ptr=current["stream"])))
+    a = _cuda_backend.split_counts(fake, 10)
+    assert a.dtype == np.int32 and a.size >= 10 and not a.any()
+    assert _cuda_backend.split_counts(fake, 20) is a                     # same thread, device, stream
+    assert _cuda_backend.split_counts(fake, a.size + 1).size > a.size     # grown
+    a = _cuda_backend.split_counts(fake, 10)
+    current["stream"] = 7
+    b = _cuda_backend.split_counts(fake, 10)
+    current["device"] = 1
+    c = _cuda_backend.split_counts(fake, 10)
+    assert b is not a and c is not b and _cuda_backend.split_counts(fake, 10) is c
+    other = []
+    thread = threading.Thread(target=lambda: other.append(_cuda_backend.split_counts(fake, 10)))
+    thread.start()
+    thread.join()
+    assert other[0] is not c
