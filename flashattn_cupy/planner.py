@@ -62,9 +62,9 @@ MMA_TILES_F32 = ((64, ((4, 2, 64), (4, 2, 32), (4, 1, 32), (2, 1, 16))),
 # that read the k/v head as one 16-row MMA tile (so K and V are read once per k/v head), streams
 # its split through a STAGES-deep cp.async pipeline, and writes a partial (O_s, L_s) in fp32;
 # the pair's last split or a second kernel merges the splits (merge.py's math; one split writes
-# O and L itself). fp16/bf16 on sm_80+ only: fp32 and
-# Turing keep the other kernels. Chosen (plan's decode=None) when group * Nq <= DECODE_MAX_ROWS
-# and Nk >= DECODE_MIN_KEYS (below that a call is launch-bound either way).
+# O and L itself). fp16/bf16 on sm_80+ only: fp32 and Turing keep the other kernels. Chosen
+# (plan's decode=None) when group * Nq <= DECODE_MAX_ROWS and Nk >= DECODE_MIN_KEYS (below that
+# a call is launch-bound either way).
 DECODE_MAX_ROWS = 16
 DECODE_MIN_KEYS = 256
 DECODE_MAX_SPLITS = 128            # the combine kernel's bound (flash_decode_combine MAX_SPLITS)
@@ -257,7 +257,13 @@ def decode_smem_bytes(NW: int, BC: int, stages: int, D: int) -> int:
     """Exact dynamic shared memory of csrc/flash_decode.cu: 128 bytes of slack to align it, Qi[16]
     in rows of D halves and a 16-byte pad, STAGES x (Kj[BC], Vj[BC]) in 128-byte swizzled panels
     (ceil(D / 64) of 128 bytes a row), then each warp's row max and sum (float32 [NW][16] each)."""
-    return 128 + 16 * (2 * D + 16) + 2 * stages * BC * 128 * math.ceil(D / 64) + 2 * NW * 16 * 4
+    return 128 + 16 * (2 * D + 16) + decode_stage_bytes(BC, stages, D) + 2 * NW * 16 * 4
+
+
+def decode_stage_bytes(BC: int, stages: int, D: int) -> int:
+    """Bytes of csrc/flash_decode.cu's K/V stages: STAGES x (Kj, Vj), each BC rows of ceil(D / 64)
+    128-byte panels (after the sweep: the merged Oi, and the fused merge's partials)."""
+    return 2 * stages * BC * 128 * math.ceil(D / 64)
 
 
 def decode_tiles(D: int, smem_limit: int, page: int = 0) -> tuple[int, int, int] | None:
@@ -314,9 +320,9 @@ def decode_fused_merge(rows: int, splits: int, tiles: tuple[int, int, int], D: i
     """Whether flash_decode merges a pair's splits itself (its last split to finish, no combine
     launch): one split always; more where the pair has at most DECODE_FUSED_MAX_ROWS query rows
     (group x Nq) and their partials (rows x splits x (D + 1) floats) fit in the K/V stages."""
-    NW, BC, stages = tiles
-    stage_bytes = 2 * stages * BC * 128 * math.ceil(D / 64)
-    return splits == 1 or (rows <= DECODE_FUSED_MAX_ROWS and 4 * rows * splits * (D + 1) <= stage_bytes)
+    _, BC, stages = tiles
+    return splits == 1 or (rows <= DECODE_FUSED_MAX_ROWS and
+                           4 * rows * splits * (D + 1) <= decode_stage_bytes(BC, stages, D))
 
 
 def decode_fits(Nq: int, group: int, dtype: str, arch: int, D: int, smem_limit: int,
