@@ -221,7 +221,7 @@ class Call:
             work = cp.empty(sum(self.work), dtype=cp.float32)
             Op, Lp = work[:self.work[0]], work[self.work[0]:]
         cache = tuple(null() if x is None else x for x in (seqlens_k, block_table))
-        count = split_counts(cp, self.pairs) if self.pairs else null()
+        count = split_counts(cp, self.device_id, self.pairs) if self.pairs else null()
         self.kernel(plan.grid, (plan.threads,), (q, k, v, self.pointers[0], *cache, Op, Lp, count, O, L, *self.scalars),
                     shared_mem=plan.smem_bytes)
         if plan.combine:
@@ -232,14 +232,14 @@ class Call:
 _COUNTS = threading.local()   # each thread's {(device, stream): int32 counts, zero between launches}
 
 
-def split_counts(cp, pairs: int):
+def split_counts(cp, device_id: int, pairs: int):
     """Zeroed int32 counts of at least `pairs` for a fused-merge decoding launch on the current
-    stream: each (batch, k/v head)'s splits done, which its last split sets to zero again, so
+    stream of device_id (current): each (batch, k/v head)'s splits done, which its last split sets to zero again, so
     one array serves every launch in the stream's order. One per thread, device and stream:
     launches on two streams at once would share counts otherwise, and so would two threads'
     per-thread default streams (one handle, two streams)."""
     table = _COUNTS.__dict__.setdefault("table", {})
-    key = (cp.cuda.Device().id, cp.cuda.get_current_stream().ptr)
+    key = (device_id, cp.cuda.get_current_stream().ptr)
     counts = table.get(key)
     if counts is None or counts.size < pairs:
         counts = table[key] = cp.zeros(max(pairs, 1024), dtype=cp.int32)

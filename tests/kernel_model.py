@@ -245,4 +245,4 @@ def use(monkeypatch, launches):
                            cuda=SimpleNamespace(Device=lambda _: contextlib.nullcontext()))
     monkeypatch.setattr(_cuda_backend, "cupy", lambda: shim)
     monkeypatch.setattr(kernels, "get", lambda plan, device_id: get(plan, launches))
-    monkeypatch.setattr(_cuda_backend, "split_counts", lambda cp, pairs: np.zeros(pairs, np.int32))
+    monkeypatch.setattr(_cuda_backend, "split_counts", lambda cp, device_id, pairs: np.zeros(pairs, np.int32))

@@ -496,20 +496,20 @@ def test_split_counts_per_thread_device_and_stream():
     from types import SimpleNamespace
     current = {"device": 0, "stream": 0}
     fake = SimpleNamespace(int32=np.int32, zeros=np.zeros, cuda=SimpleNamespace(
-        Device=lambda: SimpleNamespace(id=current["device"]),
         get_current_stream=lambda: SimpleNamespace(ptr=current["stream"])))
-    a = _cuda_backend.split_counts(fake, 10)
+    counts = lambda n: _cuda_backend.split_counts(fake, current["device"], n)  # noqa: E731
+    a = counts(10)
     assert a.dtype == np.int32 and a.size >= 10 and not a.any()
-    assert _cuda_backend.split_counts(fake, 20) is a                     # same thread, device, stream
-    assert _cuda_backend.split_counts(fake, a.size + 1).size > a.size     # grown
-    a = _cuda_backend.split_counts(fake, 10)
+    assert counts(20) is a                     # same thread, device, stream
+    assert counts(a.size + 1).size > a.size     # grown
+    a = counts(10)
     current["stream"] = 7
-    b = _cuda_backend.split_counts(fake, 10)
+    b = counts(10)
     current["device"] = 1
-    c = _cuda_backend.split_counts(fake, 10)
-    assert b is not a and c is not b and _cuda_backend.split_counts(fake, 10) is c
+    c = counts(10)
+    assert b is not a and c is not b and counts(10) is c
     other = []
-    thread = threading.Thread(target=lambda: other.append(_cuda_backend.split_counts(fake, 10)))
+    thread = threading.Thread(target=lambda: other.append(counts(10)))
     thread.start()
     thread.join()
     assert other[0] is not c
