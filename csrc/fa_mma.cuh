@@ -258,11 +258,17 @@ template <int STEP>
 __device__ __forceinline__ unsigned stepped_offset(unsigned first, int it) {   // swizzled, from a 128-aligned base
     return (first ^ (((it * STEP) % 8) << 4)) + it * STEP * 128;
 }
+template <typename T, int ROWS, int D, int DP, int NT>
+struct stepped_layout {   // a thread's chunks: column threadIdx.x % CH, rows threadIdx.x / CH + it STEP
+    static constexpr int CH = D / fa_elem<T>::VEC, STEP = NT / CH;
+    static constexpr bool ok = NT % CH == 0 && ROWS % STEP == 0 && (DP > 0 || (STEP & (STEP - 1)) == 0);
+};
 template <typename T, int ROWS, int D, int DP, int NT, int ARCH>
 __device__ __forceinline__ void load_tile_stepped(typename fa_elem<T>::bits* dst, const T* src, long long stride,
                                                   int rows, int d, bool vec) {
-    constexpr int CH = D / fa_elem<T>::VEC, STEP = NT / CH;
-    if constexpr (ARCH >= 80 && NT % CH == 0 && ROWS % STEP == 0 && (DP > 0 || (STEP & (STEP - 1)) == 0)) {
+    using layout = stepped_layout<T, ROWS, D, DP, NT>;
+    constexpr int CH = layout::CH, STEP = layout::STEP;
+    if constexpr (ARCH >= 80 && layout::ok) {
         if (rows == ROWS && d == D && vec) {
             const int r0 = threadIdx.x / CH, c16 = threadIdx.x % CH;
             const unsigned s = smem_addr(dst) + tile_offset<T, ROWS, DP>(r0, c16);

@@ -39,18 +39,39 @@
 // stages hold the merged Oi [16][D] in fp32.
 #include "fa_softmax.cuh"
 
+// A warp turns one query row's L_s (shared memory, splits of them) into the merge's weights in
+// place, w_s = exp(L_s - m) / sum_s exp(L_s - m) with m = max_s L_s, and returns the row's L =
+// m + log(sum) in every lane; every L_s = -inf gives weights 0 and L = -inf. Lane l owns splits
+// l, l + 32, ... and sums them in that order, then across lanes: the same bits wherever it runs.
+__device__ float merge_weights(float* w, int splits)
+{
+    const float neg_inf = __int_as_float(0xff800000);
+    const int lane = threadIdx.x % 32;
+    float m = neg_inf;
+    for (int s = lane; s < splits; s += 32) m = fmaxf(m, w[s]);
+#pragma unroll
+    for (int x = 16; x > 0; x /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, x));
+    const float base = m == neg_inf ? 0.f : m;   // no key in any split: every weight 0
+    float sum = 0.f;
+    for (int s = lane; s < splits; s += 32) sum += expf(w[s] - base);
+#pragma unroll
+    for (int x = 16; x > 0; x /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, x);
+    const bool empty = sum == 0.f;
+    for (int s = lane; s < splits; s += 32) w[s] = empty ? 0.f : expf(w[s] - base) / sum;
+    return empty ? neg_inf : m + logf(sum);
+}
+
 // The last split of a (batch, k/v head) to finish merges its R query rows' splits, the whole
 // block at once (the planner fuses the merge only where the rows are few and their partials fit
 // in the K/V stages: planner.decode_fused_merge). The R * splits O_s (contiguous, D floats each)
 // come into Ws by cp.async, all in flight together, the L_s beside them; a warp a row turns the
-// L_s into weights (flash_decode_combine's arithmetic) and writes L; a thread per 4 columns of a row sums
+// L_s into weights (merge_weights) and writes L; a thread per 4 columns of a row sums
 // the weighted O_s in split order. Row r is q head r / Nq of O and L (from there), query r % Nq.
 template <typename T, int D, int NW>
 __device__ void merge_pair(const float* Op, const float* Lp, float* Ws, int R, int splits, int d,
                            T* O, float* L, int Nq, long long o_sh, long long o_sn, long long l_sh)
 {
     constexpr int NT = 32 * NW;
-    const float neg_inf = __int_as_float(0xff800000);
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, n = R * splits;
     float* Ls = Ws + n * D;   // after the O_s (16-byte aligned: D % 32 == 0)
     for (int i = threadIdx.x; i < n * D / 4; i += NT) cp_async_16(Ws + 4 * i, Op + 4 * i, 16);
@@ -58,19 +79,8 @@ __device__ void merge_pair(const float* Op, const float* Lp, float* Ws, int R, i
     for (int i = threadIdx.x; i < n; i += NT) Ls[i] = __ldcg(Lp + i);
     __syncthreads();
     for (int r = warp; r < R; r += NW) {   // L_s -> weights, in place
-        float* w = Ls + r * splits;
-        float m = neg_inf;
-        for (int s = lane; s < splits; s += 32) m = fmaxf(m, w[s]);
-#pragma unroll
-        for (int x = 16; x > 0; x /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, x));
-        const float base = m == neg_inf ? 0.f : m;   // no key in any split: every weight 0
-        float sum = 0.f;
-        for (int s = lane; s < splits; s += 32) sum += expf(w[s] - base);
-#pragma unroll
-        for (int x = 16; x > 0; x /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, x);
-        const bool empty = sum == 0.f;
-        for (int s = lane; s < splits; s += 32) w[s] = empty ? 0.f : expf(w[s] - base) / sum;
-        if (lane == 0) L[(r / Nq) * l_sh + r % Nq] = empty ? neg_inf : m + logf(sum);
+        const float lse = merge_weights(Ls + r * splits, splits);
+        if (lane == 0) L[(r / Nq) * l_sh + r % Nq] = lse;
     }
     cp_async_wait_all();
     __syncthreads();
@@ -202,8 +212,9 @@ flash_decode(const T* __restrict__ Q, const T* __restrict__ K, const T* __restri
                 const int rows = (int)(nk - col0 < BC ? nk - col0 : BC);
                 bits* Ks = reinterpret_cast<bits*>(St + (n % STAGES) * STAGE);   // then Vj, KT bytes on
                 bits* Vs = reinterpret_cast<bits*>(St + (n % STAGES) * STAGE + KT);
-                constexpr int CH = D / E::VEC, STEP = NT / CH;   // load_tile_stepped's layout
-                if constexpr (NT % CH == 0 && BC % STEP == 0 && (STEP & (STEP - 1)) == 0) {
+                using layout = stepped_layout<T, BC, D, 0, NT>;   // load_tile_stepped's
+                constexpr int CH = layout::CH, STEP = layout::STEP;
+                if constexpr (layout::ok) {
                     // pages shorter than a whole tile: each thread's rows (fixed columns, STEP
                     // rows apart) have their page numbers read once, all in flight together,
                     // for both K and V, then the copies go out
@@ -420,29 +431,14 @@ flash_decode_combine(const float* __restrict__ Op, const float* __restrict__ Lp,
 {
     constexpr int MAX_SPLITS = 128, UNROLL = 8;   // planner.DECODE_MAX_SPLITS
     __shared__ float wts[4][MAX_SPLITS];
-    const float neg_inf = __int_as_float(0xff800000);
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const long long rows = (long long)B * H * Nq;
     for (long long row = (long long)blockIdx.x * 4 + warp; row < rows; row += (long long)gridDim.x * 4) {
         const float* Ls = Lp + row * splits;
-        float Lr[MAX_SPLITS / 32];   // this lane's L_s, s = lane + 32 i (loaded once, all at once)
 #pragma unroll
-        for (int i = 0; i < MAX_SPLITS / 32; ++i) Lr[i] = lane + 32 * i < splits ? Ls[lane + 32 * i] : neg_inf;
-        float m = neg_inf;
-#pragma unroll
-        for (int i = 0; i < MAX_SPLITS / 32; ++i) m = fmaxf(m, Lr[i]);
-#pragma unroll
-        for (int x = 16; x > 0; x /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, x));
-        const float base = m == neg_inf ? 0.f : m;   // no key in any split: every weight 0
-        float sum = 0.f;
-#pragma unroll
-        for (int i = 0; i < MAX_SPLITS / 32; ++i) sum += expf(Lr[i] - base);
-#pragma unroll
-        for (int x = 16; x > 0; x /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, x);
-        const bool empty = sum == 0.f;
-#pragma unroll
-        for (int i = 0; i < MAX_SPLITS / 32; ++i)
-            if (lane + 32 * i < splits) wts[warp][lane + 32 * i] = empty ? 0.f : expf(Lr[i] - base) / sum;
+        for (int i = 0; i < MAX_SPLITS / 32; ++i)   // this lane's L_s, s = lane + 32 i, all loads in flight
+            if (lane + 32 * i < splits) wts[warp][lane + 32 * i] = Ls[lane + 32 * i];
+        const float lse = merge_weights(wts[warp], splits);   // a lane reads back only what it wrote
         __syncwarp();
         const long long b = row / ((long long)H * Nq), h = row / Nq % H, i = row % Nq;
         T* Orow = O + b * o_sb + h * o_sh + i * o_sn;
@@ -466,7 +462,7 @@ flash_decode_combine(const float* __restrict__ Op, const float* __restrict__ Lp,
             for (int e = 0; e < 4; ++e)
                 if (c + e < d) Orow[c + e] = from_float<T>(out[e]);
         }
-        if (lane == 0) L[b * l_sb + h * l_sh + i] = empty ? neg_inf : m + logf(sum);
+        if (lane == 0) L[b * l_sb + h * l_sh + i] = lse;
         __syncwarp();   // wts is rewritten for the next row
     }
 }
