@@ -41,6 +41,11 @@ __device__ __forceinline__ void reg_fence(float (&x)[R][C]) {
 #pragma unroll
         for (int j = 0; j < C; ++j) asm volatile("" : "+f"(x[i][j]) :: "memory");
 }
+template <int N>
+__device__ __forceinline__ void reg_fence(unsigned (&x)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) asm volatile("" : "+r"(x[i]) :: "memory");
+}
 template <int R, int C>
 __device__ __forceinline__ void reg_fence(unsigned (&x)[R][C]) {
 #pragma unroll
@@ -98,4 +103,44 @@ __device__ __forceinline__ void wgmma_rs(float (&x)[N / 8][4], const unsigned (&
         FA_WGMMA_RS("m64n128k16", "bf16", FA_ACC64, "{%64, %65, %66, %67}", "68", "69", FA_ACC_OPS64(x));
     else
         FA_WGMMA_RS("m64n128k16", "f16", FA_ACC64, "{%64, %65, %66, %67}", "68", "69", FA_ACC_OPS64(x));
+}
+
+// TF32 (fp32 operands, their low 13 bits ignored by the tensor core; flash_fwd_wgmma_f32.cu):
+// m64nNk8, both operands K-major (wgmma transposes 16-bit types only), so Vj goes to shared
+// memory transposed. A k-step
+// is 8 floats, 32 bytes: the same bytes into a 128-byte panel row as a 16-bit k-step of 16.
+#define FA_ACC_OPS16(x) FA_F4(x, 0), FA_F4(x, 1), FA_F4(x, 2), FA_F4(x, 3)
+#define FA_ACC16 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}"
+#define FA_WGMMA_TF32_SS(SHAPE, ACC, IA, IB, IS, OPS)                                              \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" IS ", 0;\n"                                  \
+                 "wgmma.mma_async.sync.aligned." SHAPE ".f32.tf32.tf32 " ACC ", %" IA ", %" IB        \
+                 ", p, 1, 1;\n}\n"                                                                 \
+                 : OPS : "l"(a), "l"(b), "r"(accumulate))
+#define FA_WGMMA_TF32_RS(SHAPE, ACC, IA, IB, IS, OPS)                                              \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" IS ", 0;\n"                                  \
+                 "wgmma.mma_async.sync.aligned." SHAPE ".f32.tf32.tf32 " ACC ", " IA ", %" IB         \
+                 ", p, 1, 1;\n}\n"                                                                 \
+                 : OPS : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate))
+
+// x (+)= A B, A (64 x 8) and B (8 x N) from shared memory by descriptors (Sij = Qi Kj^T).
+template <int N>
+__device__ __forceinline__ void wgmma_tf32_ss(float (&x)[N / 8][4], unsigned long long a, unsigned long long b,
+                                              int accumulate) {
+    static_assert(N == 32 || N == 64, "the kernel's key tiles: 32 or 64");
+    if constexpr (N == 32)
+        FA_WGMMA_TF32_SS("m64n32k8", FA_ACC16, "16", "17", "18", FA_ACC_OPS16(x));
+    else
+        FA_WGMMA_TF32_SS("m64n64k8", FA_ACC32, "32", "33", "34", FA_ACC_OPS32(x));
+}
+
+// x (+)= A B, A (64 x 8) from registers (each warp its 16 rows, mma.sync m16n8k8 TF32's A
+// fragment) and B (8 x N) from shared memory (Oi += Pij Vj, B = Vj^T's rows).
+template <int N>
+__device__ __forceinline__ void wgmma_tf32_rs(float (&x)[N / 8][4], const unsigned (&a)[4], unsigned long long b,
+                                              int accumulate) {
+    static_assert(N == 64 || N == 128, "the kernels' head-dim bounds: 64 or 128");
+    if constexpr (N == 64)
+        FA_WGMMA_TF32_RS("m64n64k8", FA_ACC32, "{%32, %33, %34, %35}", "36", "37", FA_ACC_OPS32(x));
+    else
+        FA_WGMMA_TF32_RS("m64n128k8", FA_ACC64, "{%64, %65, %66, %67}", "68", "69", FA_ACC_OPS64(x));
 }

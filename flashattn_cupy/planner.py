@@ -101,9 +101,17 @@ WGMMA_ARCH = 90
 WGMMA_DTYPES = ("float16", "bfloat16")
 WGMMA_TILES = ((64, ((2, 128), (2, 64))),
                (128, ((2, 64), (1, 64))))
+# float32 as 3xTF32 on the warpgroup MMA (csrc/flash_fwd_wgmma_f32.cu), head-dim bounds 64 and
+# 128, where fp32 runs on the tensor cores ("auto", "3xtf32"; plain TF32 keeps the mma kernel):
+# (D, (warpgroups, Bc)), one block an SM (Qi's and the tiles' lo beside them). H200, 2026-12-04,
+# TFLOP/s at B4 H16 N4k, dense / causal: d128 (2, 32) 67.2 / 65.0, d64 (2, 64) 69.7 / 65.6 (the
+# mma kernel 51.6 / 51.0 and 55.9 / 53.6); d64 (2, 32) 56.1 / 53.9, (1, 64) 39.9 / 37.8. On by
+# default with the fp16 wgmma kernel (WGMMA_BY_DEFAULT). As TF32 it lost to the mma kernel at d128
+# (125 against 155 TFLOP/s): not offered.
+WGMMA_F32_TILES = ((64, (2, 64)), (128, (2, 32)))
 WGMMA_SM_SMEM = 228 * 1024   # shared memory of one sm_90 SM, 1 KB of it reserved per resident block
-# Whether plan(wgmma=None) picks it where it can run (on since its gpu tests passed on an H200,
-# 2026-12-02); wgmma_default(on) sets it for a block of calls (the benchmark's comparison with the
+# Whether plan(wgmma=None) picks the wgmma kernels where they can run (on since their gpu tests
+# passed on an H200: fp16/bf16 2026-12-02, float32 2026-12-04); wgmma_default(on) sets it for a block of calls (the benchmark's comparison with the
 # mma kernel on the same call).
 WGMMA_BY_DEFAULT = True
 
@@ -214,6 +222,19 @@ def wgmma_smem_bytes(Br: int, Bc: int, D: int) -> int:
     """Exact dynamic shared memory of csrc/flash_fwd_wgmma.cu: 1 KB of slack to align the swizzled
     tiles on 1024 bytes, Qi [Br][D] and two buffers of (Kj, Vj [Bc][D]), in 16-bit elements."""
     return 1024 + 2 * D * (Br + 4 * Bc)
+
+
+def wgmma_f32_smem_bytes(Br: int, Bc: int, D: int) -> int:
+    """Exact dynamic shared memory of csrc/flash_fwd_wgmma_f32.cu: 1 KB of alignment slack, in
+    fp32 Qi [Br][D] and its lo, two raw Kj [Bc][D] and one lo, Vj^T [D][Bc] and its lo, and
+    Vj's staging buffer [Bc][D + 4]."""
+    return 1024 + 4 * D * (2 * Br + 5 * Bc) + Bc * (4 * D + 16)
+
+
+def wgmma_f32_tiles(D: int, smem_limit: int) -> tuple[int, int] | None:
+    """(warpgroups, Bc) of the fp32 wgmma kernel for D if it fits, None if not (or D has none)."""
+    tiles = next((c for d_max, c in WGMMA_F32_TILES if D == d_max), None)
+    return tiles if tiles and wgmma_f32_smem_bytes(64 * tiles[0], tiles[1], D) <= smem_limit else None
 
 
 def wgmma_tiles(D: int, smem_limit: int) -> tuple[int, int] | None:
@@ -364,9 +385,10 @@ def plan(Nq: int, Nk: int, d: int, *, dtype: str = "float32", causal: bool = Fal
     the current device when None and needed), for the number of key splits when decoding.
     decode: split-KV decoding (csrc/flash_decode.cu): None chooses it when use_decode() says it
     pays (while DECODE_BY_DEFAULT is on), True asks for it (a ValueError where it cannot run),
-    False never. wgmma: Hopper's warpgroup-MMA kernel (csrc/flash_fwd_wgmma.cu) in place of the
-    mma.sync one: None where it can run (while WGMMA_BY_DEFAULT is on), True asks for it (a
-    ValueError where it cannot), False never. page: when decoding reads a paged KV cache
+    False never. wgmma: Hopper's warpgroup-MMA kernels (csrc/flash_fwd_wgmma.cu for fp16/bf16,
+    csrc/flash_fwd_wgmma_f32.cu for float32 as 3xTF32) in place of the mma.sync one: None where
+    they can run (while WGMMA_BY_DEFAULT is on), True asks for them (a ValueError where they
+    cannot), False never. page: when decoding reads a paged KV cache
     (kvcache.py), its keys a page, which the decoding tile depends on (decode_tiles); 0 otherwise.
     """
     if not (1 <= d <= MAX_HEAD_DIM):
@@ -413,10 +435,20 @@ def plan(Nq: int, Nk: int, d: int, *, dtype: str = "float32", causal: bool = Fal
         else:
             return _decode_plan(Nq, Nk, d, D, dtype, causal, mask, batch, heads, group, dtiles,
                                 smem_limit, sm_count)
+    passes = 1 if fp32 == "tf32" else 3
+    ftiles = (wgmma_f32_tiles(D, smem_limit)
+              if arch == WGMMA_ARCH and dtype == "float32" and fp32 in ("auto", "3xtf32") else None)
     wtiles = wgmma_tiles(D, smem_limit) if arch == WGMMA_ARCH and dtype in WGMMA_DTYPES else None
-    if wgmma and wtiles is None:
-        raise ValueError(f"the wgmma kernel (wgmma=True) needs sm_{WGMMA_ARCH} (got sm_{arch}), "
-                         f"{' or '.join(WGMMA_DTYPES)} (got {dtype}) and d in 33..64 or 97..128 (got {d})")
+    if wgmma and wtiles is None and ftiles is None:
+        raise ValueError(f"the wgmma kernels (wgmma=True) need sm_{WGMMA_ARCH} (got sm_{arch}), "
+                         f"{' or '.join(WGMMA_DTYPES)} or float32 as 3xTF32 (got {dtype}, fp32={fp32!r}) "
+                         f"and d in 33..64 or 97..128 (got {d})")
+    if ftiles is not None and (wgmma or (wgmma is None and WGMMA_BY_DEFAULT)):
+        groups, Bc = ftiles
+        name = f"flash_fwd_wgmma_f32<{D}, {groups}, {Bc}, {mask}>"
+        grid = (math.ceil(Nq / (64 * groups)), min(heads, GRID_YZ_MAX), min(batch, GRID_YZ_MAX))
+        return Plan("cuda", name, dtype, d, D, 64 * groups, Bc, causal, mask, 128 * groups, grid,
+                    wgmma_f32_smem_bytes(64 * groups, Bc, D), smem_limit)
     if wtiles is not None and (wgmma or (wgmma is None and WGMMA_BY_DEFAULT)):
         groups, Bc = wtiles
         name = f"flash_fwd_wgmma<{CUDA_TYPES[dtype]}, {D}, {groups}, {Bc}, {mask}>"
@@ -433,7 +465,7 @@ def plan(Nq: int, Nk: int, d: int, *, dtype: str = "float32", causal: bool = Fal
         warps, mt, Bc, Br = tiles
         D = Dm
         threads = 32 * warps
-        passes = 1 if dtype != "float32" or fp32 == "tf32" else 3
+        passes = 1 if dtype != "float32" else passes
         name = (f"flash_fwd_mma<{CUDA_TYPES[dtype]}, {D}, {warps}, {mt}, {Bc}, {mask}, {isa}, "
                 f"{passes}>")
         smem = mma_smem_bytes(Br, Bc, D, itemsize)
@@ -476,7 +508,9 @@ def cuda_variants(smem_limit: int, arch: int) -> list[str]:
                 for fp32 in (FP32_MODES if dtype == "float32" else ("auto",)):
                     if fp32 == "3xtf32" and arch < 80:
                         continue
-                    can_wgmma = arch == WGMMA_ARCH and dtype in WGMMA_DTYPES and wgmma_tiles(head_dim_bound(d), smem_limit)
+                    can_wgmma = arch == WGMMA_ARCH and (
+                        wgmma_tiles(head_dim_bound(d), smem_limit) if dtype in WGMMA_DTYPES else
+                        fp32 in ("auto", "3xtf32") and wgmma_f32_tiles(head_dim_bound(d), smem_limit))
                     for wgmma in (True, False) if can_wgmma else (False,):   # whatever the default
                         names.add(plan(1, 1, d, dtype=dtype, window=mask >= 1, score_mod=mask == 2,
                                        smem_limit=smem_limit, arch=arch, fp32=fp32, wgmma=wgmma).kernel)

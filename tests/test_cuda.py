@@ -49,18 +49,25 @@ def test_sizes(cp, rng, Nq, Nk, d, causal, fp32):
     _check(cp, *inputs(rng, (), Nq, Nk, d), causal=causal, **mode)
 
 
-def test_3xtf32_is_as_accurate_as_fp32_on_hard_inputs(cp, rng):
+@pytest.mark.parametrize("wgmma", [False, True])
+def test_3xtf32_is_as_accurate_as_fp32_on_hard_inputs(cp, rng, wgmma):
     """Large scores and long rows: 3xTF32's error stays within 2x the CUDA-core fp32 kernel's
-    (plus 2^-24 of the output's scale, for errors at the rounding floor)."""
+    (plus 2^-24 of the output's scale, for errors at the rounding floor), on the mma kernel and
+    (sm_90, d = 64 and 128) the wgmma one."""
+    if wgmma and cp.cuda.Device().compute_capability != "90":
+        pytest.skip("the wgmma kernels run on sm_90 only")
     for d, N, magnitude in [(64, 4096, 3.0), (128, 2048, 6.0), (80, 1500, 10.0)]:
         q, k, v = inputs(rng, (2,), N, N, d, magnitude=magnitude)
         v = v / np.float32(magnitude)
         O64, L64 = reference.attention(q, k, v, causal=True)
         err = {}
-        for kernel in ("3xtf32", "simt"):
-            O, L = flash_attention(*(cp.asarray(x) for x in (q, k, v)), causal=True, return_lse=True,
-                                   fp32_kernel=kernel)
-            err[kernel] = (np.abs(cp.asnumpy(O) - O64).max(), np.abs(cp.asnumpy(L) - L64).max())
+        with planner.wgmma_default(wgmma):
+            for kernel in ("3xtf32", "simt"):
+                args = [cp.asarray(x) for x in (q, k, v)]
+                O, L = flash_attention(*args, causal=True, return_lse=True, fp32_kernel=kernel)
+                err[kernel] = (np.abs(cp.asnumpy(O) - O64).max(), np.abs(cp.asnumpy(L) - L64).max())
+            family = plan_for(*args, causal=True, fp32_kernel="3xtf32").kernel.split("<")[0]
+        assert family == ("flash_fwd_wgmma_f32" if wgmma and d != 80 else "flash_fwd_mma")
         floor = 2.0**-24 * np.abs(O64).max(), 2.0**-24 * np.abs(L64).max()
         for i, what in enumerate("OL"):
             assert err["3xtf32"][i] <= 2 * err["simt"][i] + floor[i], (what, d, N, err)
@@ -174,6 +181,33 @@ def test_every_wgmma_tile_runs(cp, rng, D, tiles):
             assert plan.kernel == f"flash_fwd_wgmma<{planner.CUDA_TYPES[dtype]}, {D}, {tiles[0]}, {tiles[1]}, {int(causal)}>"
             q, k, v = inputs(rng, (2,), 517, 300, d, dtype=_dtype(dtype))   # causal: rows with no key
             _check_plan(cp, q, k, v, causal, smem_limit=limit, arch=90, wgmma=True)
+
+
+@pytest.mark.parametrize("D, tiles", planner.WGMMA_F32_TILES)
+def test_every_wgmma_f32_tile_runs(cp, rng, D, tiles):
+    """The float32 (3xTF32) wgmma kernel at each head-dim bound, planned for the shared-memory
+    limit it needs: ragged sizes with batch and heads, causal or not, d at the bound and odd
+    below it (element-wise loads), rows that see no key; then through the API on this device
+    (its default plan) a window with softcap and ALiBi, a negative scale and grouped k/v heads."""
+    if cp.cuda.Device().compute_capability != "90":
+        pytest.skip("the wgmma kernels run on sm_90 only")
+    limit = planner.wgmma_f32_smem_bytes(64 * tiles[0], tiles[1], D)
+    for d in (D, D - 27):
+        for causal in (False, True):
+            q, k, v = inputs(rng, (2, 3), 300, 517, d)
+            plan = _check_plan(cp, q, k, v, causal, smem_limit=limit, arch=90, wgmma=True)
+            assert plan.kernel == f"flash_fwd_wgmma_f32<{D}, {tiles[0]}, {tiles[1]}, {int(causal)}>"
+            q, k, v = inputs(rng, (2,), 517, 300, d)   # causal: rows with no key
+            _check_plan(cp, q, k, v, causal, smem_limit=limit, arch=90, wgmma=True)
+    with planner.wgmma_default(True):
+        q, k, v = inputs(rng, (2, 4), 190, 333, D - 8)
+        alibi = rng.uniform(0.05, 1.0, (2, 4)).astype(np.float32)
+        _check(cp, q, k, v, window=(60, 7), softcap=4.0, alibi_slopes=alibi)
+        _check(cp, q, k, v, causal=True, softmax_scale=-0.2)
+        q, k, v = inputs(rng, (2, 4), 129, 257, D)
+        _check(cp, q, k[:, :2], v[:, :2], causal=True)   # 2 q heads a k/v head
+        assert plan_for(*(cp.asarray(x) for x in (q, k[:, :2], v[:, :2])), causal=True).kernel.startswith(
+            "flash_fwd_wgmma_f32<")
 
 
 def test_strided_views_without_copies(cp, rng):

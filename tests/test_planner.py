@@ -30,7 +30,10 @@ def test_every_plan_fits(limit, dtype, arch):
             p = plan(1000, 3000, d, dtype=dtype, causal=causal, batch=3, heads=5, smem_limit=limit,
                      arch=arch)
             assert p.smem_bytes <= limit
-            if "wgmma" in p.kernel:
+            if "wgmma_f32" in p.kernel:
+                assert p.smem_bytes == planner.wgmma_f32_smem_bytes(p.Br, p.Bc, p.head_dim_bound)
+                assert p.threads == 2 * p.Br
+            elif "wgmma" in p.kernel:
                 assert p.smem_bytes == planner.wgmma_smem_bytes(p.Br, p.Bc, p.head_dim_bound)
                 assert p.threads == 2 * p.Br   # a warpgroup (128 threads) a 64-row slice
             elif "mma" in p.kernel:
@@ -174,7 +177,7 @@ def test_wgmma_only_where_it_runs(wgmma_on):
             assert plan(1000, 1000, d, dtype=dtype, arch=90, **H100).kernel.startswith("flash_fwd_mma<")
         for arch in (80, 89, 100, 120):
             assert plan(1000, 1000, 64, dtype=dtype, arch=arch, **H100).kernel.startswith("flash_fwd_mma<")
-    assert plan(1000, 1000, 64, arch=90, **H100).kernel.startswith("flash_fwd_mma<")   # fp32: 3xTF32
+    assert plan(1000, 1000, 64, arch=90, **H100).kernel.startswith("flash_fwd_wgmma_f32<")   # fp32: 3xTF32
     # each candidate is what some smaller limit gets (each needs less than those before it), then none: mma
     for D, candidates in planner.WGMMA_TILES:
         for groups, Bc in candidates:
@@ -188,6 +191,32 @@ def test_wgmma_only_where_it_runs(wgmma_on):
             assert groups <= 2 and 2 * (limit + 1024) <= planner.WGMMA_SM_SMEM
         smallest = min(planner.wgmma_smem_bytes(64 * c[0], c[1], D) for c in candidates)
         assert plan(9, 9, D, dtype="float16", arch=90, smem_limit=smallest - 1).kernel.startswith("flash_fwd_mma<")
+
+
+def test_wgmma_f32_only_as_3xtf32_at_its_bounds(wgmma_on):
+    """float32 on sm_90: 3xTF32 ("auto", "3xtf32") runs on the fp32 wgmma kernel at head-dim
+    bounds 64 and 128 where its tile fits the limit; TF32, the CUDA-core kernel, other bounds,
+    smaller limits, other GPUs and wgmma=False keep the kernels they had. Its shared memory
+    (one block an SM) fits an H100's limit, not less."""
+    H100 = dict(smem_limit=227 * KB, batch=2, heads=4)
+    for fp32 in ("auto", "3xtf32"):
+        for d in (33, 64, 97, 128):
+            p = plan(1000, 1000, d, arch=90, fp32=fp32, causal=True, **H100)
+            groups, Bc = dict(planner.WGMMA_F32_TILES)[p.head_dim_bound]
+            assert p.kernel == f"flash_fwd_wgmma_f32<{p.head_dim_bound}, {groups}, {Bc}, 1>"
+            assert (p.Br, p.Bc, p.threads) == (64 * groups, Bc, 128 * groups)
+            assert plan(1000, 1000, d, arch=90, fp32=fp32, wgmma=False, **H100).kernel.startswith("flash_fwd_mma<")
+            limit = planner.wgmma_f32_smem_bytes(64 * groups, Bc, p.head_dim_bound)
+            assert 160 * KB < limit <= 227 * KB
+            small = dict(H100, smem_limit=limit - 1)
+            assert plan(1000, 1000, d, arch=90, fp32=fp32, **small).kernel.startswith("flash_fwd_mma<")
+        for d in (32, 80, 160, 256):
+            assert plan(1000, 1000, d, arch=90, fp32=fp32, **H100).kernel.startswith("flash_fwd_mma<")
+        assert plan(1000, 1000, 64, arch=80, fp32=fp32, **H100).kernel.startswith("flash_fwd_mma<")
+    assert plan(1000, 1000, 64, arch=90, fp32="tf32", **H100).kernel.startswith("flash_fwd_mma<")
+    assert plan(1000, 1000, 64, arch=90, fp32="simt", **H100).kernel.startswith("flash_fwd_simt<")
+    with pytest.raises(ValueError, match="float32 as 3xTF32"):
+        plan(9, 9, 64, arch=90, fp32="tf32", wgmma=True, **H100)
 
 
 def test_wgmma_can_be_forced_refused_or_turned_off():
