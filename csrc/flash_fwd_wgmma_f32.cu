@@ -27,8 +27,8 @@
 // Compile-time: the head-dim bound D (64 or 128, d <= D zero-padded), warpgroups NWG, key tile
 // BC (32 or 64), MASK (fa_mask.cuh). Shared memory, mirrored by planner.wgmma_f32_smem_bytes:
 // 1 KB of alignment slack, Qi [BR][D] and its lo, two raw Kj [BC][D] and one lo, Vj^T [D][BC]
-// and its lo, all 128-byte swizzled, then Vj's staging
-// buffer [BC][D + 4] (padded rows: the transpose reads it without bank conflicts).
+// and its lo, all 128-byte swizzled, then Vj's staging buffer [BC][D + 4] (padded rows: the
+// transpose reads it without bank conflicts).
 #include "fa_softmax.cuh"
 #include "fa_wgmma.cuh"
 

@@ -443,18 +443,17 @@ def plan(Nq: int, Nk: int, d: int, *, dtype: str = "float32", causal: bool = Fal
         raise ValueError(f"the wgmma kernels (wgmma=True) need sm_{WGMMA_ARCH} (got sm_{arch}), "
                          f"{' or '.join(WGMMA_DTYPES)} or float32 as 3xTF32 (got {dtype}, fp32={fp32!r}) "
                          f"and d in 33..64 or 97..128 (got {d})")
-    if ftiles is not None and (wgmma or (wgmma is None and WGMMA_BY_DEFAULT)):
-        groups, Bc = ftiles
-        name = f"flash_fwd_wgmma_f32<{D}, {groups}, {Bc}, {mask}>"
-        grid = (math.ceil(Nq / (64 * groups)), min(heads, GRID_YZ_MAX), min(batch, GRID_YZ_MAX))
-        return Plan("cuda", name, dtype, d, D, 64 * groups, Bc, causal, mask, 128 * groups, grid,
-                    wgmma_f32_smem_bytes(64 * groups, Bc, D), smem_limit)
-    if wtiles is not None and (wgmma or (wgmma is None and WGMMA_BY_DEFAULT)):
-        groups, Bc = wtiles
-        name = f"flash_fwd_wgmma<{CUDA_TYPES[dtype]}, {D}, {groups}, {Bc}, {mask}>"
-        grid = (math.ceil(Nq / (64 * groups)), min(heads, GRID_YZ_MAX), min(batch, GRID_YZ_MAX))
-        return Plan("cuda", name, dtype, d, D, 64 * groups, Bc, causal, mask, 128 * groups, grid,
-                    wgmma_smem_bytes(64 * groups, Bc, D), smem_limit)
+    if wgmma or (wgmma is None and WGMMA_BY_DEFAULT):   # fp32 (3xTF32) or fp16/bf16: at most one has tiles
+        if ftiles is not None:
+            (groups, Bc), smem = ftiles, wgmma_f32_smem_bytes(64 * ftiles[0], ftiles[1], D)
+            name = f"flash_fwd_wgmma_f32<{D}, {groups}, {Bc}, {mask}>"
+        elif wtiles is not None:
+            (groups, Bc), smem = wtiles, wgmma_smem_bytes(64 * wtiles[0], wtiles[1], D)
+            name = f"flash_fwd_wgmma<{CUDA_TYPES[dtype]}, {D}, {groups}, {Bc}, {mask}>"
+        if ftiles is not None or wtiles is not None:
+            grid = (math.ceil(Nq / (64 * groups)), min(heads, GRID_YZ_MAX), min(batch, GRID_YZ_MAX))
+            return Plan("cuda", name, dtype, d, D, 64 * groups, Bc, causal, mask, 128 * groups, grid, smem,
+                        smem_limit)
     isa = mma_arch(arch, dtype)
     itemsize = 4 if dtype == "float32" else 2
     Dm = head_dim_bound(d, MMA_HEAD_DIM_STEP)
