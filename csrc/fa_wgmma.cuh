@@ -111,6 +111,8 @@ __device__ __forceinline__ void wgmma_rs(float (&x)[N / 8][4], const unsigned (&
 // is 8 floats, 32 bytes: the same bytes into a 128-byte panel row as a 16-bit k-step of 16.
 #define FA_ACC_OPS16(x) FA_F4(x, 0), FA_F4(x, 1), FA_F4(x, 2), FA_F4(x, 3)
 #define FA_ACC16 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}"
+#define FA_ACC_OPS48(x) FA_ACC_OPS32(x), FA_F4(x, 8), FA_F4(x, 9), FA_F4(x, 10), FA_F4(x, 11)
+#define FA_ACC48 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47}"
 #define FA_WGMMA_TF32_SS(SHAPE, ACC, IA, IB, IS, OPS)                                              \
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" IS ", 0;\n"                                  \
                  "wgmma.mma_async.sync.aligned." SHAPE ".f32.tf32.tf32 " ACC ", %" IA ", %" IB        \
@@ -138,9 +140,11 @@ __device__ __forceinline__ void wgmma_tf32_ss(float (&x)[N / 8][4], unsigned lon
 template <int N>
 __device__ __forceinline__ void wgmma_tf32_rs(float (&x)[N / 8][4], const unsigned (&a)[4], unsigned long long b,
                                               int accumulate) {
-    static_assert(N == 64 || N == 128, "the kernels' head-dim bounds: 64 or 128");
+    static_assert(N == 64 || N == 96 || N == 128, "the kernel's head-dim bounds: 64, 96 or 128");
     if constexpr (N == 64)
         FA_WGMMA_TF32_RS("m64n64k8", FA_ACC32, "{%32, %33, %34, %35}", "36", "37", FA_ACC_OPS32(x));
+    else if constexpr (N == 96)
+        FA_WGMMA_TF32_RS("m64n96k8", FA_ACC48, "{%48, %49, %50, %51}", "52", "53", FA_ACC_OPS48(x));
     else
         FA_WGMMA_TF32_RS("m64n128k8", FA_ACC64, "{%64, %65, %66, %67}", "68", "69", FA_ACC_OPS64(x));
 }

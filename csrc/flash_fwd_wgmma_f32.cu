@@ -24,7 +24,7 @@
 // Masks, online softmax, scale handling and the causal order are fa_softmax.cuh's and
 // fa_mask.cuh's, with flash_fwd_wgmma.cu's argument list: the planner swaps kernels freely.
 //
-// Compile-time: the head-dim bound D (64 or 128, d <= D zero-padded), warpgroups NWG, key tile
+// Compile-time: the head-dim bound D (64, 96 or 128, d <= D zero-padded), warpgroups NWG, key tile
 // BC (32 or 64), MASK (fa_mask.cuh). Shared memory, mirrored by planner.wgmma_f32_smem_bytes:
 // 1 KB of alignment slack, Qi [BR][D] and its lo, two raw Kj [BC][D] and one lo, Vj^T [D][BC]
 // and its lo, all 128-byte swizzled, then Vj's staging buffer [BC][D + 4] (padded rows: the
@@ -91,7 +91,7 @@ flash_fwd_wgmma_f32(const float* __restrict__ Q, const float* __restrict__ K, co
     constexpr int NS = BC / 8, ND = D / 8, KS = D / 8;     // 8-key tiles of Sij, 8-wide tiles of Oi, k-steps
     constexpr int KG = 2;                                   // k-steps a fresh score accumulator takes (as the mma kernel)
     constexpr int QB = BR * D * 4, KB = BC * D * 4;         // bytes of Qi, of Kj (and of Vj^T)
-    static_assert((D == 64 || D == 128) && (BC == 32 || BC == 64) && KS % KG == 0, "tiles");
+    static_assert((D == 64 || D == 96 || D == 128) && (BC == 32 || BC == 64) && KS % KG == 0, "tiles");
     constexpr float LOG2E = 1.4426950408889634f;
 
     extern __shared__ __align__(1024) unsigned char smem_raw[];

@@ -101,14 +101,15 @@ WGMMA_ARCH = 90
 WGMMA_DTYPES = ("float16", "bfloat16")
 WGMMA_TILES = ((64, ((2, 128), (2, 64))),
                (128, ((2, 64), (1, 64))))
-# float32 as 3xTF32 on the warpgroup MMA (csrc/flash_fwd_wgmma_f32.cu), head-dim bounds 64 and
-# 128, where fp32 runs on the tensor cores ("auto", "3xtf32"; plain TF32 keeps the mma kernel):
+# float32 as 3xTF32 on the warpgroup MMA (csrc/flash_fwd_wgmma_f32.cu), head-dim bounds 64, 96
+# and 128 (d in 33..128), where fp32 runs on the tensor cores ("auto", "3xtf32"; plain TF32 keeps the mma kernel):
 # (D, (warpgroups, Bc)), one block an SM (Qi's and the tiles' lo beside them). H200, 2026-12-04,
 # TFLOP/s at B4 H16 N4k, dense / causal: d128 (2, 32) 67.2 / 65.0, d64 (2, 64) 69.7 / 65.6 (the
-# mma kernel 51.6 / 51.0 and 55.9 / 53.6); d64 (2, 32) 56.1 / 53.9, (1, 64) 39.9 / 37.8. On by
+# mma kernel 51.6 / 51.0 and 55.9 / 53.6); d64 (2, 32) 56.1 / 53.9, (1, 64) 39.9 / 37.8; d96
+# (2, 32) 63.1 dense (the mma kernel 51.4; (2, 64) does not fit). On by
 # default with the fp16 wgmma kernel (WGMMA_BY_DEFAULT). As TF32 it lost to the mma kernel at d128
 # (125 against 155 TFLOP/s): not offered.
-WGMMA_F32_TILES = ((64, (2, 64)), (128, (2, 32)))
+WGMMA_F32_TILES = ((64, (2, 64)), (96, (2, 32)), (128, (2, 32)))
 WGMMA_SM_SMEM = 228 * 1024   # shared memory of one sm_90 SM, 1 KB of it reserved per resident block
 # Whether plan(wgmma=None) picks the wgmma kernels where they can run (on since their gpu tests
 # passed on an H200: fp16/bf16 2026-12-02, float32 2026-12-04); wgmma_default(on) sets it for a block of calls (the benchmark's comparison with the
@@ -442,7 +443,7 @@ def plan(Nq: int, Nk: int, d: int, *, dtype: str = "float32", causal: bool = Fal
     if wgmma and wtiles is None and ftiles is None:
         raise ValueError(f"the wgmma kernels (wgmma=True) need sm_{WGMMA_ARCH} (got sm_{arch}), "
                          f"{' or '.join(WGMMA_DTYPES)} or float32 as 3xTF32 (got {dtype}, fp32={fp32!r}) "
-                         f"and d in 33..64 or 97..128 (got {d})")
+                         f"and d in 33..64 or 97..128 (float32 also 65..96; got {d})")
     if wgmma or (wgmma is None and WGMMA_BY_DEFAULT):   # fp32 (3xTF32) or fp16/bf16: at most one has tiles
         if ftiles is not None:
             (groups, Bc), smem = ftiles, wgmma_f32_smem_bytes(64 * ftiles[0], ftiles[1], D)

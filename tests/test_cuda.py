@@ -53,7 +53,7 @@ def test_sizes(cp, rng, Nq, Nk, d, causal, fp32):
 def test_3xtf32_is_as_accurate_as_fp32_on_hard_inputs(cp, rng, wgmma):
     """Large scores and long rows: 3xTF32's error stays within 2x the CUDA-core fp32 kernel's
     (plus 2^-24 of the output's scale, for errors at the rounding floor), on the mma kernel and
-    (sm_90, d = 64 and 128) the wgmma one."""
+    (sm_90) the wgmma one."""
     if wgmma and cp.cuda.Device().compute_capability != "90":
         pytest.skip("the wgmma kernels run on sm_90 only")
     for d, N, magnitude in [(64, 4096, 3.0), (128, 2048, 6.0), (80, 1500, 10.0)]:
@@ -67,7 +67,7 @@ def test_3xtf32_is_as_accurate_as_fp32_on_hard_inputs(cp, rng, wgmma):
                 O, L = flash_attention(*args, causal=True, return_lse=True, fp32_kernel=kernel)
                 err[kernel] = (np.abs(cp.asnumpy(O) - O64).max(), np.abs(cp.asnumpy(L) - L64).max())
             family = plan_for(*args, causal=True, fp32_kernel="3xtf32").kernel.split("<")[0]
-        assert family == ("flash_fwd_wgmma_f32" if wgmma and d != 80 else "flash_fwd_mma")
+        assert family == ("flash_fwd_wgmma_f32" if wgmma else "flash_fwd_mma")
         floor = 2.0**-24 * np.abs(O64).max(), 2.0**-24 * np.abs(L64).max()
         for i, what in enumerate("OL"):
             assert err["3xtf32"][i] <= 2 * err["simt"][i] + floor[i], (what, d, N, err)

@@ -195,12 +195,12 @@ def test_wgmma_only_where_it_runs(wgmma_on):
 
 def test_wgmma_f32_only_as_3xtf32_at_its_bounds(wgmma_on):
     """float32 on sm_90: 3xTF32 ("auto", "3xtf32") runs on the fp32 wgmma kernel at head-dim
-    bounds 64 and 128 where its tile fits the limit; TF32, the CUDA-core kernel, other bounds,
+    bounds 64, 96 and 128 where its tile fits the limit; TF32, the CUDA-core kernel, other bounds,
     smaller limits, other GPUs and wgmma=False keep the kernels they had. Its shared memory
     (one block an SM) fits an H100's limit, not less."""
     H100 = dict(smem_limit=227 * KB, batch=2, heads=4)
     for fp32 in ("auto", "3xtf32"):
-        for d in (33, 64, 97, 128):
+        for d in (33, 64, 65, 80, 96, 97, 128):
             p = plan(1000, 1000, d, arch=90, fp32=fp32, causal=True, **H100)
             groups, Bc = dict(planner.WGMMA_F32_TILES)[p.head_dim_bound]
             assert p.kernel == f"flash_fwd_wgmma_f32<{p.head_dim_bound}, {groups}, {Bc}, 1>"
@@ -210,7 +210,7 @@ def test_wgmma_f32_only_as_3xtf32_at_its_bounds(wgmma_on):
             assert 160 * KB < limit <= 227 * KB
             small = dict(H100, smem_limit=limit - 1)
             assert plan(1000, 1000, d, arch=90, fp32=fp32, **small).kernel.startswith("flash_fwd_mma<")
-        for d in (32, 80, 160, 256):
+        for d in (32, 129, 160, 256):
             assert plan(1000, 1000, d, arch=90, fp32=fp32, **H100).kernel.startswith("flash_fwd_mma<")
         assert plan(1000, 1000, 64, arch=80, fp32=fp32, **H100).kernel.startswith("flash_fwd_mma<")
     assert plan(1000, 1000, 64, arch=90, fp32="tf32", **H100).kernel.startswith("flash_fwd_mma<")
