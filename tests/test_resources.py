@@ -92,8 +92,8 @@ def test_ten_thousand_gpu_calls_do_not_grow_memory(cp, rng):
     memory pool's bytes in use where they were (every output freed), the pool no larger, the
     device's free memory within 2 MiB and the host's resident set within 4 MiB, no kernel module
     loaded again. The free memory is the device's, not this process's, so it is read only where
-    this process runs alone (not as a pytest-xdist worker, whose siblings allocate meanwhile);
-    there the module count and the pool stand for the two ways our calls reach device memory."""
+    this process runs alone (not as a pytest-xdist worker, whose siblings allocate meanwhile); the
+    pool and the module count, checked always, are the two ways our calls reach device memory."""
     from flashattn_cupy import kernels
     alone = "PYTEST_XDIST_WORKER" not in os.environ
     pool = cp.get_default_memory_pool()
