@@ -148,3 +148,34 @@ __device__ __forceinline__ void wgmma_tf32_rs(float (&x)[N / 8][4], const unsign
     else
         FA_WGMMA_TF32_RS("m64n128k8", FA_ACC64, "{%64, %65, %66, %67}", "68", "69", FA_ACC_OPS64(x));
 }
+
+// Warp specialization (flash_fwd_wgmma_ws.cu): mbarriers in shared memory (a 64-bit word each,
+// 32-bit shared-space address), named barriers and the warpgroup register split.
+__device__ __forceinline__ void mbar_init(unsigned bar, unsigned count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" :: "r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(unsigned bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" :: "r"(bar) : "memory");
+}
+// One arrival, made when every cp.async this thread issued so far has landed (noinc: the arrival
+// is one of the count mbar_init set, not an extra one).
+__device__ __forceinline__ void mbar_arrive_cp_async(unsigned bar) {
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" :: "r"(bar) : "memory");
+}
+// Until the phase of this parity has completed; the phase before a barrier's first (parity 1 on
+// a fresh one) counts as completed, so a producer's first wait on a free buffer passes.
+__device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
+    asm volatile("{\n.reg .pred done;\nWAIT:\n"
+                 "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+                 "@!done bra WAIT;\n}\n" :: "r"(bar), "r"(parity) : "memory");
+}
+// Named barrier `id` (1..15; 0 is __syncthreads') of `count` threads: sync waits, arrive does not.
+__device__ __forceinline__ void named_sync(int id, int count) {
+    asm volatile("bar.sync %0, %1;" :: "r"(id), "r"(count) : "memory");
+}
+__device__ __forceinline__ void named_arrive(int id, int count) {
+    asm volatile("bar.arrive %0, %1;" :: "r"(id), "r"(count) : "memory");
+}
+// A warpgroup's registers a thread, handed back to (dec) or taken from (inc) the SM's pool.
+template <int N> __device__ __forceinline__ void regs_dec() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" :: "n"(N)); }
+template <int N> __device__ __forceinline__ void regs_inc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" :: "n"(N)); }

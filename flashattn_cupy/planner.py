@@ -110,6 +110,11 @@ WGMMA_TILES = ((64, ((2, 128), (2, 64))),
 # default with the fp16 wgmma kernel (WGMMA_BY_DEFAULT). As TF32 it lost to the mma kernel at d128
 # (125 against 155 TFLOP/s): not offered.
 WGMMA_F32_TILES = ((64, (2, 64)), (96, (2, 32)), (128, (2, 32)))
+# fp16/bf16 with warp specialization (csrc/flash_fwd_wgmma_ws.cu): a producer warpgroup and two
+# consumers, Br = 128, one block an SM; (D, (Bc, stages)). Where it fits it runs in place of
+# flash_fwd_wgmma.cu, whose WGMMA_TILES serve smaller shared memory.
+WGMMA_WS_TILES = ((64, (128, 2)), (128, (128, 2)))
+WGMMA_WS_THREADS = 384
 WGMMA_SM_SMEM = 228 * 1024   # shared memory of one sm_90 SM, 1 KB of it reserved per resident block
 # Whether plan(wgmma=None) picks the wgmma kernels where they can run (on since their gpu tests
 # passed on an H200: fp16/bf16 2026-12-02, float32 2026-12-04); wgmma_default(on) sets it for a block of calls (the benchmark's comparison with the
@@ -230,6 +235,18 @@ def wgmma_f32_smem_bytes(Br: int, Bc: int, D: int) -> int:
     fp32 Qi [Br][D] and its lo, two raw Kj [Bc][D] and one lo, Vj^T [D][Bc] and its lo, and
     Vj's staging buffer [Bc][D + 4]."""
     return 1024 + 4 * D * (2 * Br + 5 * Bc) + Bc * (4 * D + 16)
+
+
+def wgmma_ws_smem_bytes(Bc: int, stages: int, D: int) -> int:
+    """Exact dynamic shared memory of csrc/flash_fwd_wgmma_ws.cu: 1 KB of alignment slack, Qi
+    [128][D] and `stages` buffers of (Kj, Vj [Bc][D]) in 16-bit elements, then 2 + 4 stages mbarriers."""
+    return 1024 + 2 * D * (128 + 2 * stages * Bc) + 8 * (2 + 4 * stages)
+
+
+def wgmma_ws_tiles(D: int, smem_limit: int) -> tuple[int, int] | None:
+    """(Bc, stages) of the warp-specialized fp16/bf16 kernel for D if it fits, None if not."""
+    tiles = next((c for d_max, c in WGMMA_WS_TILES if D == d_max), None)
+    return tiles if tiles and wgmma_ws_smem_bytes(tiles[0], tiles[1], D) <= smem_limit else None
 
 
 def wgmma_f32_tiles(D: int, smem_limit: int) -> tuple[int, int] | None:
@@ -448,6 +465,12 @@ def plan(Nq: int, Nk: int, d: int, *, dtype: str = "float32", causal: bool = Fal
         if ftiles is not None:
             (groups, Bc), smem = ftiles, wgmma_f32_smem_bytes(64 * ftiles[0], ftiles[1], D)
             name = f"flash_fwd_wgmma_f32<{D}, {groups}, {Bc}, {mask}>"
+        elif wtiles is not None and (ws := wgmma_ws_tiles(D, smem_limit)) is not None:
+            (Bc, stages), smem = ws, wgmma_ws_smem_bytes(ws[0], ws[1], D)
+            name = f"flash_fwd_wgmma_ws<{CUDA_TYPES[dtype]}, {D}, {Bc}, {stages}, {mask}>"
+            grid = (math.ceil(Nq / 128), min(heads, GRID_YZ_MAX), min(batch, GRID_YZ_MAX))
+            return Plan("cuda", name, dtype, d, D, 128, Bc, causal, mask, WGMMA_WS_THREADS, grid, smem,
+                        smem_limit)
         elif wtiles is not None:
             (groups, Bc), smem = wtiles, wgmma_smem_bytes(64 * wtiles[0], wtiles[1], D)
             name = f"flash_fwd_wgmma<{CUDA_TYPES[dtype]}, {D}, {groups}, {Bc}, {mask}>"

@@ -1,4 +1,6 @@
 """The CUDA kernels on a real GPU, against the float64 reference and against the C twin."""
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -181,6 +183,55 @@ def test_every_wgmma_tile_runs(cp, rng, D, tiles):
             assert plan.kernel == f"flash_fwd_wgmma<{planner.CUDA_TYPES[dtype]}, {D}, {tiles[0]}, {tiles[1]}, {int(causal)}>"
             q, k, v = inputs(rng, (2,), 517, 300, d, dtype=_dtype(dtype))   # causal: rows with no key
             _check_plan(cp, q, k, v, causal, smem_limit=limit, arch=90, wgmma=True)
+
+
+@pytest.mark.parametrize("D, tiles", planner.WGMMA_WS_TILES)
+def test_every_wgmma_ws_tile_runs(cp, rng, D, tiles):
+    """The warp-specialized fp16/bf16 kernel at each head-dim bound, planned for the shared memory
+    it needs: ragged sizes with batch and heads (several key tiles, the ring wrapping), causal or
+    not, d at the bound and odd below it (element-wise loads), rows that see no key, one key tile,
+    no full key tile; then through the API a window with softcap and ALiBi, a negative scale
+    (each consumer negates its rows of Qi), grouped k/v heads and a window no row of a tile sees."""
+    if cp.cuda.Device().compute_capability != "90":
+        pytest.skip("the wgmma kernels run on sm_90 only")
+    Bc, stages = tiles
+    limit = planner.wgmma_ws_smem_bytes(Bc, stages, D)
+    for dtype, d in (("float16", D), ("bfloat16", D - 27)):
+        for causal in (False, True):
+            for Nq, Nk in ((300, 517), (517, 300), (130, 100), (1, 1000), (129, 5 * Bc + 1)):
+                q, k, v = inputs(rng, (2, 3), Nq, Nk, d, dtype=_dtype(dtype))
+                plan = _check_plan(cp, q, k, v, causal, smem_limit=limit, arch=90, wgmma=True)
+                assert plan.kernel == f"flash_fwd_wgmma_ws<{planner.CUDA_TYPES[dtype]}, {D}, {Bc}, {stages}, {int(causal)}>"
+    with planner.wgmma_default(True):
+        for dtype in ("float16", "bfloat16"):
+            q, k, v = inputs(rng, (2, 4), 190, 333, D - 8, dtype=_dtype(dtype))
+            alibi = rng.uniform(0.05, 1.0, (2, 4)).astype(np.float32)
+            _check(cp, q, k, v, window=(60, 7), softcap=4.0, alibi_slopes=alibi)
+            _check(cp, q, k, v, causal=True, softmax_scale=-0.2)
+            _check(cp, q, k, v, window=(0, 0))
+            q, k, v = inputs(rng, (2, 4), 300, 700, D, dtype=_dtype(dtype))
+            _check(cp, q, k[:, :2], v[:, :2], causal=True)   # 2 q heads a k/v head
+            _check(cp, q, k, v, window=(10, 10))             # a tile's rows see 1-2 key tiles of 6
+            assert plan_for(*(cp.asarray(x) for x in (q, k, v)), causal=True).kernel.startswith("flash_fwd_wgmma_ws<")
+
+
+@pytest.mark.parametrize("dtype, wgmma", [("float16", True), ("float16", False), ("float32", True),
+                                          ("float32", False)])
+def test_blocks_stride_over_heads_past_the_grid(cp, rng, dtype, wgmma):
+    """A grid of fewer (head, batch) slots than the call has (as past CUDA's 65535 a grid
+    dimension): each block computes its Q tile for several (batch, head) pairs in turn, its
+    buffers and barriers carried from one to the next. The tensor-core kernels of this device."""
+    if wgmma and cp.cuda.Device().compute_capability != "90":
+        pytest.skip("the wgmma kernels run on sm_90 only")
+    for causal in (False, True):
+        q, k, v = (cp.asarray(x) for x in inputs(rng, (3, 5), 200, 333, 64, dtype=_dtype(dtype)))
+        problem = validate(q, k, v, causal=causal, softmax_scale=None, return_lse=True, backend="cuda")
+        with planner.wgmma_default(wgmma):
+            plan = planner.plan(200, 333, 64, dtype=dtype, causal=causal, batch=3, heads=5)
+        assert plan.grid[1:] == (5, 3) and plan.kernel.startswith("flash_fwd_wgmma" if wgmma else "flash_fwd_mma")
+        O, L = _cuda_backend.run(problem, dataclasses.replace(plan, grid=(plan.grid[0], 2, 2)), q.device.id)
+        assert_attention_close(cp.asnumpy(O), cp.asnumpy(L), *(cp.asnumpy(x) for x in (q, k, v)), causal=causal,
+                               **kernel_rounding(plan))
 
 
 @pytest.mark.parametrize("D, tiles", planner.WGMMA_F32_TILES)
