@@ -153,17 +153,21 @@ flash_fwd_wgmma_ws(const T* __restrict__ Q, const T* __restrict__ K, const T* __
         auto pv = [&]() {          // line 10: Oi += P(j-1) V(j-1), V(j-1) in buffer prev.s
             mbar_wait(bar(V_FULL + prev.s), prev.ph);
             fence_proxy_async();
+            wgmma_fence();
 #pragma unroll
             for (int kk = 0; kk < BC / 16; ++kk)
                 wgmma_rs<T, D>(o, pa[kk], wgmma_desc(v_base + prev.s * KB + kk * 16 * 128, BC * 128, 1024), 1);
             wgmma_commit();
         };
-        if (w == 1 && j0 < j1) named_arrive(TURN, 256);   // consumer 0 issues first
-        for (int j = j0; j < j1; ++j) {   // line 6
+        // Tile j (lines 6-10): Sij = Qi Kj^T issued, and behind it P(j-1) V(j-1), in this consumer's
+        // turn; Sij's softmax while P(j-1) V(j-1) runs; then diag(alpha) Oi and Pij. A head's first
+        // tile has no P(j-1) V(j-1) and is its own call (first): each wgmma wait then retires the
+        // same groups on every path, which ptxas must see, or it serializes every MMA.
+        auto tile = [&](int j, bool first) {   // inlined at both calls: `first` is a constant there
             named_sync(TURN + w, 256);   // this consumer's turn on the tensor cores
             mbar_wait(bar(K_FULL + at.s), at.ph);
             fence_proxy_async();
-            // Line 8: Sij = Qi Kj^T over KS k-steps of 16 (32 bytes into a panel's 128-byte rows).
+            // Line 8 over KS k-steps of 16 (32 bytes into a panel's 128-byte rows).
             float sc[1][NS][4];   // one m-tile of 16 rows a warp (fa_softmax.cuh's MT = 1)
             wgmma_fence();
 #pragma unroll
@@ -173,12 +177,12 @@ flash_fwd_wgmma_ws(const T* __restrict__ Q, const T* __restrict__ K, const T* __
                                 wgmma_desc(k_base + at.s * KB + kk / 4 * BC * 128 + k_off, 16, 1024), kk > 0);
             }
             wgmma_commit();
-            if (j > j0) pv();
+            if (!first) pv();
             if (w == 0 || j + 1 < j1) named_arrive(TURN + 1 - w, 256);   // the other's turn
-            if (j > j0)
-                wgmma_wait<1>();   // Sij has landed; P(j-1) V(j-1) may still run
-            else
+            if (first)
                 wgmma_wait<0>();
+            else
+                wgmma_wait<1>();   // Sij has landed; P(j-1) V(j-1) may still run
             reg_fence(sc[0]);
             if (lane == 0) mbar_arrive(bar(K_FREE + at.s));
 
@@ -186,19 +190,23 @@ flash_fwd_wgmma_ws(const T* __restrict__ Q, const T* __restrict__ K, const T* __
             mask_scores<1, NS, MASK>(sc, win, row0 + cw * 16, j * BC, nk, scale, softcap, slope);
             float alpha[2];
             const bool moved = __any_sync(0xffffffffu, softmax_rows<NS>(sc[0], m, l, alpha, sl2));
-            wgmma_wait<0>();   // P(j-1) V(j-1) has landed: Oi and pa are free
-            reg_fence(o);
-            reg_fence(pa);
-            if (j > j0 && lane == 0) mbar_arrive(bar(V_FREE + prev.s));
+            if (!first) {
+                wgmma_wait<0>();   // P(j-1) V(j-1) has landed: Oi and pa are free
+                reg_fence(o);
+                reg_fence(pa);
+                if (lane == 0) mbar_arrive(bar(V_FREE + prev.s));
+            }
             if (moved) rescale_rows<ND>(o, alpha);
 #pragma unroll
             for (int kk = 0; kk < BC / 16; ++kk) p_fragment<T, ARCH, NS>(pa[kk], sc[0], kk);
             prev = at;
             at.next();
-        }
-        if (j0 < j1) {   // the last tile's P V
-            wgmma_fence();
-            pv();
+        };
+        if (j0 < j1) {
+            if (w == 1) named_arrive(TURN, 256);   // consumer 0 issues first
+            tile(j0, true);
+            for (int j = j0 + 1; j < j1; ++j) tile(j, false);
+            pv();   // the last tile's P V
             wgmma_wait<0>();
             reg_fence(o);
             reg_fence(pa);
