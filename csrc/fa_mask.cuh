@@ -73,6 +73,19 @@ struct fa_window {
         j0 = first <= 0 ? 0 : (int)(first / BC);
         j1 = (int)(last / BC + 1 < j1 ? last / BC + 1 : j1);
     }
+    // The keys col0 + c (0 <= c < width, and key < nk) that row `row` sees, as the offsets
+    // lo <= c <= hi (hi < lo: none); WINDOW false: only the bound nk. An edge tile's mask is then
+    // one 32-bit test a score (sees() costs ~15 instructions and a branch a score, in 64 bits).
+    template <bool WINDOW>
+    __device__ void seen(int row, int col0, int width, int nk, int& lo, int& hi) const {
+        lo = 0;
+        hi = (nk - col0 < width ? nk - col0 : width) - 1;
+        if (WINDOW) {
+            const long long first = diag(row) - left - col0, last = diag(row) + right - col0;
+            if (first > lo) lo = first > width ? width : (int)first;
+            if (last < hi) hi = last < -1 ? -1 : (int)last;
+        }
+    }
     // Every row wrow0..wrow0+WR-1 sees every key col0..col0+BC-1: no per-score mask needed.
     __device__ bool covers(int wrow0, int WR, int col0, int BC) const {
         return col0 >= diag(wrow0 + WR - 1) - left && col0 + BC - 1 <= diag(wrow0) + right;

@@ -51,6 +51,20 @@ __device__ __forceinline__ void rescale_rows(float (&o)[ND][4], const float (&al
         for (int e = 0; e < 4; ++e) o[dt][e] *= alpha[e / 2];
 }
 
+// -inf for the scores of rows g, g + 8 (r = 0, 1) outside keys lo[r]..hi[r] of the tile (offsets
+// from its first key: fa_window::seen): two 32-bit compares and a select a score.
+template <int NS>
+__device__ __forceinline__ void mask_outside(float (&s)[NS][4], const int (&lo)[2], const int (&hi)[2]) {
+    const int t = threadIdx.x % 4;
+#pragma unroll
+    for (int nt = 0; nt < NS; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int c = nt * 8 + 2 * t + e % 2;
+            if (c < lo[e / 2] || c > hi[e / 2]) s[nt][e] = __int_as_float(0xff800000);
+        }
+}
+
 // Score mods (softcap, ALiBi) on every score; then, on edge tiles only (keys past nk or outside
 // some row's window), the mask: -inf. s holds MT m-tiles of 16 rows from wrow0 on (the window's
 // row index), NS * 8 keys from col0 on. One edge test for all MT tiles: a test per m-tile costs
@@ -71,14 +85,12 @@ __device__ __forceinline__ void mask_scores(float (&s)[MT][NS][4], const fa_wind
     }
     if (col0 + NS * 8 > nk || (MASK && !win.covers(wrow0, 16 * MT, col0, NS * 8))) {
 #pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
+        for (int mt = 0; mt < MT; ++mt) {
+            int lo[2], hi[2];
 #pragma unroll
-        for (int nt = 0; nt < NS; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int key = col0 + nt * 8 + 2 * t + e % 2, row = wrow0 + mt * 16 + g + e / 2 * 8;
-                if (key >= nk || (MASK && !win.sees(row, key))) s[mt][nt][e] = __int_as_float(0xff800000);
-            }
+            for (int r = 0; r < 2; ++r) win.seen<MASK != 0>(wrow0 + mt * 16 + g + 8 * r, col0, NS * 8, nk, lo[r], hi[r]);
+            mask_outside<NS>(s[mt], lo, hi);
+        }
     }
 }
 

@@ -309,13 +309,10 @@ flash_decode(const T* __restrict__ Q, const T* __restrict__ K, const T* __restri
                                              win.diag(qi[e / 2]) - (col0 + nt * 8 + 2 * t + e % 2));
             }
             if (col0 + KW > nk || (MASK && !win.covers(0, Nq, col0, KW))) {   // edge tiles only
+                int lo[2], hi[2];
 #pragma unroll
-                for (int nt = 0; nt < NS; ++nt)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) {
-                        const int key = col0 + nt * 8 + 2 * t + e % 2;
-                        if (key >= nk || (MASK && !win.sees(qi[e / 2], key))) s[nt][e] = neg_inf;
-                    }
+                for (int r = 0; r < 2; ++r) win.seen<MASK != 0>(qi[r], col0, KW, nk, lo[r], hi[r]);
+                mask_outside<NS>(s, lo, hi);
             }
 
             // Lines 9-10's row work (fa_softmax.cuh), per warp: Pij, mi, li, diag(alpha) Oi.
