@@ -4,8 +4,9 @@
 //
 // A block is three warpgroups. Warpgroup 0 is the producer: it copies Qi and then each Kj and
 // Vj (16-byte cp.async into the 128-byte swizzled tiles of flash_fwd_wgmma.cu) into a ring of
-// STAGES buffers, every copy reporting to an mbarrier when it lands; it keeps 56 registers a
-// thread. Warpgroups 1 and 2 are consumers with 224 (setmaxnreg): each owns 64 of the BR = 128
+// STAGES buffers, every copy reporting to an mbarrier when it lands; it keeps 40 registers a
+// thread. Warpgroups 1 and 2 are consumers with 232 (setmaxnreg; 128 x 40 + 256 x 232 is the
+// 384 x 168 the launch gets): each owns 64 of the BR = 128
 // rows of Qi and runs, a key tile j at a time,
 //   Sij = Qi Kj^T          issued, and behind it Oi += P(j-1) V(j-1) (the previous tile's);
 //   Sij's softmax           while P(j-1) V(j-1) runs on the tensor cores;
