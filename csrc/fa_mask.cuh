@@ -92,6 +92,28 @@ struct fa_window {
     }
 };
 
+// A block's Q tile of BR rows from row0 on in sequence b: the sequence, the rows of the tile it
+// has (rows <= 0: none, the block skips it), its window, and the key tiles [j0, j1) of BC keys
+// that some of those rows see (all of them without a mask).
+template <int MASK>
+struct fa_tile {
+    fa_seq sq;
+    fa_window win;
+    int rows, j0, j1;
+
+    __device__ static fa_tile of(int b, int row0, int BR, int BC, int Nq, int Nk, const int* cu_q, const int* cu_k,
+                                 int left, int right) {
+        fa_tile t;
+        t.sq = fa_seq::of(b, row0, Nq, Nk, cu_q, cu_k);
+        t.rows = t.sq.rows < BR ? t.sq.rows : BR;
+        t.win = fa_window::of(t.sq, left, right);
+        t.j0 = 0;
+        t.j1 = (t.sq.nk + BC - 1) / BC;
+        if (MASK && t.rows > 0) t.win.tiles(row0, t.rows, BC, t.j0, t.j1);
+        return t;
+    }
+};
+
 // The modded score in the log2 domain, from s with s * scale the scaled score; off = i + shift - j.
 __device__ __forceinline__ float score_mod(float s, float scale, float softcap, float slope, long long off) {
     float x = s * scale;

@@ -93,18 +93,16 @@ flash_fwd_wgmma_ws(const T* __restrict__ Q, const T* __restrict__ K, const T* __
         unsigned heads = 0;   // (batch, head) pairs so far: Qi's barriers' phase
         for (int b = blk.b; b < B; b += gridDim.z)
         for (int h = blk.h; h < H; h += gridDim.y) {
-            const fa_seq sq = fa_seq::of(b, row0, Nq, Nk, cu_q, cu_k);
-            if (sq.rows <= 0) continue;
-            const int rows = min(BR, sq.rows), nk = sq.nk;
-            int j0 = 0, j1 = (nk + BC - 1) / BC;
-            if (MASK) fa_window::of(sq, win_left, win_right).tiles(row0, rows, BC, j0, j1);
-            const T* Kbh = K + b * k_sb + (h / group) * k_sh + sq.k0 * k_sn;
-            const T* Vbh = V + b * v_sb + (h / group) * v_sh + sq.k0 * v_sn;
+            const fa_tile<MASK> tq = fa_tile<MASK>::of(b, row0, BR, BC, Nq, Nk, cu_q, cu_k, win_left, win_right);
+            if (tq.rows <= 0) continue;   // varlen: a shorter sequence has no row in this tile
+            const int rows = tq.rows, nk = tq.sq.nk;
+            const T* Kbh = K + b * k_sb + (h / group) * k_sh + tq.sq.k0 * k_sn;
+            const T* Vbh = V + b * v_sb + (h / group) * v_sh + tq.sq.k0 * v_sn;
             mbar_wait(bar(Q_FREE), (heads & 1) ^ 1);   // the previous pair's Oi has left Qs
-            load_tile<T, BR, D, 0, PT, ARCH>(tile_at(Qs), Q + b * q_sb + h * q_sh + (sq.q0 + row0) * q_sn, q_sn,
+            load_tile<T, BR, D, 0, PT, ARCH>(tile_at(Qs), Q + b * q_sb + h * q_sh + (tq.sq.q0 + row0) * q_sn, q_sn,
                                              rows, d, q_vec);
             mbar_arrive_cp_async(bar(Q_FULL));
-            for (int j = j0; j < j1; ++j, at.next()) {   // line 7, up to STAGES tiles ahead
+            for (int j = tq.j0; j < tq.j1; ++j, at.next()) {   // line 7, up to STAGES tiles ahead
                 const long long c0 = (long long)j * BC;
                 mbar_wait(bar(K_FREE + at.s), at.ph ^ 1);   // the buffer's previous tile is done with
                 load_tile_stepped<T, BC, D, 0, PT, ARCH>(tile_at(Ks + at.s * KB), Kbh + c0 * k_sn, k_sn, nk - (int)c0,
@@ -129,12 +127,10 @@ flash_fwd_wgmma_ws(const T* __restrict__ Q, const T* __restrict__ K, const T* __
     unsigned heads = 0;
     for (int b = blk.b; b < B; b += gridDim.z)
     for (int h = blk.h; h < H; h += gridDim.y) {
-        const fa_seq sq = fa_seq::of(b, row0, Nq, Nk, cu_q, cu_k);
-        if (sq.rows <= 0) continue;   // varlen: a shorter sequence has no row in this tile
-        const int rows = min(BR, sq.rows), nk = sq.nk;
-        const fa_window win = fa_window::of(sq, win_left, win_right);
-        int j0 = 0, j1 = (nk + BC - 1) / BC;
-        if (MASK) win.tiles(row0, rows, BC, j0, j1);
+        const fa_tile<MASK> tq = fa_tile<MASK>::of(b, row0, BR, BC, Nq, Nk, cu_q, cu_k, win_left, win_right);
+        if (tq.rows <= 0) continue;   // the producer skips it too
+        const int rows = tq.rows, nk = tq.sq.nk, j0 = tq.j0, j1 = tq.j1;
+        const fa_window& win = tq.win;
         const float slope = MASK == FA_MODS && alibi ? alibi[(long long)b * H + h] : 0.f;
 
         mbar_wait(bar(Q_FULL), heads & 1);   // line 4: Qi
