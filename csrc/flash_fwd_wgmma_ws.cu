@@ -187,13 +187,23 @@ flash_fwd_wgmma_ws(const T* __restrict__ Q, const T* __restrict__ K, const T* __
             mask_scores<1, NS, MASK>(sc, win, row0 + cw * 16, j * BC, nk, scale, softcap, slope);
             float alpha[2];
             const bool moved = __any_sync(0xffffffffu, softmax_rows<NS>(sc[0], m, l, alpha, sl2));
+            // The wait for P(j-1) V(j-1) sits in both arms of a branch on the softmax's result: at
+            // the head of the block after the softmax, ptxas hoists it above the exponentials
+            // (SASS: nothing would run under the product); in the arms it stays below them.
             if (!first) {
-                wgmma_wait<0>();   // P(j-1) V(j-1) has landed: Oi and pa are free
-                reg_fence(o);
+                if (moved) {
+                    wgmma_wait<0>();   // P(j-1) V(j-1) has landed: Oi and pa are free
+                    reg_fence(o);
+                    rescale_rows<ND>(o, alpha);
+                } else {
+                    wgmma_wait<0>();
+                    reg_fence(o);
+                }
                 reg_fence(pa);
                 if (lane == 0) mbar_arrive(bar(V_FREE + prev.s));
+            } else if (moved) {
+                rescale_rows<ND>(o, alpha);
             }
-            if (moved) rescale_rows<ND>(o, alpha);
 #pragma unroll
             for (int kk = 0; kk < BC / 16; ++kk) p_fragment<T, ARCH, NS>(pa[kk], sc[0], kk);
             prev = at;
