@@ -1,6 +1,7 @@
 // fa_wgmma.cuh: Hopper's warpgroup MMA (wgmma, sm_90a) as inline PTX, and the 128-byte swizzled
-// shared-memory tiles its descriptors read. Only flash_fwd_wgmma.cu includes it; its kernels are
-// compiled for sm_90a (kernels.py), which no other GPU runs.
+// shared-memory tiles its descriptors read, with the fp16/bf16 kernels' epilogue and the warp-
+// specialized kernel's barriers. The flash_fwd_wgmma* kernels include it; they are compiled for
+// sm_90a (kernels.py), which no other GPU runs.
 //
 // A warpgroup (4 consecutive warps, the first a multiple of 4) issues one m64nNk16 MMA together:
 // A (64 x 16) from shared memory or registers, B (16 x N) from shared memory, fp32 accumulators in
@@ -9,7 +10,7 @@
 // asynchronously: its registers must not be touched between issue and wgmma_wait, and
 // reg_fence tells the compiler so.
 #pragma once
-#include "fa_mma.cuh"
+#include "fa_softmax.cuh"
 
 // Tiles sit in the 128-byte swizzled panels of fa_mma.cuh's swz (load_tile with DP = 0), the
 // layout wgmma's 128-byte swizzle mode reads: a panel starts on a 1024-byte boundary.
@@ -179,3 +180,44 @@ __device__ __forceinline__ void named_arrive(int id, int count) {
 // A warpgroup's registers a thread, handed back to (dec) or taken from (inc) the SM's pool.
 template <int N> __device__ __forceinline__ void regs_dec() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" :: "n"(N)); }
 template <int N> __device__ __forceinline__ void regs_inc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" :: "n"(N)); }
+
+// Lines 12-15 for one warp's 16 rows, wrow .. wrow + 15 of a BR-row tile (the fp16/bf16 wgmma
+// kernels): Oi / li rounded to T into the warp's own rows of the swizzled tile `tile` (Qi's,
+// which its MMAs are done reading; conflict-free), then out to Ot (the tile's first row of O) as
+// whole 16-byte chunks, element by element where rows are not 16-byte aligned (o_vec false);
+// Li = mi + ln li to Lt. Rows from `rows` on and columns from d on are not written.
+template <typename T, int BR, int D>
+__device__ __forceinline__ void store_rows(unsigned char* tile, const float (&o)[D / 8][4], float (&l)[2],
+                                           const float (&m)[2], int wrow, int rows, int d, T* Ot, long long o_sn,
+                                           bool o_vec, float* Lt) {
+    constexpr int ND = D / 8;
+    const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    float inv[2], lse[2];
+    finish_rows(l, m, inv, lse);
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+#pragma unroll
+        for (int dt = 0; dt < ND; ++dt)
+            *reinterpret_cast<unsigned*>(tile + swz<BR>(wrow + g + 8 * r, dt) + 4 * t) =
+                pack2<T, 80>(out_value(o[dt][2 * r], inv[r]), out_value(o[dt][2 * r + 1], inv[r]));
+    __syncwarp();
+    for (int i = lane; i < 16 * ND; i += 32) {
+        const int r = wrow + i / ND, c = i % ND;
+        if (r >= rows || c * 8 >= d) continue;
+        const unsigned char* src = tile + swz<BR>(r, c);
+        T* dst = Ot + r * o_sn + c * 8;
+        if (o_vec) {
+            *reinterpret_cast<fa_u128*>(dst) = *reinterpret_cast<const fa_u128*>(src);
+        } else {
+            for (int e = 0; e < 8 && c * 8 + e < d; ++e)
+                fa_elem<T>::set(dst[e], reinterpret_cast<const typename fa_elem<T>::bits*>(src)[e]);
+        }
+    }
+    if (t == 0) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const int row = wrow + g + 8 * r;
+            if (row < rows) Lt[row] = lse[r];
+        }
+    }
+}

@@ -55,7 +55,7 @@ flash_fwd_wgmma(const T* __restrict__ Q, const T* __restrict__ K, const T* __res
 
     const float neg_inf = __int_as_float(0xff800000);
     const float sl2 = MASK == FA_MODS ? 1.f : fmaxf(fabsf(scale) * LOG2E, 1.17549435e-38f);
-    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, wg = warp / 4, g = lane / 4, t = lane % 4;
+    const int warp = threadIdx.x / 32, wg = warp / 4;
     const fa_block blk = fa_block::of<MASK>();   // causal: heaviest Q tiles first
     const int row0 = blk.tile * BR;
     const bool q_vec = vec_ok(Q, q_sb, q_sh, q_sn, d), k_vec = vec_ok(K, k_sb, k_sh, k_sn, d);
@@ -137,39 +137,10 @@ flash_fwd_wgmma(const T* __restrict__ Q, const T* __restrict__ K, const T* __res
         cp_async_wait_all();   // no key tile: Qi's copies are still to be waited for
         __syncthreads();       // every MMA is done reading Qi: its rows take Oi on the way out
 
-        // Lines 12-15: Oi / li into this warp's own rows of Qs (swizzled: conflict-free), then
-        // out as whole 16-byte chunks; Li = mi + log li.
-        float inv[2], lse[2];
-        finish_rows(l, m, inv, lse);
-#pragma unroll
-        for (int r = 0; r < 2; ++r)
-#pragma unroll
-            for (int dt = 0; dt < ND; ++dt)
-                *reinterpret_cast<unsigned*>(Qs + swz<BR>(warp * 16 + g + 8 * r, dt) + 4 * t) =
-                    pack2<T, ARCH>(out_value(o[dt][2 * r], inv[r]), out_value(o[dt][2 * r + 1], inv[r]));
-        __syncwarp();
+        // Lines 12-15 (fa_wgmma.cuh), through this warp's own rows of Qs.
         const long long q0 = fa_seq::first_row(b, cu_q);
-        T* Obh = O + b * o_sb + h * o_sh + (q0 + row0) * o_sn;
-        for (int i = lane; i < 16 * ND; i += 32) {
-            const int r = warp * 16 + i / ND, c = i % ND;
-            if (r >= rows || c * 8 >= d) continue;
-            const unsigned char* src = Qs + swz<BR>(r, c);
-            T* dst = Obh + r * o_sn + c * 8;
-            if (o_vec) {
-                *reinterpret_cast<fa_u128*>(dst) = *reinterpret_cast<const fa_u128*>(src);
-            } else {
-                for (int e = 0; e < 8 && c * 8 + e < d; ++e)
-                    fa_elem<T>::set(dst[e], reinterpret_cast<const typename fa_elem<T>::bits*>(src)[e]);
-            }
-        }
-        if (t == 0) {
-            float* Lbh = L + b * l_sb + h * l_sh + q0 + row0;
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                const int row = warp * 16 + g + 8 * r;
-                if (row < rows) Lbh[row] = lse[r];
-            }
-        }
+        store_rows<T, BR, D>(Qs, o, l, m, warp * 16, rows, d, O + b * o_sb + h * o_sh + (q0 + row0) * o_sn, o_sn, o_vec,
+                             L + b * l_sb + h * l_sh + q0 + row0);
         __syncthreads();   // smem is reused by the next (batch, head)
     }
 }

@@ -121,7 +121,7 @@ flash_fwd_wgmma_ws(const T* __restrict__ Q, const T* __restrict__ K, const T* __
 
     // ---- consumers: warpgroup w (0, 1) of the two, its warps cw = 4 w .. 4 w + 3 of 8
     regs_inc<232>();
-    const int lane = threadIdx.x % 32, cw = threadIdx.x / 32 - 4, w = cw / 4, g = lane / 4, t = lane % 4;
+    const int lane = threadIdx.x % 32, cw = threadIdx.x / 32 - 4, w = cw / 4;
     const bool o_vec = vec_ok(O, o_sb, o_sh, o_sn, d);
     fa_ring<STAGES> at, prev;   // tile j's buffer, and tile j - 1's (its V is read one tile later)
     unsigned heads = 0;
@@ -220,39 +220,11 @@ flash_fwd_wgmma_ws(const T* __restrict__ Q, const T* __restrict__ K, const T* __
             if (lane == 0) mbar_arrive(bar(V_FREE + prev.s));
         }
 
-        // Lines 12-15: Oi / li into this warp's own rows of Qs (its MMAs are done reading them),
-        // out as whole 16-byte chunks; Li = mi + log li. Then Qs is the producer's again.
-        float inv[2], lse[2];
-        finish_rows(l, m, inv, lse);
-#pragma unroll
-        for (int r = 0; r < 2; ++r)
-#pragma unroll
-            for (int dt = 0; dt < ND; ++dt)
-                *reinterpret_cast<unsigned*>(Qs + swz<BR>(cw * 16 + g + 8 * r, dt) + 4 * t) =
-                    pack2<T, ARCH>(out_value(o[dt][2 * r], inv[r]), out_value(o[dt][2 * r + 1], inv[r]));
-        __syncwarp();
+        // Lines 12-15 (fa_wgmma.cuh), through this warp's own rows of Qs (its MMAs are done
+        // reading them); then Qs is the producer's again.
         const long long q0 = fa_seq::first_row(b, cu_q);
-        T* Obh = O + b * o_sb + h * o_sh + (q0 + row0) * o_sn;
-        for (int i = lane; i < 16 * ND; i += 32) {
-            const int r = cw * 16 + i / ND, c = i % ND;
-            if (r >= rows || c * 8 >= d) continue;
-            const unsigned char* src = Qs + swz<BR>(r, c);
-            T* dst = Obh + r * o_sn + c * 8;
-            if (o_vec) {
-                *reinterpret_cast<fa_u128*>(dst) = *reinterpret_cast<const fa_u128*>(src);
-            } else {
-                for (int e = 0; e < 8 && c * 8 + e < d; ++e)
-                    fa_elem<T>::set(dst[e], reinterpret_cast<const typename fa_elem<T>::bits*>(src)[e]);
-            }
-        }
-        if (t == 0) {
-            float* Lbh = L + b * l_sb + h * l_sh + q0 + row0;
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                const int row = cw * 16 + g + 8 * r;
-                if (row < rows) Lbh[row] = lse[r];
-            }
-        }
+        store_rows<T, BR, D>(Qs, o, l, m, cw * 16, rows, d, O + b * o_sb + h * o_sh + (q0 + row0) * o_sn, o_sn, o_vec,
+                             L + b * l_sb + h * l_sh + q0 + row0);
         __syncwarp();
         if (lane == 0) mbar_arrive(bar(Q_FREE));
         ++heads;
