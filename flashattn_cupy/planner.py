@@ -403,8 +403,9 @@ def plan(Nq: int, Nk: int, d: int, *, dtype: str = "float32", causal: bool = Fal
     the current device when None and needed), for the number of key splits when decoding.
     decode: split-KV decoding (csrc/flash_decode.cu): None chooses it when use_decode() says it
     pays (while DECODE_BY_DEFAULT is on), True asks for it (a ValueError where it cannot run),
-    False never. wgmma: Hopper's warpgroup-MMA kernels (csrc/flash_fwd_wgmma.cu for fp16/bf16,
-    csrc/flash_fwd_wgmma_f32.cu for float32 as 3xTF32) in place of the mma.sync one: None where
+    False never. wgmma: Hopper's warpgroup-MMA kernels (csrc/flash_fwd_wgmma_ws.cu for fp16/bf16,
+    or csrc/flash_fwd_wgmma.cu where its shared memory does not fit; csrc/flash_fwd_wgmma_f32.cu
+    for float32 as 3xTF32) in place of the mma.sync one: None where
     they can run (while WGMMA_BY_DEFAULT is on), True asks for them (a ValueError where they
     cannot), False never. page: when decoding reads a paged KV cache
     (kvcache.py), its keys a page, which the decoding tile depends on (decode_tiles); 0 otherwise.
