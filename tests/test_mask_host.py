@@ -2,7 +2,9 @@
 (tests/c/mask_host.cpp, built with g++ and UndefinedBehaviorSanitizer; no GPU needed):
 fa_window::tiles, the key tiles a Q tile's rows see (exhaustively on small sequences: the first
 and last tile with a seen key, nothing seen in a skipped tile; sampled on lengths up to 2^31 - 1),
-fa_window::covers (every row of a warp sees every key of a tile, by brute force), and fa_block::of,
+fa_window::covers (every row of a warp sees every key of a tile, by brute force), fa_window::seen
+(the key range a row sees in an edge tile, with which the tensor-core kernels and decoding mask:
+score by score against sees(), decoding's warps that start past nk included), and fa_block::of,
 the causal order of the grid (a bijection onto (Q tile, head, batch) with the heaviest Q tiles
 first, on small grids exhaustively and sampled on grids of CUDA's largest dimensions)."""
 import shutil

@@ -1,7 +1,8 @@
 // Host driver for tests/test_mask_host.py: csrc/fa_mask.cuh's integer logic, which every kernel
 // runs, against brute force. fa_window::tiles (the key tiles a Q tile's rows see: every tile with
 // a seen key inside [j0, j1), and the first and last of them at its ends), fa_window::covers (every
-// row of a warp sees every key of a tile), and fa_block::of (the causal grid order: a bijection
+// row of a warp sees every key of a tile), fa_window::seen (a row's key range in an edge tile,
+// score by score against sees()), and fa_block::of (the causal grid order: a bijection
 // onto (Q tile, head, batch), heaviest Q tiles first). Prints the checks made and the failures
 // (the first few in full); exits 1 on any.
 #define __device__
@@ -95,6 +96,34 @@ static void check_covers() {
           "brute force %d", nq, nk, left, right, wrow0, WR, col0, BC, all);
 }
 
+// fa_window::seen: the key range of one row in a tile (or a decoding warp's keys, which may start
+// past nk) against sees() and the nk bound, score by score; lengths up to int's limit.
+static void check_seen() {
+    const bool huge = pick(0, 3) == 0;
+    const int nq = (int)(huge ? pick(1, 2147483647) : pick(1, 3000)), nk = (int)(huge ? pick(1, 2147483647) : pick(1, 3000));
+    int left, right;
+    sides(nq, nk, left, right);
+    const fa_window win = window_of(nq, nk, left, right);
+    const int width = 8 << pick(1, 4);
+    const long long tiles = (nk + (long long)width - 1) / width;
+    const long long col0 = pick(0, tiles - 1) * width + (pick(0, 3) == 0 ? pick(0, width) : 0);
+    if (col0 + width > 2147483647) return;
+    const int row = (int)pick(0, nq - 1);
+    for (int window = 0; window < 2; ++window) {
+        int lo, hi;
+        if (window)
+            win.seen<true>(row, (int)col0, width, nk, lo, hi);
+        else
+            win.seen<false>(row, (int)col0, width, nk, lo, hi);
+        for (int c = 0; c < width; ++c) {
+            const int key = (int)col0 + c;
+            const bool rule = key >= nk || (window && !win.sees(row, key)), range = c < lo || c > hi;
+            CHECK(rule == range, "seen: nq %d nk %d left %d right %d row %d col0 %lld key %d window %d: sees %d, "
+                  "range [%d, %d]", nq, nk, left, right, row, col0, key, window, !rule, lo, hi);
+        }
+    }
+}
+
 static void check_block_order(unsigned gx, unsigned gy, unsigned gz, bool exhaustive) {
     gridDim = {gx, gy, gz};
     const long long heads = (long long)gy * gz, blocks = heads * gx;
@@ -130,6 +159,7 @@ int main(int argc, char** argv) {
         check_tiles_small();
         check_tiles_huge();
         check_covers();
+        for (int s = 0; s < 20; ++s) check_seen();
     }
     for (int i = 0; i < 200; ++i)
         check_block_order((unsigned)pick(1, 40), (unsigned)pick(1, 12), (unsigned)pick(1, 12), true);
