@@ -29,10 +29,14 @@ static fa_window window_of(int nq, int nk, int left, int right) {
     return fa_window::of(sq, left, right);
 }
 
-// sides as the kernels' callers clamp them: left in [0, nk] (causal: nk), right in [0, nq] (causal: 0)
+// Window sides as the kernels get them: clamped to the call's Nk (left) and Nq (right), which a
+// varlen sequence's nk and nq may be below, so up to twice them here (within int); causal is
+// left = nk, right = 0.
 static void sides(int nq, int nk, int& left, int& right) {
-    left = pick(0, 3) == 0 ? nk : (int)pick(0, nk);
-    right = pick(0, 3) == 0 ? 0 : (int)pick(0, nq);
+    const long long max_left = 2ll * nk < 2147483647 ? 2ll * nk : 2147483647;
+    const long long max_right = 2ll * nq < 2147483647 ? 2ll * nq : 2147483647;
+    left = pick(0, 3) == 0 ? nk : (int)pick(0, max_left);
+    right = pick(0, 3) == 0 ? 0 : (int)pick(0, max_right);
 }
 
 static void check_tiles_small() {
