@@ -129,11 +129,26 @@ __device__ __forceinline__ void wgmma_rs(float (&x)[N / 8][4], const unsigned (&
 template <int N>
 __device__ __forceinline__ void wgmma_tf32_ss(float (&x)[N / 8][4], unsigned long long a, unsigned long long b,
                                               int accumulate) {
-    static_assert(N == 32 || N == 64, "the kernel's key tiles: 32 or 64");
+    static_assert(N == 32 || N == 64, "the kernels' key tiles: 32 or 64");
     if constexpr (N == 32)
         FA_WGMMA_TF32_SS("m64n32k8", FA_ACC16, "16", "17", "18", FA_ACC_OPS16(x));
     else
         FA_WGMMA_TF32_SS("m64n64k8", FA_ACC32, "32", "33", "34", FA_ACC_OPS32(x));
+}
+
+// One MMA of N = 2 NH columns into two accumulators of NH: x (+)= A B0, y (+)= A B1 where B's
+// 2 NH rows (K-major) are B0's then B1's (flash_fwd_wgmma_f32_ws.cu: Kj's hi and lo rows under
+// one descriptor, so Qi's hi is read once for both products).
+#define FA_ACC_OPS16x2(x, y) FA_ACC_OPS16(x), FA_ACC_OPS16(y)
+#define FA_ACC_OPS32x2(x, y) FA_ACC_OPS32(x), FA_ACC_OPS32(y)
+template <int NH>
+__device__ __forceinline__ void wgmma_tf32_ss2(float (&x)[NH / 8][4], float (&y)[NH / 8][4], unsigned long long a,
+                                               unsigned long long b, int accumulate) {
+    static_assert(NH == 32 || NH == 64, "the kernel's key tiles: 32 or 64");
+    if constexpr (NH == 32)
+        FA_WGMMA_TF32_SS("m64n64k8", FA_ACC32, "32", "33", "34", FA_ACC_OPS16x2(x, y));
+    else
+        FA_WGMMA_TF32_SS("m64n128k8", FA_ACC64, "64", "65", "66", FA_ACC_OPS32x2(x, y));
 }
 
 // x (+)= A B, A (64 x 8) from registers (each warp its 16 rows, mma.sync m16n8k8 TF32's A
@@ -180,6 +195,21 @@ __device__ __forceinline__ void named_arrive(int id, int count) {
 // A warpgroup's registers a thread, handed back to (dec) or taken from (inc) the SM's pool.
 template <int N> __device__ __forceinline__ void regs_dec() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" :: "n"(N)); }
 template <int N> __device__ __forceinline__ void regs_inc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" :: "n"(N)); }
+
+// A place in a ring of STAGES buffers (the warp-specialized kernels): the buffer, and the parity
+// of its barriers' phase (it flips each time the ring wraps). Producer and consumers step through
+// the same sequence.
+template <int STAGES>
+struct fa_ring {
+    int s = 0;
+    unsigned ph = 0;
+    __device__ void next() {
+        if (++s == STAGES) {
+            s = 0;
+            ph ^= 1u;
+        }
+    }
+};
 
 // Lines 12-15 for one warp's 16 rows, wrow .. wrow + 15 of a BR-row tile (the fp16/bf16 wgmma
 // kernels): Oi / li rounded to T into the warp's own rows of the swizzled tile `tile` (Qi's,

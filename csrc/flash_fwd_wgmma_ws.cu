@@ -24,20 +24,6 @@
 #include "fa_softmax.cuh"
 #include "fa_wgmma.cuh"
 
-// A place in the ring of STAGES buffers: the buffer, and the parity of its barriers' phase (it
-// flips each time the ring wraps). Producer and consumers step through the same sequence.
-template <int STAGES>
-struct fa_ring {
-    int s = 0;
-    unsigned ph = 0;
-    __device__ void next() {
-        if (++s == STAGES) {
-            s = 0;
-            ph ^= 1u;
-        }
-    }
-};
-
 template <typename T, int D, int BC, int STAGES, int MASK>
 __global__ void __launch_bounds__(384, 1)
 flash_fwd_wgmma_ws(const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V,

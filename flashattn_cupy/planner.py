@@ -115,6 +115,12 @@ WGMMA_F32_TILES = ((64, (2, 64)), (96, (2, 32)), (128, (2, 32)))
 # flash_fwd_wgmma.cu, whose WGMMA_TILES serve smaller shared memory.
 WGMMA_WS_TILES = ((64, (128, 2)), (128, (128, 2)))
 WGMMA_WS_THREADS = 384
+# float32 (3xTF32) with warp specialization (csrc/flash_fwd_wgmma_f32_ws.cu): a producer warpgroup
+# that splits Qi, Kj and Vj (and transposes Vj) in registers, two consumers, Br = 128, one block an
+# SM, WGMMA_WS_THREADS threads; (D, (Bc, Kj buffers, Vj buffers)): at d = 128 Qi's hi and lo take
+# 128 KB, so Vj has one buffer. Where it fits it runs in place of flash_fwd_wgmma_f32.cu (its
+# WGMMA_F32_TILES then serve smaller shared memory). Not yet measured on a GPU.
+WGMMA_F32_WS_TILES = ((64, (64, 2, 2)), (96, (32, 2, 2)), (128, (32, 2, 1)))
 WGMMA_SM_SMEM = 228 * 1024   # shared memory of one sm_90 SM, 1 KB of it reserved per resident block
 # Whether plan(wgmma=None) picks the wgmma kernels where they can run (on since their gpu tests
 # passed on an H200: fp16/bf16 2026-12-02, float32 2026-12-04); wgmma_default(on) sets it for a block of calls (the benchmark's comparison with the
@@ -241,6 +247,19 @@ def wgmma_ws_smem_bytes(Bc: int, stages: int, D: int) -> int:
     """Exact dynamic shared memory of csrc/flash_fwd_wgmma_ws.cu: 1 KB of alignment slack, Qi
     [128][D] and `stages` buffers of (Kj, Vj [Bc][D]) in 16-bit elements, then 2 + 4 stages mbarriers."""
     return 1024 + 2 * D * (128 + 2 * stages * Bc) + 8 * (2 + 4 * stages)
+
+
+def wgmma_f32_ws_smem_bytes(Bc: int, k_stages: int, v_stages: int, D: int) -> int:
+    """Exact dynamic shared memory of csrc/flash_fwd_wgmma_f32_ws.cu: 1 KB of alignment slack, in
+    fp32 Qi [128][D] and its lo, `k_stages` buffers of Kj's hi and lo rows [2 Bc][D], `v_stages`
+    of Vj^T's hi and lo [D][Bc] each, then 2 + 2 (k_stages + v_stages) mbarriers."""
+    return 1024 + 8 * D * (128 + (k_stages + v_stages) * Bc) + 8 * (2 + 2 * (k_stages + v_stages))
+
+
+def wgmma_f32_ws_tiles(D: int, smem_limit: int) -> tuple[int, int, int] | None:
+    """(Bc, Kj buffers, Vj buffers) of the warp-specialized fp32 kernel for D if it fits, None if not."""
+    tiles = next((c for d_max, c in WGMMA_F32_WS_TILES if D == d_max), None)
+    return tiles if tiles and wgmma_f32_ws_smem_bytes(*tiles, D) <= smem_limit else None
 
 
 def wgmma_ws_tiles(D: int, smem_limit: int) -> tuple[int, int] | None:
@@ -463,6 +482,12 @@ def plan(Nq: int, Nk: int, d: int, *, dtype: str = "float32", causal: bool = Fal
                          f"{' or '.join(WGMMA_DTYPES)} or float32 as 3xTF32 (got {dtype}, fp32={fp32!r}) "
                          f"and d in 33..64 or 97..128 (float32 also 65..96; got {d})")
     if wgmma or (wgmma is None and WGMMA_BY_DEFAULT):   # fp32 (3xTF32) or fp16/bf16: at most one has tiles
+        if ftiles is not None and (fws := wgmma_f32_ws_tiles(D, smem_limit)) is not None:
+            (Bc, k_stages, v_stages), smem = fws, wgmma_f32_ws_smem_bytes(*fws, D)
+            name = f"flash_fwd_wgmma_f32_ws<{D}, {Bc}, {k_stages}, {v_stages}, {mask}>"
+            grid = (math.ceil(Nq / 128), min(heads, GRID_YZ_MAX), min(batch, GRID_YZ_MAX))
+            return Plan("cuda", name, dtype, d, D, 128, Bc, causal, mask, WGMMA_WS_THREADS, grid, smem,
+                        smem_limit)
         if ftiles is not None:
             (groups, Bc), smem = ftiles, wgmma_f32_smem_bytes(64 * ftiles[0], ftiles[1], D)
             name = f"flash_fwd_wgmma_f32<{D}, {groups}, {Bc}, {mask}>"

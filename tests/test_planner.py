@@ -30,7 +30,11 @@ def test_every_plan_fits(limit, dtype, arch):
             p = plan(1000, 3000, d, dtype=dtype, causal=causal, batch=3, heads=5, smem_limit=limit,
                      arch=arch)
             assert p.smem_bytes <= limit
-            if "wgmma_f32" in p.kernel:
+            if "wgmma_f32_ws" in p.kernel:
+                Bc, k_stages, v_stages = (int(x) for x in p.kernel.split(", ")[1:4])
+                assert p.smem_bytes == planner.wgmma_f32_ws_smem_bytes(Bc, k_stages, v_stages, p.head_dim_bound)
+                assert (p.Br, p.Bc, p.threads) == (128, Bc, 384)   # a producer warpgroup and two consumers
+            elif "wgmma_f32" in p.kernel:
                 assert p.smem_bytes == planner.wgmma_f32_smem_bytes(p.Br, p.Bc, p.head_dim_bound)
                 assert p.threads == 2 * p.Br
             elif "wgmma_ws" in p.kernel:
@@ -182,7 +186,7 @@ def test_wgmma_only_where_it_runs(wgmma_on):
             assert plan(1000, 1000, d, dtype=dtype, arch=90, **H100).kernel.startswith("flash_fwd_mma<")
         for arch in (80, 89, 100, 120):
             assert plan(1000, 1000, 64, dtype=dtype, arch=arch, **H100).kernel.startswith("flash_fwd_mma<")
-    assert plan(1000, 1000, 64, arch=90, **H100).kernel.startswith("flash_fwd_wgmma_f32<")   # fp32: 3xTF32
+    assert plan(1000, 1000, 64, arch=90, **H100).kernel.startswith("flash_fwd_wgmma_f32_ws<")   # fp32: 3xTF32
     # below the warp-specialized kernel's need, each candidate of flash_fwd_wgmma.cu is what some
     # smaller limit gets (each needs less than those before it), then none: mma
     for D, candidates in planner.WGMMA_TILES:
@@ -204,22 +208,32 @@ def test_wgmma_only_where_it_runs(wgmma_on):
 
 
 def test_wgmma_f32_only_as_3xtf32_at_its_bounds(wgmma_on):
-    """float32 on sm_90: 3xTF32 ("auto", "3xtf32") runs on the fp32 wgmma kernel at head-dim
-    bounds 64, 96 and 128 where its tile fits the limit; TF32, the CUDA-core kernel, other bounds,
-    smaller limits, other GPUs and wgmma=False keep the kernels they had. Its shared memory
-    (one block an SM) fits an H100's limit, not less."""
+    """float32 on sm_90: 3xTF32 ("auto", "3xtf32") runs on the warp-specialized fp32 wgmma kernel
+    at head-dim bounds 64, 96 and 128 (its shared memory, one block an SM, fits an H100's limit);
+    below that limit on flash_fwd_wgmma_f32.cu where its tile fits, then on the mma kernel. TF32,
+    the CUDA-core kernel, other bounds, other GPUs and wgmma=False keep the kernels they had."""
     H100 = dict(smem_limit=227 * KB, batch=2, heads=4)
     for fp32 in ("auto", "3xtf32"):
         for d in (33, 64, 65, 80, 96, 97, 128):
             p = plan(1000, 1000, d, arch=90, fp32=fp32, causal=True, **H100)
-            groups, Bc = dict(planner.WGMMA_F32_TILES)[p.head_dim_bound]
-            assert p.kernel == f"flash_fwd_wgmma_f32<{p.head_dim_bound}, {groups}, {Bc}, 1>"
-            assert (p.Br, p.Bc, p.threads) == (64 * groups, Bc, 128 * groups)
+            D = p.head_dim_bound
+            Bc, k_stages, v_stages = dict(planner.WGMMA_F32_WS_TILES)[D]
+            assert p.kernel == f"flash_fwd_wgmma_f32_ws<{D}, {Bc}, {k_stages}, {v_stages}, 1>"
+            assert (p.Br, p.Bc, p.threads, p.grid) == (128, Bc, 384, (8, 4, 2))
+            ws = planner.wgmma_f32_ws_smem_bytes(Bc, k_stages, v_stages, D)
+            assert 160 * KB < ws <= 227 * KB and ws + 1024 <= planner.WGMMA_SM_SMEM
             assert plan(1000, 1000, d, arch=90, fp32=fp32, wgmma=False, **H100).kernel.startswith("flash_fwd_mma<")
-            limit = planner.wgmma_f32_smem_bytes(64 * groups, Bc, p.head_dim_bound)
-            assert 160 * KB < limit <= 227 * KB
-            small = dict(H100, smem_limit=limit - 1)
-            assert plan(1000, 1000, d, arch=90, fp32=fp32, **small).kernel.startswith("flash_fwd_mma<")
+            groups, Bc = dict(planner.WGMMA_F32_TILES)[D]
+            limit = planner.wgmma_f32_smem_bytes(64 * groups, Bc, D)
+            below = plan(1000, 1000, d, arch=90, fp32=fp32, causal=True, **dict(H100, smem_limit=ws - 1))
+            if limit < ws:   # d <= 96: the older kernel needs less
+                assert below.kernel == f"flash_fwd_wgmma_f32<{D}, {groups}, {Bc}, 1>"
+                assert (below.Br, below.Bc, below.threads) == (64 * groups, Bc, 128 * groups)
+                assert 160 * KB < limit
+                small = dict(H100, smem_limit=limit - 1)
+                assert plan(1000, 1000, d, arch=90, fp32=fp32, **small).kernel.startswith("flash_fwd_mma<")
+            else:            # d = 128: it needs more (a staging buffer beside the raw tiles)
+                assert below.kernel.startswith("flash_fwd_mma<")
         for d in (32, 129, 160, 256):
             assert plan(1000, 1000, d, arch=90, fp32=fp32, **H100).kernel.startswith("flash_fwd_mma<")
         assert plan(1000, 1000, 64, arch=80, fp32=fp32, **H100).kernel.startswith("flash_fwd_mma<")
