@@ -112,6 +112,8 @@ __device__ __forceinline__ void wgmma_rs(float (&x)[N / 8][4], const unsigned (&
 // is 8 floats, 32 bytes: the same bytes into a 128-byte panel row as a 16-bit k-step of 16.
 #define FA_ACC_OPS16(x) FA_F4(x, 0), FA_F4(x, 1), FA_F4(x, 2), FA_F4(x, 3)
 #define FA_ACC16 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}"
+#define FA_ACC_OPS24(x) FA_ACC_OPS16(x), FA_F4(x, 4), FA_F4(x, 5)
+#define FA_ACC24 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23}"
 #define FA_ACC_OPS48(x) FA_ACC_OPS32(x), FA_F4(x, 8), FA_F4(x, 9), FA_F4(x, 10), FA_F4(x, 11)
 #define FA_ACC48 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47}"
 #define FA_WGMMA_TF32_SS(SHAPE, ACC, IA, IB, IS, OPS)                                              \
@@ -156,8 +158,10 @@ __device__ __forceinline__ void wgmma_tf32_ss2(float (&x)[NH / 8][4], float (&y)
 template <int N>
 __device__ __forceinline__ void wgmma_tf32_rs(float (&x)[N / 8][4], const unsigned (&a)[4], unsigned long long b,
                                               int accumulate) {
-    static_assert(N == 64 || N == 96 || N == 128, "the kernel's head-dim bounds: 64, 96 or 128");
-    if constexpr (N == 64)
+    static_assert(N == 48 || N == 64 || N == 96 || N == 128, "the kernels' head-dim bounds: 48, 64, 96 or 128");
+    if constexpr (N == 48)
+        FA_WGMMA_TF32_RS("m64n48k8", FA_ACC24, "{%24, %25, %26, %27}", "28", "29", FA_ACC_OPS24(x));
+    else if constexpr (N == 64)
         FA_WGMMA_TF32_RS("m64n64k8", FA_ACC32, "{%32, %33, %34, %35}", "36", "37", FA_ACC_OPS32(x));
     else if constexpr (N == 96)
         FA_WGMMA_TF32_RS("m64n96k8", FA_ACC48, "{%48, %49, %50, %51}", "52", "53", FA_ACC_OPS48(x));
@@ -249,5 +253,29 @@ __device__ __forceinline__ void store_rows(unsigned char* tile, const float (&o)
             const int row = wrow + g + 8 * r;
             if (row < rows) Lt[row] = lse[r];
         }
+    }
+}
+
+// Lines 12-15 for one warp's 16 rows, wrow .. wrow + 15 of a tile (the fp32 wgmma kernels): Oi / li
+// straight from the accumulators (rows g, g + 8, columns 8 dt + 2t, + 1) to Ot (the tile's first
+// row of O); Li = mi + ln li to Lt. Rows from `rows` on and columns from d on are not written.
+template <int D>
+__device__ __forceinline__ void store_rows_f32(const float (&o)[D / 8][4], float (&l)[2], const float (&m)[2], int wrow,
+                                               int rows, int d, float* Ot, long long o_sn, float* Lt) {
+    const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    float inv[2], lse[2];
+    finish_rows(l, m, inv, lse);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int row = wrow + g + 8 * r;
+        if (row >= rows) continue;
+#pragma unroll
+        for (int dt = 0; dt < D / 8; ++dt)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int c = dt * 8 + 2 * t + e;
+                if (c < d) Ot[row * o_sn + c] = out_value(o[dt][2 * r + e], inv[r]);
+            }
+        if (t == 0) Lt[row] = lse[r];
     }
 }

@@ -24,11 +24,12 @@
 // Row work, masks, scale handling, the causal order and the argument list are those of the other
 // kernels: the planner swaps one for another.
 //
-// Compile-time: the head-dim bound D (64, 96 or 128; d <= D zero-padded), key tile BC (32 or 64),
-// ring sizes KST and VST, MASK (fa_mask.cuh). Shared memory, mirrored by
-// planner.wgmma_f32_ws_smem_bytes: 1 KB of alignment slack, Qi's hi [D/32][BR][128 B] and its lo,
-// KST stacked Kj [D/32][2 BC][128 B], VST x Vj^T's hi and lo [BC/32][D][128 B], all 128-byte
-// swizzled (fa_mma.cuh's swz), then 2 + 2 KST + 2 VST mbarriers.
+// Compile-time: the head-dim bound D (48, 64, 96 or 128; d <= D zero-padded), key tile BC (32 or
+// 64), ring sizes KST and VST, MASK (fa_mask.cuh). Shared memory, mirrored by
+// planner.wgmma_f32_ws_smem_bytes: 1 KB of alignment slack, Qi's hi [DP][BR][128 B] and its lo,
+// KST stacked Kj [DP][2 BC][128 B], VST x Vj^T's hi and lo [BC/32][D][128 B], all 128-byte
+// swizzled (fa_mma.cuh's swz; DP = D / 32 panels rounded up: at D = 48 Qi and Kj take 64
+// columns' room, their MMAs read 48), then 2 + 2 KST + 2 VST mbarriers.
 #include "fa_softmax.cuh"
 #include "fa_wgmma.cuh"
 
@@ -110,14 +111,14 @@ __device__ __forceinline__ void store_split(const unsigned (&x)[N][4], unsigned 
 // 4 c + e of one chunk column; lane c writes its rows rotated by (c / 2) % 4 (e = (s + rot) % 4
 // at step s), so rows % 8 = 4 (c % 2) + e are 8 distinct: 8 bank groups after the swizzle.
 template <int D, int BC>
-struct v_items {
-    static constexpr int OCTETS = BC / 4 * D / 32, N = (OCTETS + FA_PT / 8 - 1) / (FA_PT / 8);
-    // Item i of this thread: the 8-lane group's octet, its (kg, par) = kp and c.
+struct v_items {   // octets: BC / 4 (kg, par) x D / 32 blocks of 8 c (D = 48: the second block half used)
+    static constexpr int OCTETS = BC / 4 * ((D / 4 + 7) / 8), N = (OCTETS + FA_PT / 8 - 1) / (FA_PT / 8);
+    // Item i of this thread: the 8-lane group's octet, its (kg, par) = kp and c; false: no item.
     __device__ static bool at(int i, int& kp, int& c) {
         const int p = producer_lane(), o = i * (FA_PT / 8) + p / 8;
         kp = o % (BC / 4);
         c = o / (BC / 4) * 8 + p % 8;
-        return o < OCTETS;
+        return o < OCTETS && c < D / 4;
     }
 };
 
@@ -180,8 +181,9 @@ flash_fwd_wgmma_f32_ws(const float* __restrict__ Q, const float* __restrict__ K,
 {
     constexpr int BR = 128, PREGS = 104, CREGS = 200;   // 128 x 88 + 256 x 208 = 384 x 168
     constexpr int NS = BC / 8, ND = D / 8, KS = D / 8, KG = 2;   // KG k-steps a fresh score accumulator
-    constexpr int QB = BR * D * 4, KB = 2 * BC * D * 4, VB = 2 * BC * D * 4;   // Qi's hi; a K, a V buffer
-    static_assert((D == 64 || D == 96 || D == 128) && (BC == 32 || BC == 64) && KS % KG == 0, "tiles");
+    constexpr int DP = (D + 31) / 32;   // 128-byte panels a row of Qi or Kj (D = 48: two, the second half used)
+    constexpr int QB = DP * BR * 128, KB = DP * 2 * BC * 128, VB = 2 * BC * D * 4;   // Qi's hi; a K, a V buffer
+    static_assert((D == 48 || D == 64 || D == 96 || D == 128) && (BC == 32 || BC == 64) && KS % KG == 0, "tiles");
     static_assert(KST >= 1 && VST >= 1, "rings of at least one buffer");
     constexpr float LOG2E = 1.4426950408889634f;
     // mbarriers: Qi stored / free again, and per buffer Kj stored, Kj free, Vj stored, Vj free.
@@ -225,8 +227,8 @@ flash_fwd_wgmma_f32_ws(const float* __restrict__ Q, const float* __restrict__ K,
             const float* Qbh = Q + b * q_sb + h * q_sh + (tq.sq.q0 + row0) * q_sn;
             const float* Kbh = K + b * k_sb + (h / group) * k_sh + tq.sq.k0 * k_sn;
             const float* Vbh = V + b * v_sb + (h / group) * v_sh + tq.sq.k0 * v_sn;
-            constexpr int QN = BR * D / 4 / FA_PT, QSTEP = 8;   // Qi's chunks a thread, 8 at a time
-            static_assert(QN % QSTEP == 0, "Qi in steps of 8 chunks");
+            constexpr int QN = BR * D / 4 / FA_PT, QSTEP = QN % 8 == 0 ? 8 : 4;   // Qi's chunks a thread, a step at a time
+            static_assert(QN % QSTEP == 0, "Qi in steps of 4 or 8 chunks");
             mbar_wait(bar(Q_FREE), (heads & 1) ^ 1);   // the previous pair's MMAs are done with Qi
 #pragma unroll 1
             for (int it = 0; it < QN; it += QSTEP) {   // line 4
@@ -361,31 +363,10 @@ flash_fwd_wgmma_f32_ws(const float* __restrict__ Q, const float* __restrict__ K,
         __syncwarp();
         if (lane == 0) mbar_arrive(bar(Q_FREE));   // every MMA of this warp reading Qi has landed
 
-        // Lines 12-15: Oi / li straight from the accumulators (rows g, g + 8 of this warp's 16,
-        // columns 8 dt + 2t, + 1); Li = mi + log li.
-        float inv[2], lse[2];
-        finish_rows(l, m, inv, lse);
-        const int g = lane / 4, t = lane % 4;
+        // Lines 12-15 (fa_wgmma.cuh).
         const long long q0 = fa_seq::first_row(b, cu_q);
-        float* Obh = O + b * o_sb + h * o_sh + (q0 + row0) * o_sn;
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            const int row = cw * 16 + g + 8 * r;
-            if (row >= rows) continue;
-#pragma unroll
-            for (int dt = 0; dt < ND; ++dt) {
-                const int c = dt * 8 + 2 * t;
-                if (c + 1 < d && (o_sn & 1) == 0 && (reinterpret_cast<unsigned long long>(Obh) & 7) == 0) {
-                    *reinterpret_cast<fa_f2*>(Obh + row * o_sn + c) =
-                        fa_f2{out_value(o[dt][2 * r], inv[r]), out_value(o[dt][2 * r + 1], inv[r])};
-                } else {
-#pragma unroll
-                    for (int e = 0; e < 2; ++e)
-                        if (c + e < d) Obh[row * o_sn + c + e] = out_value(o[dt][2 * r + e], inv[r]);
-                }
-            }
-            if (t == 0) L[b * l_sb + h * l_sh + q0 + row0 + row] = lse[r];
-        }
+        store_rows_f32<D>(o, l, m, cw * 16, rows, d, O + b * o_sb + h * o_sh + (q0 + row0) * o_sn, o_sn,
+                          L + b * l_sb + h * l_sh + q0 + row0);
         ++heads;
     }
 }

@@ -120,7 +120,10 @@ WGMMA_WS_THREADS = 384
 # SM, WGMMA_WS_THREADS threads; (D, (Bc, Kj buffers, Vj buffers)): at d = 128 Qi's hi and lo take
 # 128 KB, so Vj has one buffer. Where it fits it runs in place of flash_fwd_wgmma_f32.cu (its
 # WGMMA_F32_TILES then serve smaller shared memory). Not yet measured on a GPU.
-WGMMA_F32_WS_TILES = ((64, (64, 2, 2)), (96, (32, 2, 2)), (128, (32, 2, 1)))
+# Its bounds go in steps of 16 where that pays: d in 33..48 computes 48 columns, not 64 (issue 4:
+# d = 40 ran at 0.63x d = 64's rate at the bound 64).
+# (48, 64): 64-key tiles made ptxas spill and (at 48) serialize the MMAs for want of registers.
+WGMMA_F32_WS_TILES = ((48, (32, 3, 3)), (64, (32, 3, 3)), (96, (32, 2, 2)), (128, (32, 2, 1)))
 WGMMA_SM_SMEM = 228 * 1024   # shared memory of one sm_90 SM, 1 KB of it reserved per resident block
 # Whether plan(wgmma=None) picks the wgmma kernels where they can run (on since their gpu tests
 # passed on an H200: fp16/bf16 2026-12-02, float32 2026-12-04); wgmma_default(on) sets it for a block of calls (the benchmark's comparison with the
@@ -251,9 +254,16 @@ def wgmma_ws_smem_bytes(Bc: int, stages: int, D: int) -> int:
 
 def wgmma_f32_ws_smem_bytes(Bc: int, k_stages: int, v_stages: int, D: int) -> int:
     """Exact dynamic shared memory of csrc/flash_fwd_wgmma_f32_ws.cu: 1 KB of alignment slack, in
-    fp32 Qi [128][D] and its lo, `k_stages` buffers of Kj's hi and lo rows [2 Bc][D], `v_stages`
-    of Vj^T's hi and lo [D][Bc] each, then 2 + 2 (k_stages + v_stages) mbarriers."""
-    return 1024 + 8 * D * (128 + (k_stages + v_stages) * Bc) + 8 * (2 + 2 * (k_stages + v_stages))
+    fp32 Qi [128][Dp] and its lo, `k_stages` buffers of Kj's hi and lo rows [2 Bc][Dp], `v_stages`
+    of Vj^T's hi and lo [D][Bc] each, then 2 + 2 (k_stages + v_stages) mbarriers; Dp is D rounded
+    up to whole 128-byte panels (32 floats)."""
+    Dp = head_dim_bound(D)
+    return 1024 + 8 * Dp * (128 + k_stages * Bc) + 8 * D * v_stages * Bc + 8 * (2 + 2 * (k_stages + v_stages))
+
+
+def wgmma_f32_ws_bound(d: int) -> int | None:
+    """The warp-specialized fp32 kernel's head-dim bound for d: the smallest of its bounds >= d."""
+    return min((d_max for d_max, _ in WGMMA_F32_WS_TILES if d_max >= d), default=None)
 
 
 def wgmma_f32_ws_tiles(D: int, smem_limit: int) -> tuple[int, int, int] | None:
@@ -482,11 +492,12 @@ def plan(Nq: int, Nk: int, d: int, *, dtype: str = "float32", causal: bool = Fal
                          f"{' or '.join(WGMMA_DTYPES)} or float32 as 3xTF32 (got {dtype}, fp32={fp32!r}) "
                          f"and d in 33..64 or 97..128 (float32 also 65..96; got {d})")
     if wgmma or (wgmma is None and WGMMA_BY_DEFAULT):   # fp32 (3xTF32) or fp16/bf16: at most one has tiles
-        if ftiles is not None and (fws := wgmma_f32_ws_tiles(D, smem_limit)) is not None:
-            (Bc, k_stages, v_stages), smem = fws, wgmma_f32_ws_smem_bytes(*fws, D)
-            name = f"flash_fwd_wgmma_f32_ws<{D}, {Bc}, {k_stages}, {v_stages}, {mask}>"
+        Dw = wgmma_f32_ws_bound(d)
+        if ftiles is not None and Dw is not None and (fws := wgmma_f32_ws_tiles(Dw, smem_limit)) is not None:
+            (Bc, k_stages, v_stages), smem = fws, wgmma_f32_ws_smem_bytes(*fws, Dw)
+            name = f"flash_fwd_wgmma_f32_ws<{Dw}, {Bc}, {k_stages}, {v_stages}, {mask}>"
             grid = (math.ceil(Nq / 128), min(heads, GRID_YZ_MAX), min(batch, GRID_YZ_MAX))
-            return Plan("cuda", name, dtype, d, D, 128, Bc, causal, mask, WGMMA_WS_THREADS, grid, smem,
+            return Plan("cuda", name, dtype, d, Dw, 128, Bc, causal, mask, WGMMA_WS_THREADS, grid, smem,
                         smem_limit)
         if ftiles is not None:
             (groups, Bc), smem = ftiles, wgmma_f32_smem_bytes(64 * ftiles[0], ftiles[1], D)

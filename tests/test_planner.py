@@ -50,8 +50,12 @@ def test_every_plan_fits(limit, dtype, arch):
             else:
                 assert p.smem_bytes == planner.simt_smem_bytes(p.Br, p.Bc, p.head_dim_bound)
             # d rounded up to the kernel's step: 16 for the mma kernel (its MMAs' width in d), else 32
-            step = 16 if p.kernel.startswith("flash_fwd_mma<") else 32
-            assert p.head_dim_bound == step * math.ceil(d / step) <= 256
+            # (the warp-specialized fp32 kernel: its own bounds, the smallest that holds d)
+            if p.kernel.startswith("flash_fwd_wgmma_f32_ws<"):
+                assert p.head_dim_bound == planner.wgmma_f32_ws_bound(d) >= d
+            else:
+                step = 16 if p.kernel.startswith("flash_fwd_mma<") else 32
+                assert p.head_dim_bound == step * math.ceil(d / step) <= 256
             assert p.threads % 32 == 0 and p.threads <= 1024
             assert p.grid == (math.ceil(1000 / p.Br), 5, 3)
             assert p.mask == int(causal)
@@ -209,7 +213,7 @@ def test_wgmma_only_where_it_runs(wgmma_on):
 
 def test_wgmma_f32_only_as_3xtf32_at_its_bounds(wgmma_on):
     """float32 on sm_90: 3xTF32 ("auto", "3xtf32") runs on the warp-specialized fp32 wgmma kernel
-    at head-dim bounds 64, 96 and 128 (its shared memory, one block an SM, fits an H100's limit);
+    at head-dim bounds 48, 64, 96 and 128 (its shared memory, one block an SM, fits an H100's limit);
     below that limit on flash_fwd_wgmma_f32.cu where its tile fits, then on the mma kernel. TF32,
     the CUDA-core kernel, other bounds, other GPUs and wgmma=False keep the kernels they had."""
     H100 = dict(smem_limit=227 * KB, batch=2, heads=4)
@@ -221,13 +225,15 @@ def test_wgmma_f32_only_as_3xtf32_at_its_bounds(wgmma_on):
             assert p.kernel == f"flash_fwd_wgmma_f32_ws<{D}, {Bc}, {k_stages}, {v_stages}, 1>"
             assert (p.Br, p.Bc, p.threads, p.grid) == (128, Bc, 384, (8, 4, 2))
             ws = planner.wgmma_f32_ws_smem_bytes(Bc, k_stages, v_stages, D)
-            assert 160 * KB < ws <= 227 * KB and ws + 1024 <= planner.WGMMA_SM_SMEM
+            assert planner.WGMMA_SM_SMEM < 2 * (ws + 1024) and ws + 1024 <= planner.WGMMA_SM_SMEM   # one block an SM
             assert plan(1000, 1000, d, arch=90, fp32=fp32, wgmma=False, **H100).kernel.startswith("flash_fwd_mma<")
-            groups, Bc = dict(planner.WGMMA_F32_TILES)[D]
-            limit = planner.wgmma_f32_smem_bytes(64 * groups, Bc, D)
+            assert D == min(b for b in (48, 64, 96, 128) if b >= d)   # bounds in steps of 16 up to 64
+            Dold = planner.head_dim_bound(d)   # the older kernel's bounds: steps of 32
+            groups, Bc = dict(planner.WGMMA_F32_TILES)[Dold]
+            limit = planner.wgmma_f32_smem_bytes(64 * groups, Bc, Dold)
             below = plan(1000, 1000, d, arch=90, fp32=fp32, causal=True, **dict(H100, smem_limit=ws - 1))
             if limit < ws:   # d <= 96: the older kernel needs less
-                assert below.kernel == f"flash_fwd_wgmma_f32<{D}, {groups}, {Bc}, 1>"
+                assert below.kernel == f"flash_fwd_wgmma_f32<{Dold}, {groups}, {Bc}, 1>"
                 assert (below.Br, below.Bc, below.threads) == (64 * groups, Bc, 128 * groups)
                 assert 160 * KB < limit
                 small = dict(H100, smem_limit=limit - 1)
