@@ -179,7 +179,7 @@ flash_fwd_wgmma_f32_ws(const float* __restrict__ Q, const float* __restrict__ K,
                        long long l_sb, long long l_sh,
                        float scale, float softcap)
 {
-    constexpr int BR = 128, PREGS = 104, CREGS = 200;   // 128 x 88 + 256 x 208 = 384 x 168
+    constexpr int BR = 128, PREGS = 104, CREGS = 200;   // 128 x 104 + 256 x 200 = 384 x 168 (the launch's)
     constexpr int NS = BC / 8, ND = D / 8, KS = D / 8, KG = 2;   // KG k-steps a fresh score accumulator
     constexpr int DP = (D + 31) / 32;   // 128-byte panels a row of Qi or Kj (D = 48: two, the second half used)
     constexpr int QB = DP * BR * 128, KB = DP * 2 * BC * 128, VB = 2 * BC * D * 4;   // Qi's hi; a K, a V buffer
@@ -194,7 +194,7 @@ flash_fwd_wgmma_f32_ws(const float* __restrict__ Q, const float* __restrict__ K,
 
     extern __shared__ __align__(1024) unsigned char smem_raw[];
     unsigned char* Qs = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);   // hi, then lo at + QB
-    unsigned char* Ks = Qs + 2 * QB;   // buffer s at Ks + s KB: [D/32][2 BC][128 B], hi rows then lo rows
+    unsigned char* Ks = Qs + 2 * QB;   // buffer s at Ks + s KB: [DP][2 BC][128 B], hi rows then lo rows
     unsigned char* Vs = Ks + KST * KB; // buffer s at Vs + s VB: Vj^T's hi [BC/32][D][128 B], then its lo
     const unsigned q_base = smem_addr(Qs), k_base = smem_addr(Ks), v_base = smem_addr(Vs);
     const unsigned bar0 = smem_addr(Vs + VST * VB);
