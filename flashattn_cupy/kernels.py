@@ -19,6 +19,7 @@ from importlib import resources
 # every kernel (-ftz=true) and as all our kernels were measured and tested.
 NVRTC_OPTIONS = ("-std=c++17", "-ftz=true")
 SOURCES = {"flash_fwd_simt": "flash_fwd_simt.cu",   # kernel family -> file in csrc/
+           "flash_fwd_fma": "flash_fwd_fma.cu",
            "flash_fwd_mma": "flash_fwd_mma.cu",
            "flash_fwd_wgmma": "flash_fwd_wgmma.cu",
            "flash_fwd_wgmma_f32": "flash_fwd_wgmma_f32.cu",

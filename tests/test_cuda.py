@@ -352,3 +352,25 @@ def test_every_wgmma_f32_ws_tile_runs(cp, rng, D, tiles):
         _check(cp, q, k, v, window=(10, 10))             # a tile's rows see 1-2 key tiles of many
         assert plan_for(*(cp.asarray(x) for x in (q, k, v)), causal=True).kernel.startswith(
             "flash_fwd_wgmma_f32_ws<")
+
+
+@pytest.mark.parametrize("D, tiles", [(D, c) for D, candidates in planner.FMA_TILES for c in candidates])
+def test_every_fma_tile_runs(cp, rng, D, tiles):
+    """The register-tiled CUDA-core kernel (float32, fp32_kernel="simt"), each tile candidate at
+    its head-dim bound, planned for the shared memory it needs: ragged sizes with batch and heads,
+    causal or not, d at the bound and odd below it, rows that see no key, one row; then through the
+    API a window with softcap and ALiBi, grouped k/v heads and a negative scale."""
+    limit = planner.fma_smem_bytes(*tiles, D)
+    for d in (D, D - 27):
+        for causal in (False, True):
+            for Nq, Nk in ((300, 517), (517, 300), (1, 1000), (70, 5 * tiles[1] + 1)):
+                q, k, v = inputs(rng, (2, 3), Nq, Nk, d)
+                plan = _check_plan(cp, q, k, v, causal, smem_limit=limit, arch=80, fp32="simt")
+                assert plan.kernel == f"flash_fwd_fma<float, {D}, {tiles[0]}, {tiles[1]}, {int(causal)}>"
+    # through the API on this device (its own tile for D, when sm_80+)
+    q, k, v = inputs(rng, (2, 4), 190, 333, D - 8)
+    alibi = rng.uniform(0.05, 1.0, (2, 4)).astype(np.float32)
+    _check(cp, q, k, v, window=(60, 7), softcap=4.0, alibi_slopes=alibi, fp32_kernel="simt")
+    _check(cp, q, k[:, :2], v[:, :2], causal=True, softmax_scale=-0.2, fp32_kernel="simt")   # 2 q heads a k/v head
+    if int(cp.cuda.Device().compute_capability) >= planner.FMA_MIN_ARCH:
+        assert plan_for(*(cp.asarray(x) for x in (q, k, v)), fp32_kernel="simt").kernel.startswith("flash_fwd_fma<")

@@ -44,6 +44,9 @@ def test_every_plan_fits(limit, dtype, arch):
             elif "wgmma" in p.kernel:
                 assert p.smem_bytes == planner.wgmma_smem_bytes(p.Br, p.Bc, p.head_dim_bound)
                 assert p.threads == 2 * p.Br   # a warpgroup (128 threads) a 64-row slice
+            elif "flash_fwd_fma<" in p.kernel:
+                assert p.smem_bytes == planner.fma_smem_bytes(p.Br, p.Bc, p.head_dim_bound)
+                assert p.threads == 4 * p.Br   # (Br / 4) x 16
             elif "mma" in p.kernel:
                 itemsize = 4 if dtype == "float32" else 2
                 assert p.smem_bytes == planner.mma_smem_bytes(p.Br, p.Bc, p.head_dim_bound, itemsize)
@@ -65,7 +68,7 @@ def test_every_plan_fits(limit, dtype, arch):
     (75, "float32", "auto", "simt", 0), (75, "float16", "auto", "mma", 1), (75, "bfloat16", "auto", "simt", 0),
     (75, "float32", "tf32", "simt", 0),   # TF32 is allowed, not required: Turing has none
     (80, "float32", "auto", "mma", 3), (80, "float32", "3xtf32", "mma", 3), (80, "float32", "tf32", "mma", 1),
-    (90, "float32", "simt", "simt", 0), (80, "float16", "auto", "mma", 1), (86, "bfloat16", "auto", "mma", 1),
+    (90, "float32", "simt", "fma", 0), (80, "float16", "auto", "mma", 1), (86, "bfloat16", "auto", "mma", 1),
     (90, "bfloat16", "auto", "wgmma", 0), (90, "float16", "auto", "wgmma", 0), (90, "float32", "tf32", "mma", 1),
 ])
 def test_tensor_cores_where_the_device_has_them(arch, dtype, fp32, family, passes):
@@ -244,7 +247,7 @@ def test_wgmma_f32_only_as_3xtf32_at_its_bounds(wgmma_on):
             assert plan(1000, 1000, d, arch=90, fp32=fp32, **H100).kernel.startswith("flash_fwd_mma<")
         assert plan(1000, 1000, 64, arch=80, fp32=fp32, **H100).kernel.startswith("flash_fwd_mma<")
     assert plan(1000, 1000, 64, arch=90, fp32="tf32", **H100).kernel.startswith("flash_fwd_mma<")
-    assert plan(1000, 1000, 64, arch=90, fp32="simt", **H100).kernel.startswith("flash_fwd_simt<")
+    assert plan(1000, 1000, 64, arch=90, fp32="simt", **H100).kernel.startswith("flash_fwd_fma<")
     with pytest.raises(ValueError, match="float32 as 3xTF32"):
         plan(9, 9, 64, arch=90, fp32="tf32", wgmma=True, **H100)
 
@@ -262,3 +265,31 @@ def test_wgmma_can_be_forced_refused_or_turned_off():
             assert plan(9, 9, 64, arch=90, **half).kernel.startswith(family)
             assert plan(9, 9, 64, arch=90, wgmma=True, **half).kernel.startswith("flash_fwd_wgmma_ws<")
             assert plan(9, 9, 64, arch=90, wgmma=False, **half).kernel.startswith("flash_fwd_mma<")
+
+
+@pytest.mark.parametrize("arch", (80, 86, 90))
+def test_cuda_cores_run_the_register_tiled_kernel_where_it_fits(arch):
+    """float32 on the CUDA cores (fp32="simt") from sm_80: flash_fwd_fma.cu with the first of its
+    candidates that fits, (Br / 4) x 16 threads; where none fits, and on Turing (until the kernel
+    has been measured there), flash_fwd_simt.cu as before."""
+    for d in range(8, 257, 8):
+        D = planner.head_dim_bound(d)
+        for limit in LIMITS:
+            p = plan(1000, 777, d, smem_limit=limit, arch=arch, fp32="simt")
+            tiles = planner.fma_tiles(D, limit)
+            if tiles is None:
+                assert p.kernel.startswith("flash_fwd_simt<")
+                continue
+            assert p.kernel == f"flash_fwd_fma<float, {D}, {tiles[0]}, {tiles[1]}, 0>"
+            assert (p.Br, p.Bc, p.threads, p.grid) == (*tiles, 4 * tiles[0], (math.ceil(1000 / tiles[0]), 1, 1))
+            assert p.smem_bytes == planner.fma_smem_bytes(*tiles, D) <= limit
+            candidates = next(c for d_max, c in planner.FMA_TILES if D <= d_max)
+            assert tiles == next(t for t in candidates if planner.fma_smem_bytes(*t, D) <= limit)
+    # the sizes the tile table was chosen for; every candidate is what some device's limit gets
+    reached = {(p.head_dim_bound, p.Br, p.Bc) for limit in LIMITS for d in range(8, 257, 8)
+               if (p := plan(9, 9, d, smem_limit=limit, arch=arch, fp32="simt")).kernel.startswith("flash_fwd_fma<")}
+    assert {(D, *t) for D, c in planner.FMA_TILES for t in c} <= reached   # (at each candidate's largest D)
+    assert planner.fma_tiles(64, 227 * KB) == (64, 64) and planner.fma_tiles(128, 227 * KB) == (64, 32)
+    assert planner.fma_tiles(64, 48 * KB) == (64, 32) and planner.fma_tiles(128, 64 * KB) is None
+    assert planner.fma_tiles(256, 227 * KB) == (32, 32) and planner.fma_tiles(256, 99 * KB) is None
+    assert plan(512, 512, 64, smem_limit=48 * KB, arch=75).kernel.startswith("flash_fwd_simt<")   # the seed's
