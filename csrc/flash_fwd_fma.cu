@@ -48,7 +48,7 @@ __device__ __forceinline__ void load_transposed(float* t, const T* src, long lon
 }
 
 template <typename T, int D, int BR, int BC, int MASK>
-__global__ void __launch_bounds__(BR * 4)
+__global__ void __launch_bounds__(BR * 4, 2)   // two blocks an SM: at Br = 64, 128 registers a thread
 flash_fwd_fma(const T* __restrict__ Q, const T* __restrict__ K, const T* __restrict__ V,
               const float* __restrict__ alibi, const int* __restrict__ cu_q, const int* __restrict__ cu_k,
               T* __restrict__ O, float* __restrict__ L,
@@ -79,12 +79,11 @@ flash_fwd_fma(const T* __restrict__ Q, const T* __restrict__ K, const T* __restr
 
     for (int b = blk.b; b < B; b += gridDim.z)
     for (int h = blk.h; h < H; h += gridDim.y) {
-        const fa_seq sq = fa_seq::of(b, row0, Nq, Nk, cu_q, cu_k);
-        if (sq.rows <= 0) continue;   // varlen: a shorter sequence has no row in this tile
-        const int rows = min(BR, sq.rows), nk = sq.nk;
-        const fa_window win = fa_window::of(sq, win_left, win_right);
-        int j0 = 0, j1 = (nk + BC - 1) / BC;   // the key tiles some row of this tile sees
-        if (MASK) win.tiles(row0, rows, BC, j0, j1);
+        const fa_tile<MASK> tq = fa_tile<MASK>::of(b, row0, BR, BC, Nq, Nk, cu_q, cu_k, win_left, win_right);
+        if (tq.rows <= 0) continue;   // varlen: a shorter sequence has no row in this tile
+        const fa_seq& sq = tq.sq;
+        const fa_window& win = tq.win;
+        const int rows = tq.rows, nk = sq.nk, j0 = tq.j0, j1 = tq.j1;   // j0, j1: the key tiles some row sees
         const float slope = MASK == FA_MODS && alibi ? alibi[(long long)b * H + h] : 0.f;
         const T* Kbh = K + b * k_sb + (h / group) * k_sh + sq.k0 * k_sn;   // GQA: group q heads a k/v head
         const T* Vbh = V + b * v_sb + (h / group) * v_sh + sq.k0 * v_sn;
