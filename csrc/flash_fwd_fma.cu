@@ -35,6 +35,23 @@ __device__ __forceinline__ void lds(float (&x)[N], const float* p) {
     }
 }
 
+// acc[i][c] += sum over k < KN of A[k][i] B[k][c]: KN rank-1 updates from k-major shared tiles, a
+// vector of 4 from A (rows AP floats apart) and of N from B (BP apart) a step: the micro-kernel
+// of both products (Sij = Qi Kj^T over d, Oi += Pij Vj over the keys).
+template <int KN, int N, int AP, int BP>
+__device__ __forceinline__ void rank1_updates(float (&acc)[4][N], const float* A, const float* B) {
+#pragma unroll 4
+    for (int k = 0; k < KN; ++k) {
+        float a[4], b[N];
+        lds(a, A + k * AP);
+        lds(b, B + k * BP);
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+            for (int c = 0; c < N; ++c) acc[i][c] = fmaf(a[i], b[c], acc[i][c]);
+    }
+}
+
 // Rows [0, rows) of a strided tile of ROWS x D elements into a k-major shared tile t[D][ROWS + 4]
 // (transposed), times `mul`; zeros past `rows` and past d. Consecutive threads take consecutive
 // rows of one column: their shared stores are consecutive (one column's global reads are not, but
@@ -108,16 +125,7 @@ flash_fwd_fma(const T* __restrict__ Q, const T* __restrict__ K, const T* __restr
 
             // Line 8: Sij = Qi Kj^T, a 4 x CN tile a thread.
             float s[4][CN] = {};
-#pragma unroll 4
-            for (int k = 0; k < D; ++k) {
-                float a[4], bk[CN];
-                lds(a, Qt + k * BRP + 4 * ty);
-                lds(bk, Kt + k * BCP + CN * tx);
-#pragma unroll
-                for (int i = 0; i < 4; ++i)
-#pragma unroll
-                    for (int c = 0; c < CN; ++c) s[i][c] = fmaf(a[i], bk[c], s[i][c]);
-            }
+            rank1_updates<D, CN, BRP, BCP>(s, Qt + 4 * ty, Kt + CN * tx);
             // Score mods on every score; on edge tiles (keys past nk, rows the window cuts) the mask.
             const bool edge = col0 + BC > nk || (MASK && !win.covers(row0, BR, col0, BC));
 #pragma unroll
@@ -161,16 +169,7 @@ flash_fwd_fma(const T* __restrict__ Q, const T* __restrict__ K, const T* __restr
             __syncthreads();
 
             // Line 10: Oi += Pij Vj, a 4 x DN tile a thread.
-#pragma unroll 4
-            for (int k = 0; k < BC; ++k) {
-                float p[4], vk[DN];
-                lds(p, Pt + k * BRP + 4 * ty);
-                lds(vk, Vs + k * D + DN * tx);
-#pragma unroll
-                for (int i = 0; i < 4; ++i)
-#pragma unroll
-                    for (int c = 0; c < DN; ++c) o[i][c] = fmaf(p[i], vk[c], o[i][c]);
-            }
+            rank1_updates<BC, DN, BRP, D>(o, Pt + 4 * ty, Vs + DN * tx);
         }
 
         // Lines 12-15: Oi / li, and Li = mi ln 2 + ln li; a row with every key masked has li = 0:
