@@ -507,13 +507,16 @@ def plan(Nq: int, Nk: int, d: int, *, dtype: str = "float32", causal: bool = Fal
     ftiles = (wgmma_f32_tiles(D, smem_limit)
               if arch == WGMMA_ARCH and dtype == "float32" and fp32 in ("auto", "3xtf32") else None)
     wtiles = wgmma_tiles(D, smem_limit) if arch == WGMMA_ARCH and dtype in WGMMA_DTYPES else None
-    if wgmma and wtiles is None and ftiles is None:
+    # the warp-specialized fp32 kernel: d in 33..128 as the older one, its own bounds and tiles
+    Dw = wgmma_f32_ws_bound(d) if arch == WGMMA_ARCH and dtype == "float32" and fp32 in ("auto", "3xtf32") \
+        and d > 32 else None
+    fws = wgmma_f32_ws_tiles(Dw, smem_limit) if Dw is not None else None
+    if wgmma and wtiles is None and ftiles is None and fws is None:
         raise ValueError(f"the wgmma kernels (wgmma=True) need sm_{WGMMA_ARCH} (got sm_{arch}), "
                          f"{' or '.join(WGMMA_DTYPES)} or float32 as 3xTF32 (got {dtype}, fp32={fp32!r}) "
                          f"and d in 33..64 or 97..128 (float32 also 65..96; got {d})")
     if wgmma or (wgmma is None and WGMMA_BY_DEFAULT):   # fp32 (3xTF32) or fp16/bf16: at most one has tiles
-        Dw = wgmma_f32_ws_bound(d)
-        if ftiles is not None and Dw is not None and (fws := wgmma_f32_ws_tiles(Dw, smem_limit)) is not None:
+        if fws is not None and Dw is not None:
             (Bc, k_stages, v_stages), smem = fws, wgmma_f32_ws_smem_bytes(*fws, Dw)
             name = f"flash_fwd_wgmma_f32_ws<{Dw}, {Bc}, {k_stages}, {v_stages}, {mask}>"
             grid = (math.ceil(Nq / 128), min(heads, GRID_YZ_MAX), min(batch, GRID_YZ_MAX))
