@@ -169,18 +169,13 @@ __device__ __forceinline__ void wgmma_tf32_rs(float (&x)[N / 8][4], const unsign
         FA_WGMMA_TF32_RS("m64n128k8", FA_ACC64, "{%64, %65, %66, %67}", "68", "69", FA_ACC_OPS64(x));
 }
 
-// Warp specialization (flash_fwd_wgmma_ws.cu): mbarriers in shared memory (a 64-bit word each,
+// Warp specialization (flash_fwd_wgmma_f32_ws.cu): mbarriers in shared memory (a 64-bit word each,
 // 32-bit shared-space address), named barriers and the warpgroup register split.
 __device__ __forceinline__ void mbar_init(unsigned bar, unsigned count) {
     asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" :: "r"(bar), "r"(count) : "memory");
 }
 __device__ __forceinline__ void mbar_arrive(unsigned bar) {
     asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" :: "r"(bar) : "memory");
-}
-// One arrival, made when every cp.async this thread issued so far has landed (noinc: the arrival
-// is one of the count mbar_init set, not an extra one).
-__device__ __forceinline__ void mbar_arrive_cp_async(unsigned bar) {
-    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" :: "r"(bar) : "memory");
 }
 // Until the phase of this parity has completed; the phase before a barrier's first (parity 1 on
 // a fresh one) counts as completed, so a producer's first wait on a free buffer passes.

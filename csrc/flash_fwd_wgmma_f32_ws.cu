@@ -1,6 +1,6 @@
 // flash_fwd_wgmma_f32_ws.cu: FlashAttention-2 forward, Algorithm 1, for fp32 inputs as 3xTF32 on
 // Hopper's warpgroup MMA with warp specialization (sm_90a only): flash_fwd_wgmma_f32.cu's products
-// (each operand x = hi + lo in TF32; hi hi' + hi lo' + lo hi') on flash_fwd_wgmma_ws.cu's schedule.
+// (each operand x = hi + lo in TF32; hi hi' + hi lo' + lo hi').
 // fp32 accumulation, O and L fp32.
 //
 // In flash_fwd_wgmma_f32.cu every thread stops the MMAs for each tile's split and transpose, and

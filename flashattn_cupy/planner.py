@@ -117,10 +117,7 @@ WGMMA_TILES = ((64, ((2, 128), (2, 64))),
 # default with the fp16 wgmma kernel (WGMMA_BY_DEFAULT). As TF32 it lost to the mma kernel at d128
 # (125 against 155 TFLOP/s): not offered.
 WGMMA_F32_TILES = ((64, (2, 64)), (96, (2, 32)), (128, (2, 32)))
-# fp16/bf16 with warp specialization (csrc/flash_fwd_wgmma_ws.cu): a producer warpgroup and two
-# consumers, Br = 128, one block an SM; (D, (Bc, stages)). Where it fits it runs in place of
-# flash_fwd_wgmma.cu, whose WGMMA_TILES serve smaller shared memory.
-WGMMA_WS_TILES = ((64, (128, 2)), (128, (128, 2)))
+# a producer warpgroup and two consumers (the warp-specialized kernel below)
 WGMMA_WS_THREADS = 384
 # float32 (3xTF32) with warp specialization (csrc/flash_fwd_wgmma_f32_ws.cu): a producer warpgroup
 # that splits Qi, Kj and Vj (and transposes Vj) in registers, two consumers, Br = 128, one block an
@@ -259,12 +256,6 @@ def wgmma_f32_smem_bytes(Br: int, Bc: int, D: int) -> int:
     return 1024 + 4 * D * (2 * Br + 5 * Bc) + Bc * (4 * D + 16)
 
 
-def wgmma_ws_smem_bytes(Bc: int, stages: int, D: int) -> int:
-    """Exact dynamic shared memory of csrc/flash_fwd_wgmma_ws.cu: 1 KB of alignment slack, Qi
-    [128][D] and `stages` buffers of (Kj, Vj [Bc][D]) in 16-bit elements, then 2 + 4 stages mbarriers."""
-    return 1024 + 2 * D * (128 + 2 * stages * Bc) + 8 * (2 + 4 * stages)
-
-
 def wgmma_f32_ws_smem_bytes(Bc: int, k_stages: int, v_stages: int, D: int) -> int:
     """Exact dynamic shared memory of csrc/flash_fwd_wgmma_f32_ws.cu: 1 KB of alignment slack, in
     fp32 Qi [128][Dp] and its lo, `k_stages` buffers of Kj's hi and lo rows [2 Bc][Dp], `v_stages`
@@ -283,12 +274,6 @@ def wgmma_f32_ws_tiles(D: int, smem_limit: int) -> tuple[int, int, int] | None:
     """(Bc, Kj buffers, Vj buffers) of the warp-specialized fp32 kernel for D if it fits, None if not."""
     tiles = next((c for d_max, c in WGMMA_F32_WS_TILES if D == d_max), None)
     return tiles if tiles and wgmma_f32_ws_smem_bytes(*tiles, D) <= smem_limit else None
-
-
-def wgmma_ws_tiles(D: int, smem_limit: int) -> tuple[int, int] | None:
-    """(Bc, stages) of the warp-specialized fp16/bf16 kernel for D if it fits, None if not."""
-    tiles = next((c for d_max, c in WGMMA_WS_TILES if D == d_max), None)
-    return tiles if tiles and wgmma_ws_smem_bytes(tiles[0], tiles[1], D) <= smem_limit else None
 
 
 def wgmma_f32_tiles(D: int, smem_limit: int) -> tuple[int, int] | None:
@@ -452,9 +437,9 @@ def plan(Nq: int, Nk: int, d: int, *, dtype: str = "float32", causal: bool = Fal
     the current device when None and needed), for the number of key splits when decoding.
     decode: split-KV decoding (csrc/flash_decode.cu): None chooses it when use_decode() says it
     pays (while DECODE_BY_DEFAULT is on), True asks for it (a ValueError where it cannot run),
-    False never. wgmma: Hopper's warpgroup-MMA kernels (csrc/flash_fwd_wgmma_ws.cu for fp16/bf16,
-    or csrc/flash_fwd_wgmma.cu where its shared memory does not fit; csrc/flash_fwd_wgmma_f32.cu
-    for float32 as 3xTF32) in place of the mma.sync one: None where
+    False never. wgmma: Hopper's warpgroup-MMA kernels (csrc/flash_fwd_wgmma.cu for fp16/bf16,
+    csrc/flash_fwd_wgmma_f32_ws.cu for float32 as 3xTF32, or csrc/flash_fwd_wgmma_f32.cu where
+    its shared memory does not fit) in place of the mma.sync one: None where
     they can run (while WGMMA_BY_DEFAULT is on), True asks for them (a ValueError where they
     cannot), False never. page: when decoding reads a paged KV cache
     (kvcache.py), its keys a page, which the decoding tile depends on (decode_tiles); 0 otherwise.
@@ -525,12 +510,6 @@ def plan(Nq: int, Nk: int, d: int, *, dtype: str = "float32", causal: bool = Fal
         if ftiles is not None:
             (groups, Bc), smem = ftiles, wgmma_f32_smem_bytes(64 * ftiles[0], ftiles[1], D)
             name = f"flash_fwd_wgmma_f32<{D}, {groups}, {Bc}, {mask}>"
-        elif wtiles is not None and (ws := wgmma_ws_tiles(D, smem_limit)) is not None:
-            (Bc, stages), smem = ws, wgmma_ws_smem_bytes(ws[0], ws[1], D)
-            name = f"flash_fwd_wgmma_ws<{CUDA_TYPES[dtype]}, {D}, {Bc}, {stages}, {mask}>"
-            grid = (math.ceil(Nq / 128), min(heads, GRID_YZ_MAX), min(batch, GRID_YZ_MAX))
-            return Plan("cuda", name, dtype, d, D, 128, Bc, causal, mask, WGMMA_WS_THREADS, grid, smem,
-                        smem_limit)
         elif wtiles is not None:
             (groups, Bc), smem = wtiles, wgmma_smem_bytes(64 * wtiles[0], wtiles[1], D)
             name = f"flash_fwd_wgmma<{CUDA_TYPES[dtype]}, {D}, {groups}, {Bc}, {mask}>"

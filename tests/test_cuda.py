@@ -205,36 +205,6 @@ def test_every_wgmma_tile_runs(cp, rng, D, tiles):
             _check_plan(cp, q, k, v, causal, smem_limit=limit, arch=90, wgmma=True)
 
 
-@pytest.mark.parametrize("D, tiles", planner.WGMMA_WS_TILES)
-def test_every_wgmma_ws_tile_runs(cp, rng, D, tiles):
-    """The warp-specialized fp16/bf16 kernel at each head-dim bound, planned for the shared memory
-    it needs: ragged sizes with batch and heads (several key tiles, the ring wrapping), causal or
-    not, d at the bound and odd below it (element-wise loads), rows that see no key, one key tile,
-    no full key tile; then through the API a window with softcap and ALiBi, a negative scale
-    (each consumer negates its rows of Qi), grouped k/v heads and a window no row of a tile sees."""
-    if cp.cuda.Device().compute_capability != "90":
-        pytest.skip("the wgmma kernels run on sm_90 only")
-    Bc, stages = tiles
-    limit = planner.wgmma_ws_smem_bytes(Bc, stages, D)
-    for dtype, d in (("float16", D), ("bfloat16", D - 27)):
-        for causal in (False, True):
-            for Nq, Nk in ((300, 517), (517, 300), (130, 100), (1, 1000), (129, 5 * Bc + 1)):
-                q, k, v = inputs(rng, (2, 3), Nq, Nk, d, dtype=_dtype(dtype))
-                plan = _check_plan(cp, q, k, v, causal, smem_limit=limit, arch=90, wgmma=True, decode=False)
-                assert plan.kernel == f"flash_fwd_wgmma_ws<{planner.CUDA_TYPES[dtype]}, {D}, {Bc}, {stages}, {int(causal)}>"
-    with planner.wgmma_default(True):
-        for dtype in ("float16", "bfloat16"):
-            q, k, v = inputs(rng, (2, 4), 190, 333, D - 8, dtype=_dtype(dtype))
-            alibi = rng.uniform(0.05, 1.0, (2, 4)).astype(np.float32)
-            _check(cp, q, k, v, window=(60, 7), softcap=4.0, alibi_slopes=alibi)
-            _check(cp, q, k, v, causal=True, softmax_scale=-0.2)
-            _check(cp, q, k, v, window=(0, 0))
-            q, k, v = inputs(rng, (2, 4), 300, 700, D, dtype=_dtype(dtype))
-            _check(cp, q, k[:, :2], v[:, :2], causal=True)   # 2 q heads a k/v head
-            _check(cp, q, k, v, window=(10, 10))             # a tile's rows see 1-2 key tiles of 6
-            assert plan_for(*(cp.asarray(x) for x in (q, k, v)), causal=True).kernel.startswith("flash_fwd_wgmma_ws<")
-
-
 @pytest.mark.parametrize("dtype, wgmma", [("float16", True), ("float16", False), ("float32", True),
                                           ("float32", False)])
 def test_blocks_stride_over_heads_past_the_grid(cp, rng, dtype, wgmma):

@@ -37,10 +37,6 @@ def test_every_plan_fits(limit, dtype, arch):
             elif "wgmma_f32" in p.kernel:
                 assert p.smem_bytes == planner.wgmma_f32_smem_bytes(p.Br, p.Bc, p.head_dim_bound)
                 assert p.threads == 2 * p.Br
-            elif "wgmma_ws" in p.kernel:
-                stages = int(p.kernel.split(", ")[3])
-                assert p.smem_bytes == planner.wgmma_ws_smem_bytes(p.Bc, stages, p.head_dim_bound)
-                assert (p.Br, p.threads) == (128, 384)   # a producer warpgroup and two consumers
             elif "wgmma" in p.kernel:
                 assert p.smem_bytes == planner.wgmma_smem_bytes(p.Br, p.Bc, p.head_dim_bound)
                 assert p.threads == 2 * p.Br   # a warpgroup (128 threads) a 64-row slice
@@ -102,8 +98,7 @@ def test_larger_devices_get_larger_tiles():
     assert plan(4096, 4096, 64, smem_limit=227 * KB, arch=90, fp32="simt").Br == 64
     assert plan(4096, 4096, 256, smem_limit=48 * KB, arch=90, fp32="simt").Br == 8
     half = dict(dtype="float16", arch=90)
-    assert plan(4096, 4096, 128, smem_limit=227 * KB, wgmma=True, **half).Bc == 128   # warp-specialized
-    assert plan(4096, 4096, 128, smem_limit=160 * KB, wgmma=True, **half).Bc == 64    # two blocks an SM
+    assert plan(4096, 4096, 128, smem_limit=227 * KB, wgmma=True, **half).Bc == 64   # two blocks an SM
     assert plan(4096, 4096, 64, smem_limit=227 * KB, wgmma=False, **half).Br == 128
     assert plan(4096, 4096, 256, smem_limit=48 * KB, **half).Bc == 16
 
@@ -178,31 +173,26 @@ def wgmma_on():
 
 def test_wgmma_only_where_it_runs(wgmma_on):
     """Hopper's wgmma kernels (when on by default): sm_90 exactly (sm_90a instructions, not carried
-    to later GPUs), fp16/bf16, head-dim bounds 64 and 128, the warp-specialized one where it fits
-    (an H100's limit); elsewhere the mma kernel, as with wgmma=False."""
+    to later GPUs), fp16/bf16, head-dim bounds 64 and 128; elsewhere the mma kernel, as with
+    wgmma=False."""
     H100 = dict(smem_limit=227 * KB, batch=2, heads=4)
     for dtype in ("float16", "bfloat16"):
         for d in (33, 64, 97, 128):
             p = plan(1000, 1000, d, dtype=dtype, arch=90, **H100)
-            Bc, stages = dict(planner.WGMMA_WS_TILES)[p.head_dim_bound]
-            assert planner.wgmma_ws_tiles(p.head_dim_bound, H100["smem_limit"]) == (Bc, stages)
-            assert p.kernel == f"flash_fwd_wgmma_ws<{planner.CUDA_TYPES[dtype]}, {p.head_dim_bound}, {Bc}, {stages}, 0>"
-            assert (p.Br, p.Bc, p.threads, p.grid) == (128, Bc, 384, (8, 4, 2))
+            tiles = planner.wgmma_tiles(p.head_dim_bound, H100["smem_limit"])
+            assert tiles == next(c for D, c in planner.WGMMA_TILES if D == p.head_dim_bound)[0]   # the first fits
+            assert p.kernel == f"flash_fwd_wgmma<{planner.CUDA_TYPES[dtype]}, {p.head_dim_bound}, {tiles[0]}, {tiles[1]}, 0>"
+            assert (p.Br, p.Bc, p.threads) == (64 * tiles[0], tiles[1], 128 * tiles[0])
             assert plan(1000, 1000, d, dtype=dtype, arch=90, wgmma=False, **H100).kernel.startswith("flash_fwd_mma<")
         for d in (32, 96, 160, 256):
             assert plan(1000, 1000, d, dtype=dtype, arch=90, **H100).kernel.startswith("flash_fwd_mma<")
         for arch in (80, 89, 100, 120):
             assert plan(1000, 1000, 64, dtype=dtype, arch=arch, **H100).kernel.startswith("flash_fwd_mma<")
     assert plan(1000, 1000, 64, arch=90, **H100).kernel.startswith("flash_fwd_wgmma_f32_ws<")   # fp32: 3xTF32
-    # below the warp-specialized kernel's need, each candidate of flash_fwd_wgmma.cu is what some
-    # smaller limit gets (each needs less than those before it), then none: mma
+    # each candidate is what some smaller limit gets (each needs less than those before it), then none: mma
     for D, candidates in planner.WGMMA_TILES:
-        ws = planner.wgmma_ws_smem_bytes(*dict(planner.WGMMA_WS_TILES)[D], D)
-        assert plan(9, 9, D, dtype="float16", arch=90, smem_limit=ws).kernel.startswith("flash_fwd_wgmma_ws<")
-        assert ws <= 227 * KB - 1024   # one block an SM
         for groups, Bc in candidates:
             limit = planner.wgmma_smem_bytes(64 * groups, Bc, D)
-            assert limit < ws
             first = next(c for c in candidates if planner.wgmma_smem_bytes(64 * c[0], c[1], D) <= limit)
             assert first == (groups, Bc), "a candidate no limit reaches: drop it"
             p = plan(9, 9, D, dtype="float16", arch=90, smem_limit=limit)
@@ -258,12 +248,12 @@ def test_wgmma_can_be_forced_refused_or_turned_off():
         plan(9, 9, 64, arch=80, wgmma=True, **half)
     with pytest.raises(ValueError, match="d in 33..64 or 97..128"):
         plan(9, 9, 80, arch=90, wgmma=True, **half)
-    assert plan(9, 9, 64, arch=90, wgmma=True, **half).kernel.startswith("flash_fwd_wgmma_ws<")
+    assert plan(9, 9, 64, arch=90, wgmma=True, **half).kernel.startswith("flash_fwd_wgmma<")
     for on in (False, True):
         with planner.wgmma_default(on):
-            family = "flash_fwd_wgmma_ws<" if on else "flash_fwd_mma<"
+            family = "flash_fwd_wgmma<" if on else "flash_fwd_mma<"
             assert plan(9, 9, 64, arch=90, **half).kernel.startswith(family)
-            assert plan(9, 9, 64, arch=90, wgmma=True, **half).kernel.startswith("flash_fwd_wgmma_ws<")
+            assert plan(9, 9, 64, arch=90, wgmma=True, **half).kernel.startswith("flash_fwd_wgmma<")
             assert plan(9, 9, 64, arch=90, wgmma=False, **half).kernel.startswith("flash_fwd_mma<")
 
 
