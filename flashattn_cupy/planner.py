@@ -24,9 +24,10 @@ MMA_HEAD_DIM_STEP = 16     # ... or of this for the mma kernel, whose MMAs are 1
 TILE_CANDIDATES = (64, 32, 16, 8)   # Br = Bc, largest first
 # The register-tiled CUDA-core kernel (csrc/flash_fwd_fma.cu): (largest D, (Br, Bc) candidates,
 # best first); (Br / 4) x 16 threads. Tiles for two or more blocks an SM on an A100 / H100 (67 KB
-# at d <= 64, 78 KB at d <= 128; 42.5 KB at d <= 64 within 48 KB). Not yet measured on a GPU:
-# until it is, it serves sm_80 and later (float32 with fp32="simt") and Turing keeps
-# flash_fwd_simt.cu (the seed's configuration; a T4 would want (32, 32) at d <= 128, 56.5 KB).
+# at d <= 64, 78 KB at d <= 128; 42.5 KB at d <= 64 within 48 KB). Measured on an H200 only
+# (2026-12-05: 3-4.5x flash_fwd_simt.cu): it serves sm_80 and later (float32 with fp32="simt"),
+# Turing keeps flash_fwd_simt.cu (the seed's configuration; a T4 would want (32, 32) at d <= 128,
+# 56.5 KB) until it has run on one.
 FMA_TILES = ((64, ((64, 64), (64, 32))), (128, ((64, 32),)), (256, ((32, 32),)))
 FMA_MIN_ARCH = 80
 # The C twin's tiles (Br, Bc) by head dim. Measured with one thread, float32, on the 2-core
@@ -123,7 +124,9 @@ WGMMA_WS_THREADS = 384
 # that splits Qi, Kj and Vj (and transposes Vj) in registers, two consumers, Br = 128, one block an
 # SM, WGMMA_WS_THREADS threads; (D, (Bc, Kj buffers, Vj buffers)): at d = 128 Qi's hi and lo take
 # 128 KB, so Vj has one buffer. Where it fits it runs in place of flash_fwd_wgmma_f32.cu (its
-# WGMMA_F32_TILES then serve smaller shared memory). Not yet measured on a GPU.
+# WGMMA_F32_TILES then serve smaller shared memory). H200, 2026-12-05, B4 H16 N4k dense: d128
+# 79.5 TFLOP/s (flash_fwd_wgmma_f32.cu 67.3), d64 75.0 (70.3), d96 78.5 (63.6), d40 at 48: 51.9
+# (44.0 at 64).
 # Its bounds go in steps of 16 where that pays: d in 33..48 computes 48 columns, not 64 (issue 4:
 # d = 40 ran at 0.63x d = 64's rate at the bound 64).
 # (48, 64): 64-key tiles made ptxas spill and (at 48) serialize the MMAs for want of registers.
