@@ -125,8 +125,8 @@ WGMMA_WS_THREADS = 384
 # SM, WGMMA_WS_THREADS threads; (D, (Bc, Kj buffers, Vj buffers)): at d = 128 Qi's hi and lo take
 # 128 KB, so Vj has one buffer. Where it fits it runs in place of flash_fwd_wgmma_f32.cu (its
 # WGMMA_F32_TILES then serve smaller shared memory). H200, 2026-12-05, B4 H16 N4k dense: d128
-# 79.5 TFLOP/s (flash_fwd_wgmma_f32.cu 67.3), d64 75.0 (70.3), d96 78.5 (63.6), d40 at 48: 51.9
-# (44.0 at 64).
+# 81.8 TFLOP/s (flash_fwd_wgmma_f32.cu 67.3), d64 77.7 (70.3); before the kernel's score groups
+# of 4 k-steps (2: 79.5 and 75.0) d96 78.5 (63.6), d40 at 48: 51.9 (44.0 at 64).
 # Its bounds go in steps of 16 where that pays: d in 33..48 computes 48 columns, not 64 (issue 4:
 # d = 40 ran at 0.63x d = 64's rate at the bound 64).
 # (48, 64): 64-key tiles made ptxas spill and (at 48) serialize the MMAs for want of registers.
