@@ -106,7 +106,7 @@ __device__ __forceinline__ void wgmma_rs(float (&x)[N / 8][4], const unsigned (&
         FA_WGMMA_RS("m64n128k16", "f16", FA_ACC64, "{%64, %65, %66, %67}", "68", "69", FA_ACC_OPS64(x));
 }
 
-// TF32 (fp32 operands, their low 13 bits ignored by the tensor core; flash_fwd_wgmma_f32.cu):
+// TF32 (fp32 operands, their low 13 bits ignored by the tensor core; flash_fwd_wgmma_f32_ws.cu):
 // m64nNk8, both operands K-major (wgmma transposes 16-bit types only), so Vj goes to shared
 // memory transposed. A k-step
 // is 8 floats, 32 bytes: the same bytes into a 128-byte panel row as a 16-bit k-step of 16.

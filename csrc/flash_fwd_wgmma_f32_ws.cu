@@ -1,14 +1,15 @@
 // flash_fwd_wgmma_f32_ws.cu: FlashAttention-2 forward, Algorithm 1, for fp32 inputs as 3xTF32 on
-// Hopper's warpgroup MMA with warp specialization (sm_90a only): flash_fwd_wgmma_f32.cu's products
-// (each operand x = hi + lo in TF32; hi hi' + hi lo' + lo hi').
-// fp32 accumulation, O and L fp32.
+// Hopper's warpgroup MMA with warp specialization (sm_90a only): each operand x = hi + lo in TF32
+// (fa_mma.cuh's split, the mma kernel's products: hi hi' + hi lo' + lo hi'), fp32 accumulation,
+// O and L fp32.
 //
-// In flash_fwd_wgmma_f32.cu every thread stops the MMAs for each tile's split and transpose, and
-// its shared memory (raw tiles beside the split ones) holds one block of 128 rows. Here:
+// TF32 wgmma reads K-major operands only, so Vj must be transposed, and every operand split:
+// where the whole block does that between its MMAs (the kernel this one replaced, in git history,
+// 67 TFLOP/s at d = 128 on an H200 against 82 here) the tensor cores wait for it, and shared
+// memory holds raw tiles beside split ones. Here:
 // - Warpgroup 0, the producer (PREGS registers a thread), loads Qi, Kj and Vj from global memory
 //   into registers, splits them there and stores only the split tiles: Qi's hi and lo; Kj's hi
-//   and lo rows stacked in one tile of 2 BC rows; Vj transposed (TF32 wgmma reads K-major
-//   operands only) into Vj^T's hi and lo. No raw copy lands in shared memory: half the stores and
+//   and lo rows stacked in one tile of 2 BC rows; Vj transposed into Vj^T's hi and lo. No raw copy lands in shared memory: half the stores and
 //   reads of a staged copy. Each stored tile reports to an mbarrier (fence.proxy.async first: the
 //   stores are generic-proxy writes read by wgmma). Kj and Vj have rings of KST and VST buffers.
 // - Warpgroups 1 and 2, the consumers (CREGS registers), own 64 of the BR = 128 rows each:
@@ -19,7 +20,7 @@
 //     Sij's softmax    while the other consumer's MMAs run (they take turns issuing Sij's MMAs:
 //                      two named barriers);
 //     Oi += Pij Vj     Pij split in registers, three m64nDk8 from registers against Vj^T's hi and
-//                      lo, into a fresh accumulator added to Oi (as flash_fwd_wgmma_f32.cu).
+//                      lo, into a fresh accumulator added to Oi in fp32 round-to-nearest.
 //   Kj is freed as soon as Sij has landed, Vj once Pij Vj has.
 // Row work, masks, scale handling, the causal order and the argument list are those of the other
 // kernels: the planner swaps one for another.

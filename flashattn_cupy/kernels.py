@@ -22,14 +22,12 @@ SOURCES = {"flash_fwd_simt": "flash_fwd_simt.cu",   # kernel family -> file in c
            "flash_fwd_fma": "flash_fwd_fma.cu",
            "flash_fwd_mma": "flash_fwd_mma.cu",
            "flash_fwd_wgmma": "flash_fwd_wgmma.cu",
-           "flash_fwd_wgmma_f32": "flash_fwd_wgmma_f32.cu",
            "flash_fwd_wgmma_f32_ws": "flash_fwd_wgmma_f32_ws.cu",
            "flash_decode": "flash_decode.cu",
            "flash_decode_combine": "flash_decode.cu"}
 # Families built for an arch-specific target: wgmma exists on sm_90a alone (a cubin for sm_90a
 # runs on compute capability 9.0 only, which is where the planner picks it).
-ARCH_TARGETS = {"flash_fwd_wgmma": "sm_90a", "flash_fwd_wgmma_f32": "sm_90a",
-                "flash_fwd_wgmma_f32_ws": "sm_90a"}
+ARCH_TARGETS = {"flash_fwd_wgmma": "sm_90a", "flash_fwd_wgmma_f32_ws": "sm_90a"}
 MAX_DYNAMIC_SHARED_SIZE_BYTES = 8   # CUfunction_attribute's value in cuda.h (the driver's ABI)
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*(//.*)?$', re.MULTILINE)   # a comment may follow
 

@@ -109,24 +109,17 @@ WGMMA_ARCH = 90
 WGMMA_DTYPES = ("float16", "bfloat16")
 WGMMA_TILES = ((64, ((2, 128), (2, 64))),
                (128, ((2, 64), (1, 64))))
-# float32 as 3xTF32 on the warpgroup MMA (csrc/flash_fwd_wgmma_f32.cu), head-dim bounds 64, 96
-# and 128 (d in 33..128), where fp32 runs on the tensor cores ("auto", "3xtf32"; plain TF32 keeps the mma kernel):
-# (D, (warpgroups, Bc)), one block an SM (Qi's and the tiles' lo beside them). H200, 2026-12-04,
-# TFLOP/s at B4 H16 N4k, dense / causal: d128 (2, 32) 67.2 / 65.0, d64 (2, 64) 69.7 / 65.6 (the
-# mma kernel 51.6 / 51.0 and 55.9 / 53.6); d64 (2, 32) 56.1 / 53.9, (1, 64) 39.9 / 37.8; d96
-# (2, 32) 63.1 dense (the mma kernel 51.4; (2, 64) does not fit). On by
-# default with the fp16 wgmma kernel (WGMMA_BY_DEFAULT). As TF32 it lost to the mma kernel at d128
-# (125 against 155 TFLOP/s): not offered.
-WGMMA_F32_TILES = ((64, (2, 64)), (96, (2, 32)), (128, (2, 32)))
 # a producer warpgroup and two consumers (the warp-specialized kernel below)
 WGMMA_WS_THREADS = 384
-# float32 (3xTF32) with warp specialization (csrc/flash_fwd_wgmma_f32_ws.cu): a producer warpgroup
-# that splits Qi, Kj and Vj (and transposes Vj) in registers, two consumers, Br = 128, one block an
-# SM, WGMMA_WS_THREADS threads; (D, (Bc, Kj buffers, Vj buffers)): at d = 128 Qi's hi and lo take
-# 128 KB, so Vj has one buffer. Where it fits it runs in place of flash_fwd_wgmma_f32.cu (its
-# WGMMA_F32_TILES then serve smaller shared memory). H200, 2026-12-05, B4 H16 N4k dense: d128
-# 81.8 TFLOP/s (flash_fwd_wgmma_f32.cu 67.3), d64 77.7 (70.3); before the kernel's score groups
-# of 4 k-steps (2: 79.5 and 75.0) d96 78.5 (63.6), d40 at 48: 51.9 (44.0 at 64).
+# float32 as 3xTF32 on the warpgroup MMA with warp specialization (csrc/flash_fwd_wgmma_f32_ws.cu),
+# where fp32 runs on the tensor cores ("auto", "3xtf32"; plain TF32 keeps the mma kernel, which ran
+# it faster): a producer warpgroup that splits Qi, Kj and Vj (and transposes Vj) in registers, two
+# consumers, Br = 128, one block an SM, WGMMA_WS_THREADS threads; (D, (Bc, Kj buffers, Vj buffers)):
+# at d = 128 Qi's hi and lo take 128 KB, so Vj has one buffer. On by default with the fp16 wgmma
+# kernel (WGMMA_BY_DEFAULT). H200, 2026-12-05, B4 H16 N4k dense: d128 81.8 TFLOP/s, d64 77.7 (the
+# mma kernel 51.6 and 55.9; flash_fwd_wgmma_f32.cu, the kernel it replaced, 67.3 and 70.3: one
+# block of two warpgroups an SM splitting and transposing the tiles between the MMAs, in git
+# history); before the score groups of 4 k-steps d96 78.5, d40 at 48: 51.9 (44.0 at 64).
 # Its bounds go in steps of 16 where that pays: d in 33..48 computes 48 columns, not 64 (issue 4:
 # d = 40 ran at 0.63x d = 64's rate at the bound 64).
 # (48, 64): 64-key tiles made ptxas spill and (at 48) serialize the MMAs for want of registers.
@@ -252,13 +245,6 @@ def wgmma_smem_bytes(Br: int, Bc: int, D: int) -> int:
     return 1024 + 2 * D * (Br + 4 * Bc)
 
 
-def wgmma_f32_smem_bytes(Br: int, Bc: int, D: int) -> int:
-    """Exact dynamic shared memory of csrc/flash_fwd_wgmma_f32.cu: 1 KB of alignment slack, in
-    fp32 Qi [Br][D] and its lo, two raw Kj [Bc][D] and one lo, Vj^T [D][Bc] and its lo, and
-    Vj's staging buffer [Bc][D + 4]."""
-    return 1024 + 4 * D * (2 * Br + 5 * Bc) + Bc * (4 * D + 16)
-
-
 def wgmma_f32_ws_smem_bytes(Bc: int, k_stages: int, v_stages: int, D: int) -> int:
     """Exact dynamic shared memory of csrc/flash_fwd_wgmma_f32_ws.cu: 1 KB of alignment slack, in
     fp32 Qi [128][Dp] and its lo, `k_stages` buffers of Kj's hi and lo rows [2 Bc][Dp], `v_stages`
@@ -277,12 +263,6 @@ def wgmma_f32_ws_tiles(D: int, smem_limit: int) -> tuple[int, int, int] | None:
     """(Bc, Kj buffers, Vj buffers) of the warp-specialized fp32 kernel for D if it fits, None if not."""
     tiles = next((c for d_max, c in WGMMA_F32_WS_TILES if D == d_max), None)
     return tiles if tiles and wgmma_f32_ws_smem_bytes(*tiles, D) <= smem_limit else None
-
-
-def wgmma_f32_tiles(D: int, smem_limit: int) -> tuple[int, int] | None:
-    """(warpgroups, Bc) of the fp32 wgmma kernel for D if it fits, None if not (or D has none)."""
-    tiles = next((c for d_max, c in WGMMA_F32_TILES if D == d_max), None)
-    return tiles if tiles and wgmma_f32_smem_bytes(64 * tiles[0], tiles[1], D) <= smem_limit else None
 
 
 def wgmma_tiles(D: int, smem_limit: int) -> tuple[int, int] | None:
@@ -441,8 +421,7 @@ def plan(Nq: int, Nk: int, d: int, *, dtype: str = "float32", causal: bool = Fal
     decode: split-KV decoding (csrc/flash_decode.cu): None chooses it when use_decode() says it
     pays (while DECODE_BY_DEFAULT is on), True asks for it (a ValueError where it cannot run),
     False never. wgmma: Hopper's warpgroup-MMA kernels (csrc/flash_fwd_wgmma.cu for fp16/bf16,
-    csrc/flash_fwd_wgmma_f32_ws.cu for float32 as 3xTF32, or csrc/flash_fwd_wgmma_f32.cu where
-    its shared memory does not fit) in place of the mma.sync one: None where
+    csrc/flash_fwd_wgmma_f32_ws.cu for float32 as 3xTF32) in place of the mma.sync one: None where
     they can run (while WGMMA_BY_DEFAULT is on), True asks for them (a ValueError where they
     cannot), False never. page: when decoding reads a paged KV cache
     (kvcache.py), its keys a page, which the decoding tile depends on (decode_tiles); 0 otherwise.
@@ -492,17 +471,16 @@ def plan(Nq: int, Nk: int, d: int, *, dtype: str = "float32", causal: bool = Fal
             return _decode_plan(Nq, Nk, d, D, dtype, causal, mask, batch, heads, group, dtiles,
                                 smem_limit, sm_count)
     passes = 1 if fp32 == "tf32" else 3
-    ftiles = (wgmma_f32_tiles(D, smem_limit)
-              if arch == WGMMA_ARCH and dtype == "float32" and fp32 in ("auto", "3xtf32") else None)
     wtiles = wgmma_tiles(D, smem_limit) if arch == WGMMA_ARCH and dtype in WGMMA_DTYPES else None
-    # the warp-specialized fp32 kernel: d in 33..128 as the older one, its own bounds and tiles
+    # the fp32 kernel: d in 33..128, its own bounds and tiles
     Dw = wgmma_f32_ws_bound(d) if arch == WGMMA_ARCH and dtype == "float32" and fp32 in ("auto", "3xtf32") \
         and d > 32 else None
     fws = wgmma_f32_ws_tiles(Dw, smem_limit) if Dw is not None else None
-    if wgmma and wtiles is None and ftiles is None and fws is None:
+    if wgmma and wtiles is None and fws is None:
         raise ValueError(f"the wgmma kernels (wgmma=True) need sm_{WGMMA_ARCH} (got sm_{arch}), "
                          f"{' or '.join(WGMMA_DTYPES)} or float32 as 3xTF32 (got {dtype}, fp32={fp32!r}) "
-                         f"and d in 33..64 or 97..128 (float32 also 65..96; got {d})")
+                         f"and d in 33..64 or 97..128 (float32 also 65..96; got {d}), with tiles that fit "
+                         f"{smem_limit} bytes of shared memory a block")
     if wgmma or (wgmma is None and WGMMA_BY_DEFAULT):   # fp32 (3xTF32) or fp16/bf16: at most one has tiles
         if fws is not None and Dw is not None:
             (Bc, k_stages, v_stages), smem = fws, wgmma_f32_ws_smem_bytes(*fws, Dw)
@@ -510,13 +488,9 @@ def plan(Nq: int, Nk: int, d: int, *, dtype: str = "float32", causal: bool = Fal
             grid = (math.ceil(Nq / 128), min(heads, GRID_YZ_MAX), min(batch, GRID_YZ_MAX))
             return Plan("cuda", name, dtype, d, Dw, 128, Bc, causal, mask, WGMMA_WS_THREADS, grid, smem,
                         smem_limit)
-        if ftiles is not None:
-            (groups, Bc), smem = ftiles, wgmma_f32_smem_bytes(64 * ftiles[0], ftiles[1], D)
-            name = f"flash_fwd_wgmma_f32<{D}, {groups}, {Bc}, {mask}>"
-        elif wtiles is not None:
+        if wtiles is not None:
             (groups, Bc), smem = wtiles, wgmma_smem_bytes(64 * wtiles[0], wtiles[1], D)
             name = f"flash_fwd_wgmma<{CUDA_TYPES[dtype]}, {D}, {groups}, {Bc}, {mask}>"
-        if ftiles is not None or wtiles is not None:
             grid = (math.ceil(Nq / (64 * groups)), min(heads, GRID_YZ_MAX), min(batch, GRID_YZ_MAX))
             return Plan("cuda", name, dtype, d, D, 64 * groups, Bc, causal, mask, 128 * groups, grid, smem,
                         smem_limit)
@@ -577,9 +551,10 @@ def cuda_variants(smem_limit: int, arch: int) -> list[str]:
                 for fp32 in (FP32_MODES if dtype == "float32" else ("auto",)):
                     if fp32 == "3xtf32" and arch < 80:
                         continue
+                    Dw = wgmma_f32_ws_bound(d) if d > 32 else None
                     can_wgmma = arch == WGMMA_ARCH and (
                         wgmma_tiles(head_dim_bound(d), smem_limit) if dtype in WGMMA_DTYPES else
-                        fp32 in ("auto", "3xtf32") and wgmma_f32_tiles(head_dim_bound(d), smem_limit))
+                        fp32 in ("auto", "3xtf32") and Dw is not None and wgmma_f32_ws_tiles(Dw, smem_limit))
                     for wgmma in (True, False) if can_wgmma else (False,):   # whatever the default
                         names.add(plan(1, 1, d, dtype=dtype, window=mask >= 1, score_mod=mask == 2,
                                        smem_limit=smem_limit, arch=arch, fp32=fp32, wgmma=wgmma).kernel)

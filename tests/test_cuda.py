@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from cases import HEAD_DIMS, inputs, size_cases
-from flashattn_cupy import _cuda_backend, api, flash_attention, plan_for, planner, reference
+from flashattn_cupy import _cuda_backend, flash_attention, plan_for, planner, reference
 from flashattn_cupy._validate import validate
 from tolerances import assert_attention_close, bounds, kernel_rounding
 
@@ -30,24 +30,6 @@ def _check(cp, q, k, v, allow_tf32=False, fp32_kernel="auto", **kw):
                                   **kernel_rounding(plan_for(*args, **kw, **fp32)))
 
 
-def _forget_plans():
-    """Drop the plans and calls the planner and the API keep (neither keys on a kernel's tiles)."""
-    planner.cached_plan.cache_clear()
-    api._CALLS.clear()
-    api._GROWING.clear()
-
-
-@pytest.fixture
-def no_f32_ws(monkeypatch):
-    """The warp-specialized fp32 kernel off (its tiles emptied): float32 as 3xTF32 on sm_90 plans
-    flash_fwd_wgmma_f32.cu, the kernel it replaces, again."""
-    monkeypatch.setattr(planner, "WGMMA_F32_WS_TILES", ())
-    _forget_plans()
-    yield
-    monkeypatch.undo()
-    _forget_plans()
-
-
 def _check_plan(cp, q, k, v, causal=False, **plan_kwargs):
     """Run NumPy q, k, v through the plan made with plan_kwargs (another device's limits or arch)."""
     q, k, v = (cp.asarray(x) for x in (q, k, v))
@@ -69,16 +51,14 @@ def test_sizes(cp, rng, Nq, Nk, d, causal, fp32):
     _check(cp, *inputs(rng, (), Nq, Nk, d), causal=causal, **mode)
 
 
-@pytest.mark.parametrize("family", ["flash_fwd_mma", "flash_fwd_wgmma_f32", "flash_fwd_wgmma_f32_ws"])
-def test_3xtf32_is_as_accurate_as_fp32_on_hard_inputs(cp, rng, family, request):
+@pytest.mark.parametrize("family", ["flash_fwd_mma", "flash_fwd_wgmma_f32_ws"])
+def test_3xtf32_is_as_accurate_as_fp32_on_hard_inputs(cp, rng, family):
     """Large scores and long rows: 3xTF32's error stays within 2x the CUDA-core fp32 kernel's
     (plus 2^-24 of the output's scale, for errors at the rounding floor), on the mma kernel and
-    (sm_90) both wgmma ones."""
+    (sm_90) the wgmma one."""
     wgmma = family != "flash_fwd_mma"
     if wgmma and cp.cuda.Device().compute_capability != "90":
         pytest.skip("the wgmma kernels run on sm_90 only")
-    if family == "flash_fwd_wgmma_f32":
-        request.getfixturevalue("no_f32_ws")
     for d, N, magnitude in [(64, 4096, 3.0), (128, 2048, 6.0), (80, 1500, 10.0)]:
         q, k, v = inputs(rng, (2,), N, N, d, magnitude=magnitude)
         v = v / np.float32(magnitude)
@@ -222,34 +202,6 @@ def test_blocks_stride_over_heads_past_the_grid(cp, rng, dtype, wgmma):
         O, L = _cuda_backend.run(problem, dataclasses.replace(plan, grid=(plan.grid[0], 2, 2)), q.device.id)
         assert_attention_close(cp.asnumpy(O), cp.asnumpy(L), *(cp.asnumpy(x) for x in (q, k, v)), causal=causal,
                                **kernel_rounding(plan))
-
-
-@pytest.mark.parametrize("D, tiles", planner.WGMMA_F32_TILES)
-def test_every_wgmma_f32_tile_runs(cp, rng, D, tiles, no_f32_ws):
-    """The float32 (3xTF32) wgmma kernel without warp specialization at each head-dim bound,
-    planned for the shared-memory limit it needs: ragged sizes with batch and heads, causal or
-    not, d at the bound and odd below it (element-wise loads), rows that see no key; then through
-    the API on this device (its default plan, the warp-specialized kernel off) a window with
-    softcap and ALiBi, a negative scale and grouped k/v heads."""
-    if cp.cuda.Device().compute_capability != "90":
-        pytest.skip("the wgmma kernels run on sm_90 only")
-    limit = planner.wgmma_f32_smem_bytes(64 * tiles[0], tiles[1], D)
-    for d in (D, D - 27):
-        for causal in (False, True):
-            q, k, v = inputs(rng, (2, 3), 300, 517, d)
-            plan = _check_plan(cp, q, k, v, causal, smem_limit=limit, arch=90, wgmma=True)
-            assert plan.kernel == f"flash_fwd_wgmma_f32<{D}, {tiles[0]}, {tiles[1]}, {int(causal)}>"
-            q, k, v = inputs(rng, (2,), 517, 300, d)   # causal: rows with no key
-            _check_plan(cp, q, k, v, causal, smem_limit=limit, arch=90, wgmma=True)
-    with planner.wgmma_default(True):
-        q, k, v = inputs(rng, (2, 4), 190, 333, D - 8)
-        alibi = rng.uniform(0.05, 1.0, (2, 4)).astype(np.float32)
-        _check(cp, q, k, v, window=(60, 7), softcap=4.0, alibi_slopes=alibi)
-        _check(cp, q, k, v, causal=True, softmax_scale=-0.2)
-        q, k, v = inputs(rng, (2, 4), 129, 257, D)
-        _check(cp, q, k[:, :2], v[:, :2], causal=True)   # 2 q heads a k/v head
-        assert plan_for(*(cp.asarray(x) for x in (q, k[:, :2], v[:, :2])), causal=True).kernel.startswith(
-            "flash_fwd_wgmma_f32<")
 
 
 def test_strided_views_without_copies(cp, rng):

@@ -34,9 +34,6 @@ def test_every_plan_fits(limit, dtype, arch):
                 Bc, k_stages, v_stages = (int(x) for x in p.kernel.split(", ")[1:4])
                 assert p.smem_bytes == planner.wgmma_f32_ws_smem_bytes(Bc, k_stages, v_stages, p.head_dim_bound)
                 assert (p.Br, p.Bc, p.threads) == (128, Bc, 384)   # a producer warpgroup and two consumers
-            elif "wgmma_f32" in p.kernel:
-                assert p.smem_bytes == planner.wgmma_f32_smem_bytes(p.Br, p.Bc, p.head_dim_bound)
-                assert p.threads == 2 * p.Br
             elif "wgmma" in p.kernel:
                 assert p.smem_bytes == planner.wgmma_smem_bytes(p.Br, p.Bc, p.head_dim_bound)
                 assert p.threads == 2 * p.Br   # a warpgroup (128 threads) a 64-row slice
@@ -207,8 +204,8 @@ def test_wgmma_only_where_it_runs(wgmma_on):
 def test_wgmma_f32_only_as_3xtf32_at_its_bounds(wgmma_on):
     """float32 on sm_90: 3xTF32 ("auto", "3xtf32") runs on the warp-specialized fp32 wgmma kernel
     at head-dim bounds 48, 64, 96 and 128 (its shared memory, one block an SM, fits an H100's limit);
-    below that limit on flash_fwd_wgmma_f32.cu where its tile fits, then on the mma kernel. TF32,
-    the CUDA-core kernel, other bounds, other GPUs and wgmma=False keep the kernels they had."""
+    below that limit on the mma kernel. TF32, the CUDA-core kernel, other bounds, other GPUs and
+    wgmma=False keep the kernels they had."""
     H100 = dict(smem_limit=227 * KB, batch=2, heads=4)
     for fp32 in ("auto", "3xtf32"):
         for d in (33, 64, 65, 80, 96, 97, 128):
@@ -221,18 +218,10 @@ def test_wgmma_f32_only_as_3xtf32_at_its_bounds(wgmma_on):
             assert planner.WGMMA_SM_SMEM < 2 * (ws + 1024) and ws + 1024 <= planner.WGMMA_SM_SMEM   # one block an SM
             assert plan(1000, 1000, d, arch=90, fp32=fp32, wgmma=False, **H100).kernel.startswith("flash_fwd_mma<")
             assert D == min(b for b in (48, 64, 96, 128) if b >= d)   # bounds in steps of 16 up to 64
-            Dold = planner.head_dim_bound(d)   # the older kernel's bounds: steps of 32
-            groups, Bc = dict(planner.WGMMA_F32_TILES)[Dold]
-            limit = planner.wgmma_f32_smem_bytes(64 * groups, Bc, Dold)
             below = plan(1000, 1000, d, arch=90, fp32=fp32, causal=True, **dict(H100, smem_limit=ws - 1))
-            if limit < ws:   # d <= 96: the older kernel needs less
-                assert below.kernel == f"flash_fwd_wgmma_f32<{Dold}, {groups}, {Bc}, 1>"
-                assert (below.Br, below.Bc, below.threads) == (64 * groups, Bc, 128 * groups)
-                assert 160 * KB < limit
-                small = dict(H100, smem_limit=limit - 1)
-                assert plan(1000, 1000, d, arch=90, fp32=fp32, **small).kernel.startswith("flash_fwd_mma<")
-            else:            # d = 128: it needs more (a staging buffer beside the raw tiles)
-                assert below.kernel.startswith("flash_fwd_mma<")
+            assert below.kernel.startswith("flash_fwd_mma<")
+            with pytest.raises(ValueError, match="wgmma"):
+                plan(1000, 1000, d, arch=90, fp32=fp32, wgmma=True, **dict(H100, smem_limit=ws - 1))
         for d in (32, 129, 160, 256):
             assert plan(1000, 1000, d, arch=90, fp32=fp32, **H100).kernel.startswith("flash_fwd_mma<")
         assert plan(1000, 1000, 64, arch=80, fp32=fp32, **H100).kernel.startswith("flash_fwd_mma<")

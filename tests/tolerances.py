@@ -73,7 +73,7 @@ def kernel_rounding(plan) -> dict:
         return {}
     if plan.dtype != "float32":
         return {"compute": "tensor_core", "p": plan.dtype}
-    operand = "tf32x3" if plan.kernel.endswith(", 3>") or plan.kernel.startswith("flash_fwd_wgmma_f32") else "tf32"
+    operand = "tf32x3" if plan.kernel.endswith(", 3>") or plan.kernel.startswith("flash_fwd_wgmma_f32_ws") else "tf32"
     return {"compute": "tensor_core", "qk": operand, "p": operand, "v_round": operand}
 
 
