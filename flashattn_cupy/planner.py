@@ -102,7 +102,9 @@ DECODE_BY_DEFAULT = True
 # (1, 64) 214 / 227 / 236. One block an SM lost at short N and at best tied at long N: three
 # warpgroups (d = 128, (3, 64): 291 / 348 / 367 and 183 / 282 / 346, ahead only at N = 16k
 # causal), three stages with P(j-1) V(j-1) overlapping tile j's softmax ((3, 64) 3 stages 278 /
-# 305 / 336), and (2, 128) at d = 64 with the causal mask's 134 registers (139 / 204 / 242 causal).
+# 305 / 336: but ptxas serialized that kernel's MMAs, C7514, its first tile in the loop's branch, so
+# the overlap itself went unmeasured; branch wip/s21 peels it off), and (2, 128) at d = 64 with the
+# causal mask's 134 registers (139 / 204 / 242 causal).
 # (All before the grid-wide causal order, which added 4-13% to the chosen tiles' causal rows.)
 # Each later candidate needs less shared memory.
 WGMMA_ARCH = 90
