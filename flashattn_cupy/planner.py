@@ -257,8 +257,9 @@ def wgmma_f32_ws_smem_bytes(Bc: int, k_stages: int, v_stages: int, D: int) -> in
 
 
 def wgmma_f32_ws_bound(d: int) -> int | None:
-    """The warp-specialized fp32 kernel's head-dim bound for d: the smallest of its bounds >= d."""
-    return min((d_max for d_max, _ in WGMMA_F32_WS_TILES if d_max >= d), default=None)
+    """The warp-specialized fp32 kernel's head-dim bound for d: the smallest of its bounds >= d;
+    None past the largest and for d <= 32, which the mma kernel keeps."""
+    return min((d_max for d_max, _ in WGMMA_F32_WS_TILES if d_max >= d), default=None) if d > 32 else None
 
 
 def wgmma_f32_ws_tiles(D: int, smem_limit: int) -> tuple[int, int, int] | None:
@@ -476,7 +477,7 @@ def plan(Nq: int, Nk: int, d: int, *, dtype: str = "float32", causal: bool = Fal
     wtiles = wgmma_tiles(D, smem_limit) if arch == WGMMA_ARCH and dtype in WGMMA_DTYPES else None
     # the fp32 kernel: d in 33..128, its own bounds and tiles
     Dw = wgmma_f32_ws_bound(d) if arch == WGMMA_ARCH and dtype == "float32" and fp32 in ("auto", "3xtf32") \
-        and d > 32 else None
+        else None
     fws = wgmma_f32_ws_tiles(Dw, smem_limit) if Dw is not None else None
     if wgmma and wtiles is None and fws is None:
         raise ValueError(f"the wgmma kernels (wgmma=True) need sm_{WGMMA_ARCH} (got sm_{arch}), "
@@ -553,7 +554,7 @@ def cuda_variants(smem_limit: int, arch: int) -> list[str]:
                 for fp32 in (FP32_MODES if dtype == "float32" else ("auto",)):
                     if fp32 == "3xtf32" and arch < 80:
                         continue
-                    Dw = wgmma_f32_ws_bound(d) if d > 32 else None
+                    Dw = wgmma_f32_ws_bound(d)
                     can_wgmma = arch == WGMMA_ARCH and (
                         wgmma_tiles(head_dim_bound(d), smem_limit) if dtype in WGMMA_DTYPES else
                         fp32 in ("auto", "3xtf32") and Dw is not None and wgmma_f32_ws_tiles(Dw, smem_limit))
