@@ -3,6 +3,13 @@ import itertools
 
 import numpy as np
 
+KB = 1024
+# The shared-memory limits of real devices, by compute capability, the planner must serve
+DEVICE_LIMITS = {
+    75: (48 * KB, 64 * KB),               # T4 without / with the opt-in
+    80: (48 * KB, 99 * KB, 163 * KB),     # sm_86/89 consumer parts run sm_80 code; A100
+    90: (227 * KB,),                      # H100, H200
+}
 SIZES = (1, 17, 31, 32, 33, 113, 203, 256, 1023)   # around every tile size, and odd ones
 HEAD_DIMS = (16, 40, 59, 64, 80, 96, 128, 256)
 

@@ -8,15 +8,10 @@ import io
 
 import pytest
 
+from cases import DEVICE_LIMITS
 from flashattn_cupy import kernel_cache, kernels, planner
 
-KB = 1024
-# (arch, shared-memory limits of real devices of that arch the planner must serve)
-ARCHES = {
-    "sm_75": (48 * KB, 64 * KB),               # T4 without / with the opt-in
-    "sm_80": (48 * KB, 99 * KB, 163 * KB),     # sm_86/89 consumer parts run sm_80 code; A100
-    "sm_90": (227 * KB,),                      # H100, H200
-}
+ARCHES = {f"sm_{cc}": limits for cc, limits in DEVICE_LIMITS.items()}
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHES))
