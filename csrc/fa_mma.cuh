@@ -5,6 +5,7 @@
 // 75 = mma m16n8k8 fp16 with plain loads (Turing). An ARCH 75 kernel runs on any later GPU too,
 // which is how its path is tested on an H100.
 #pragma once
+#include "fa_async.cuh"
 #include "fa_dtypes.cuh"
 
 template <typename A, typename B> struct fa_same { static constexpr bool value = false; };
@@ -23,30 +24,6 @@ template <> struct fa_elem<float> {
     static __device__ __forceinline__ bits get(float x) { return __float_as_uint(x); }
     static __device__ __forceinline__ void set(float& x, bits b) { x = __uint_as_float(b); }
 };
-
-__device__ __forceinline__ unsigned smem_addr(const void* p) {
-    unsigned a;
-    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
-    return a;
-}
-
-// 16 bytes global -> shared without passing through registers; bytes past src_bytes (0 or 16)
-// are zero-filled, which is how rows past N and columns past d become zeros. L2::128B asks L2
-// to fetch the whole 128-byte line (as CUTLASS's sm_80 copies do): on an H200, 3% off the
-// decoding rows' time and 2-9% on the N = 1k rows, the N = 4k rows unchanged (one A/B run).
-__device__ __forceinline__ void cp_async_16(void* dst, const void* src, int src_bytes) {
-    asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;"
-                 :: "r"(smem_addr(dst)), "l"(src), "r"(src_bytes) : "memory");
-}
-// The same for a whole chunk: no size operand (load_tile_stepped, decoding's paged tiles).
-__device__ __forceinline__ void cp_async_16_full(unsigned dst, const void* src) {
-    asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16;" :: "r"(dst), "l"(src) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
-// Wait until at most N of this thread's committed groups are still in flight (a multi-stage pipeline).
-template <int N>
-__device__ __forceinline__ void cp_async_wait_group() { asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory"); }
 
 // Four 8x8 b16 matrices; lane l gives the shared-space address of row l % 8 of matrix l / 8.
 // Without .trans register i of lane l holds row l/4, columns 2(l%4), +1 of matrix i; with

@@ -22,13 +22,17 @@ HEAD_DIM_STEP = 32         # kernels are compiled for d rounded up to a multiple
 MMA_HEAD_DIM_STEP = 16     # ... or of this for the mma kernel, whose MMAs are 16 wide in d (fp32 d = 40
                            # runs at D = 48, not 64; d = 80 at 80, not 96)
 TILE_CANDIDATES = (64, 32, 16, 8)   # Br = Bc, largest first
-# The register-tiled CUDA-core kernel (csrc/flash_fwd_fma.cu): (largest D, (Br, Bc) candidates,
-# best first); (Br / 4) x 16 threads. Tiles for two or more blocks an SM on an A100 / H100 (67 KB
-# at d <= 64, 78 KB at d <= 128; 42.5 KB at d <= 64 within 48 KB). Measured on an H200 only
-# (2026-12-05: 3-4.5x flash_fwd_simt.cu): it serves sm_80 and later (float32 with fp32="simt"),
-# Turing keeps flash_fwd_simt.cu (the seed's configuration; a T4 would want (32, 32) at d <= 128,
-# 56.5 KB) until it has run on one.
-FMA_TILES = ((64, ((64, 64), (64, 32))), (128, ((64, 32),)), (256, ((32, 32),)))
+# The register-tiled CUDA-core kernel (csrc/flash_fwd_fma.cu): (largest D, (Br, Bc, RM) candidates,
+# best first); (Br / RM) x 16 threads, each RM rows of Sij and Oi. RM = 8: 8 x 4 scores and 8 x
+# D/16 outputs a thread; at d <= 64 (64, 64, 8), 66 KB and 168 registers, three blocks an H100
+# SM ((128, 64, 8) would take two at 128 registers, and spills 40-108 bytes there); at d <= 128
+# (128, 64, 8), 164 KB and 223-249 registers, one block of 8 warps. (64, 32, 4), the kernel's
+# first shape (4 x 2 scores a thread, 42 / 76 KB, 105 / 128 registers), where those do not fit,
+# and (32, 32, 4) past d = 128. Not yet measured (no GPU since it was written, 2026-12-05): the
+# 4-row kernel it replaces ran at 0.36-0.60x SDPA-efficient on an H200 (BENCHMARKS.md). It
+# serves sm_80 and later (float32 with fp32="simt": it copies with cp.async); Turing keeps
+# flash_fwd_simt.cu (the seed's configuration) until it has run on one.
+FMA_TILES = ((64, ((64, 64, 8), (64, 32, 4))), (128, ((128, 64, 8), (64, 32, 4))), (256, ((32, 32, 4),)))
 FMA_MIN_ARCH = 80
 # The C twin's tiles (Br, Bc) by head dim. Measured with one thread, float32, on the 2-core
 # AVX-512 (Zen 4) machine, nine shapes from 32x32 to 256x64 at N = 1024, 2048, 4096, causal and
@@ -231,8 +235,8 @@ def simt_smem_bytes(Br: int, Bc: int, D: int) -> int:
 
 def fma_smem_bytes(Br: int, Bc: int, D: int) -> int:
     """Exact dynamic shared memory of csrc/flash_fwd_fma.cu (fp32 everywhere): Qi^T [D][Br+4],
-    Kj^T [D][Bc+4], Vj [Bc][D], Pij^T [Bc][Br+4]."""
-    return 4 * (D * (Br + 4) + D * (Bc + 4) + Bc * D + Bc * (Br + 4))
+    Kj^T [D][Bc+4], Vj [Bc][D], Pij^T [Bc][Br]."""
+    return 4 * (D * (Br + 4) + D * (Bc + 4) + Bc * D + Bc * Br)
 
 
 def mma_smem_bytes(Br: int, Bc: int, D: int, itemsize: int = 2) -> int:
@@ -297,11 +301,11 @@ def head_dim_bound(d: int, step: int = HEAD_DIM_STEP) -> int:
     return step * math.ceil(d / step)
 
 
-def fma_tiles(D: int, smem_limit: int) -> tuple[int, int] | None:
-    """(Br, Bc) of the register-tiled CUDA-core kernel for head-dim bound D: its first candidate
-    that fits the limit, None if none does (flash_fwd_simt.cu then runs)."""
+def fma_tiles(D: int, smem_limit: int) -> tuple[int, int, int] | None:
+    """(Br, Bc, RM) of the register-tiled CUDA-core kernel for head-dim bound D: its first
+    candidate that fits the limit, None if none does (flash_fwd_simt.cu then runs)."""
     candidates = next((c for d_max, c in FMA_TILES if D <= d_max), ())
-    return next((t for t in candidates if fma_smem_bytes(*t, D) <= smem_limit), None)
+    return next((t for t in candidates if fma_smem_bytes(t[0], t[1], D) <= smem_limit), None)
 
 
 def simt_tiles(D: int, smem_limit: int) -> tuple[int, int, int]:
@@ -511,9 +515,10 @@ def plan(Nq: int, Nk: int, d: int, *, dtype: str = "float32", causal: bool = Fal
         name = (f"flash_fwd_mma<{CUDA_TYPES[dtype]}, {D}, {warps}, {mt}, {Bc}, {mask}, {isa}, "
                 f"{passes}>")
         smem = mma_smem_bytes(Br, Bc, D, itemsize)
-    elif arch >= FMA_MIN_ARCH and (ftl := fma_tiles(D, smem_limit)) is not None:
-        (Br, Bc), threads = ftl, 4 * ftl[0]
-        name = f"flash_fwd_fma<{CUDA_TYPES[dtype]}, {D}, {Br}, {Bc}, {mask}>"
+    elif dtype == "float32" and arch >= FMA_MIN_ARCH and (ftl := fma_tiles(D, smem_limit)) is not None:
+        Br, Bc, rm = ftl
+        threads = Br // rm * 16
+        name = f"flash_fwd_fma<{D}, {Br}, {Bc}, {rm}, {mask}>"
         smem = fma_smem_bytes(Br, Bc, D)
     else:
         Br, Bc, threads = simt_tiles(D, smem_limit)

@@ -282,13 +282,13 @@ def test_every_fma_tile_runs(cp, rng, D, tiles):
     its head-dim bound, planned for the shared memory it needs: ragged sizes with batch and heads,
     causal or not, d at the bound and odd below it, rows that see no key, one row; then through the
     API a window with softcap and ALiBi, grouped k/v heads and a negative scale."""
-    limit = planner.fma_smem_bytes(*tiles, D)
+    limit = planner.fma_smem_bytes(tiles[0], tiles[1], D)
     for d in (D, D - 27):
         for causal in (False, True):
             for Nq, Nk in ((300, 517), (517, 300), (1, 1000), (70, 5 * tiles[1] + 1)):
                 q, k, v = inputs(rng, (2, 3), Nq, Nk, d)
                 plan = _check_plan(cp, q, k, v, causal, smem_limit=limit, arch=80, fp32="simt")
-                assert plan.kernel == f"flash_fwd_fma<float, {D}, {tiles[0]}, {tiles[1]}, {int(causal)}>"
+                assert plan.kernel == f"flash_fwd_fma<{D}, {', '.join(map(str, tiles))}, {int(causal)}>"
     # through the API on this device (its own tile for D, when sm_80+)
     q, k, v = inputs(rng, (2, 4), 190, 333, D - 8)
     alibi = rng.uniform(0.05, 1.0, (2, 4)).astype(np.float32)

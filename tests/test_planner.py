@@ -249,7 +249,7 @@ def test_wgmma_can_be_forced_refused_or_turned_off():
 @pytest.mark.parametrize("arch", (80, 86, 90))
 def test_cuda_cores_run_the_register_tiled_kernel_where_it_fits(arch):
     """float32 on the CUDA cores (fp32="simt") from sm_80: flash_fwd_fma.cu with the first of its
-    candidates that fits, (Br / 4) x 16 threads; where none fits, and on Turing (until the kernel
+    candidates that fits, (Br / RM) x 16 threads; where none fits, and on Turing (until the kernel
     has been measured there), flash_fwd_simt.cu as before."""
     for d in range(8, 257, 8):
         D = planner.head_dim_bound(d)
@@ -259,16 +259,18 @@ def test_cuda_cores_run_the_register_tiled_kernel_where_it_fits(arch):
             if tiles is None:
                 assert p.kernel.startswith("flash_fwd_simt<")
                 continue
-            assert p.kernel == f"flash_fwd_fma<float, {D}, {tiles[0]}, {tiles[1]}, 0>"
-            assert (p.Br, p.Bc, p.threads, p.grid) == (*tiles, 4 * tiles[0], (math.ceil(1000 / tiles[0]), 1, 1))
-            assert p.smem_bytes == planner.fma_smem_bytes(*tiles, D) <= limit
+            Br, Bc, rm = tiles
+            assert p.kernel == f"flash_fwd_fma<{D}, {Br}, {Bc}, {rm}, 0>"
+            assert (p.Br, p.Bc, p.threads, p.grid) == (Br, Bc, Br // rm * 16, (math.ceil(1000 / Br), 1, 1))
+            assert p.smem_bytes == planner.fma_smem_bytes(Br, Bc, D) <= limit
             candidates = next(c for d_max, c in planner.FMA_TILES if D <= d_max)
-            assert tiles == next(t for t in candidates if planner.fma_smem_bytes(*t, D) <= limit)
+            assert tiles == next(t for t in candidates if planner.fma_smem_bytes(t[0], t[1], D) <= limit)
     # the sizes the tile table was chosen for; every candidate is what some device's limit gets
-    reached = {(p.head_dim_bound, p.Br, p.Bc) for limit in LIMITS for d in range(8, 257, 8)
+    reached = {(p.head_dim_bound, p.Br, p.Bc, p.Br * 16 // p.threads) for limit in LIMITS for d in range(8, 257, 8)
                if (p := plan(9, 9, d, smem_limit=limit, arch=arch, fp32="simt")).kernel.startswith("flash_fwd_fma<")}
     assert {(D, *t) for D, c in planner.FMA_TILES for t in c} <= reached   # (at each candidate's largest D)
-    assert planner.fma_tiles(64, 227 * KB) == (64, 64) and planner.fma_tiles(128, 227 * KB) == (64, 32)
-    assert planner.fma_tiles(64, 48 * KB) == (64, 32) and planner.fma_tiles(128, 64 * KB) is None
-    assert planner.fma_tiles(256, 227 * KB) == (32, 32) and planner.fma_tiles(256, 99 * KB) is None
+    assert planner.fma_tiles(64, 227 * KB) == (64, 64, 8) and planner.fma_tiles(128, 227 * KB) == (128, 64, 8)
+    assert planner.fma_tiles(64, 48 * KB) == (64, 32, 4) and planner.fma_tiles(128, 163 * KB) == (64, 32, 4)
+    assert planner.fma_tiles(128, 64 * KB) is None
+    assert planner.fma_tiles(256, 227 * KB) == (32, 32, 4) and planner.fma_tiles(256, 99 * KB) is None
     assert plan(512, 512, 64, smem_limit=48 * KB, arch=75).kernel.startswith("flash_fwd_simt<")   # the seed's

@@ -5,9 +5,12 @@
 // a barrier (__syncthreads, __syncwarp, a shuffle), then the next one runs. So a block executes
 // as the hardware is allowed to (any interleaving between barriers), shared memory is one
 // buffer the block's fibers share, and threadIdx / blockIdx are globals the scheduler sets
-// before it switches to a fiber. Blocks run one after another. Inline PTX (tensor cores,
-// cp.async) is out of reach: kernels using it cannot be built here.
+// before it switches to a fiber. Blocks run one after another. Asynchronous copies (cp.async,
+// csrc/fa_async.cuh's FA_CPU_EMULATION branch) read their source when issued and land when their
+// thread waits for them. Other inline PTX (tensor cores) is out of reach: kernels using it
+// cannot be built here.
 #pragma once
+#define FA_CPU_EMULATION
 #include <ucontext.h>
 
 #include <math.h>
@@ -15,6 +18,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <utility>
 #include <vector>
 
@@ -51,7 +55,14 @@ template <typename T> T atomicAdd(T* p, T v) { T old = *p; *p = old + v; return 
 
 namespace emu {
 
-struct Fiber { ucontext_t ctx; bool done; };
+struct Copy { char* dst; char bytes[16]; int size; };   // an asynchronous copy, its source read
+
+struct Fiber {
+    ucontext_t ctx;
+    bool done;
+    std::vector<Copy> open;                  // copies issued since the last commit
+    std::deque<std::vector<Copy>> groups;    // committed, oldest first
+};
 
 struct Block {
     std::vector<Fiber> fibers;
@@ -96,6 +107,24 @@ T shuffle(unsigned mask, T v, int source) {
     std::memcpy(&r, &block->lanes[base + source % 32], sizeof(T));
     sync_warp();   // every lane has read before the slots are written again
     return r;
+}
+
+// cp.async: `size` bytes to dst from src, of which the first src_size are read (the rest zeros).
+inline void copy_async(void* dst, const void* src, int src_size, int size) {
+    Copy c{static_cast<char*>(dst), {}, size};
+    std::memcpy(c.bytes, src, src_size);
+    block->fibers[block->current].open.push_back(c);
+}
+inline void commit_async() {
+    Fiber& f = block->fibers[block->current];
+    f.groups.push_back(std::move(f.open));
+    f.open.clear();
+}
+// Land all but the newest n committed groups of this thread.
+inline void wait_async(int n) {
+    Fiber& f = block->fibers[block->current];
+    for (; (int)f.groups.size() > n; f.groups.pop_front())
+        for (const Copy& c : f.groups.front()) std::memcpy(c.dst, c.bytes, c.size);
 }
 
 }  // namespace emu
@@ -156,6 +185,8 @@ int launch(dim3 grid, unsigned threads, size_t smem_bytes, F body) {
         for (unsigned t = 0; t < threads; ++t) {
             Fiber& f = b.fibers[t];
             f.done = false;
+            f.open.clear();
+            f.groups.clear();   // a copy never waited for is lost with its block (the kernel's bug to show)
             getcontext(&f.ctx);
             f.ctx.uc_stack.ss_sp = b.stacks.data() + t * STACK;
             f.ctx.uc_stack.ss_size = STACK;
