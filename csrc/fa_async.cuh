@@ -6,7 +6,11 @@
 #ifdef FA_CPU_EMULATION
 // tests/emulator/cuda_on_cpu.h runs the CUDA-core kernels on a CPU: a copy lands when its thread
 // waits for it (the latest the hardware may land it), so a read before the wait finds the old data.
-__device__ __forceinline__ void cp_async_4(float* dst, const float* src, bool valid) { emu::copy_async(dst, src, valid ? 4 : 0, 4); }
+__device__ __forceinline__ unsigned smem_addr(const void* p) { return static_cast<unsigned>(static_cast<const char*>(p) - reinterpret_cast<const char*>(smem)); }
+__device__ __forceinline__ void cp_async_4(unsigned dst, const float* src, bool valid) {
+    emu::copy_async(reinterpret_cast<char*>(smem) + dst, src, valid ? 4 : 0, 4);
+}
+__device__ __forceinline__ void fa_opaque(unsigned&) {}
 __device__ __forceinline__ void cp_async_commit() { emu::commit_async(); }
 __device__ __forceinline__ void cp_async_wait_all() { emu::wait_async(0); }
 template <int N>
@@ -36,9 +40,12 @@ __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wai
 template <int N>
 __device__ __forceinline__ void cp_async_wait_group() { asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory"); }
 
-// One float, kept in L1 too (.ca: a transposing copy reads each 32-byte sector with several
-// instructions); not valid: a zero is written and nothing is read.
-__device__ __forceinline__ void cp_async_4(float* dst, const float* src, bool valid) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" :: "r"(smem_addr(dst)), "l"(src), "r"(valid ? 4 : 0) : "memory");
+// One float to shared address dst, kept in L1 too (.ca: a transposing copy reads each 32-byte
+// sector with several instructions); not valid: a zero is written and nothing is read.
+__device__ __forceinline__ void cp_async_4(unsigned dst, const float* src, bool valid) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" :: "r"(dst), "l"(src), "r"(valid ? 4 : 0) : "memory");
 }
+// x as the compiler must take it from here on: addresses made from it are not hoisted out of a
+// loop into registers held across it (a tile copy's 32 shared addresses a thread, otherwise).
+__device__ __forceinline__ void fa_opaque(unsigned& x) { asm volatile("" : "+r"(x)); }
 #endif

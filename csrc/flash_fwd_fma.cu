@@ -20,9 +20,9 @@
 //
 // Compile-time: the head-dim bound D (a multiple of 32; d <= D zero-padded), BR (32 to 128), BC
 // (32 or 64), RM (4 or 8), MASK. Shared memory, mirrored by planner.fma_smem_bytes, in floats:
-// Qi^T [D][BR + 4], Kj^T [D][BC + 4] (rows 4 banks apart: the transposing copies' 8 columns x 4
-// rows a warp land in 32 banks), Vj [BC][D], Pij^T [BC][BR] (16-byte slots swizzled by the
-// writer's tx: its stores hit 32 banks).
+// Qi^T [D][BR + 4], Kj^T [D][BC + 4], Vj [BC][D + 4] (rows 4 banks apart: the copies' 4 rows x 8
+// columns a warp land in 32 banks), Pij^T [BC][BR] (16-byte slots swizzled by the writer's tx:
+// its stores hit 32 banks).
 #include "fa_async.cuh"
 #include "fa_mask.cuh"
 
@@ -39,34 +39,24 @@ __device__ __forceinline__ void lds(float* x, const float* p) {
     }
 }
 
-// Rows [0, rows) and columns [0, d) of a strided ROWS x D tile into t[D][ROWS + 4], transposed
-// (zeros past rows and d). A warp copies 4 rows x 8 columns an instruction (32-byte pieces of 4
-// rows in global memory, 32 banks in shared memory), its rows fixed and the columns stepping by
-// 8: one row pointer a patch of rows, the steps immediate offsets (no address kept a copy).
-template <int ROWS, int D, int NT>
-__device__ __forceinline__ void copy_transposed(float* t, const float* src, long long stride, int rows, int d) {
-    static_assert(ROWS % (4 * (NT / 32)) == 0 && D % 8 == 0, "whole patches");
+// Rows [0, rows) and columns [0, d) of a strided ROWS x D tile into shared memory (zeros past
+// rows and d): transposed into t[D][ROWS + 4], or as it is into t[ROWS][D + 4]. A warp copies 4
+// rows x 8 columns an instruction: 32-byte pieces of 4 rows in global memory, and in shared
+// memory 32 banks (padded rows: the 4 rows' pieces start 4 banks apart). A thread keeps one row
+// of global memory, the 8-column steps are immediate offsets.
+template <bool TRANSPOSE, int ROWS, int D, int NT>
+__device__ __forceinline__ void copy_tile(float* t, const float* src, long long stride, int rows, int d) {
+    static_assert(ROWS % 4 == 0 && D % 8 == 0, "whole patches");
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 #pragma unroll
     for (int p = warp; p < ROWS / 4; p += NT / 32) {
         const int r = 4 * p + lane / 8;
         const float* row = src + (r < rows ? r : 0) * stride + lane % 8;
-        float* dst = t + (lane % 8) * (ROWS + 4) + r;
+        unsigned dst = smem_addr(TRANSPOSE ? t + (lane % 8) * (ROWS + 4) + r : t + r * (D + 4) + lane % 8);
+        fa_opaque(dst);
 #pragma unroll
-        for (int c = 0; c < D; c += 8) cp_async_4(dst + c * (ROWS + 4), row + c, r < rows && c + lane % 8 < d);
-    }
-}
-
-// The same, not transposed, into t[ROWS][D]: a warp copies a row's 32 columns an instruction.
-template <int ROWS, int D, int NT>
-__device__ __forceinline__ void copy_rows(float* t, const float* src, long long stride, int rows, int d) {
-    static_assert(ROWS % (NT / 32) == 0 && D % 32 == 0, "whole rows");
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-#pragma unroll
-    for (int r = warp; r < ROWS; r += NT / 32) {
-        const float* row = src + (r < rows ? r : 0) * stride + lane;
-#pragma unroll
-        for (int c = 0; c < D; c += 32) cp_async_4(t + r * D + c + lane, row + c, r < rows && c + lane < d);
+        for (int c = 0; c < D; c += 8)
+            cp_async_4(dst + 4 * (TRANSPOSE ? c * (ROWS + 4) : c), row + c, r < rows && c + lane % 8 < d);
     }
 }
 
@@ -79,7 +69,7 @@ __device__ __forceinline__ int p_slot(int key, int slot) { return slot ^ ((key /
 // it each block's), but at most as many as leave 128 registers a thread.
 template <int D, int BR, int BC, int NT>
 __host__ __device__ constexpr int fma_blocks() {
-    constexpr int fit = 228 * 1024 / (4 * (D * (BR + 4) + D * (BC + 4) + BC * D + BC * BR) + 1024);
+    constexpr int fit = 228 * 1024 / (4 * (D * (BR + 4) + D * (BC + 4) + BC * (D + 4) + BC * BR) + 1024);
     constexpr int regs = 65536 / (NT * 128);
     return fit < 1 ? 1 : fit < regs ? fit : regs;
 }
@@ -106,8 +96,8 @@ flash_fwd_fma(const float* __restrict__ Q, const float* __restrict__ K, const fl
     extern __shared__ __align__(16) float smem[];
     float* Qt = smem;             // [D][BRP]
     float* Kt = Qt + D * BRP;     // [D][BCP]
-    float* Vs = Kt + D * BCP;     // [BC][D]
-    float* Pt = Vs + BC * D;      // [BC][BR], swizzled
+    float* Vs = Kt + D * BCP;     // [BC][D + 4]
+    float* Pt = Vs + BC * (D + 4);   // [BC][BR], swizzled
 
     const float neg_inf = __int_as_float(0xff800000);
     const float sscale = MASK == FA_MODS ? 1.f : scale * LOG2E;   // score_mod applies scale itself
@@ -128,8 +118,8 @@ flash_fwd_fma(const float* __restrict__ Q, const float* __restrict__ K, const fl
 
         __syncthreads();   // the previous (batch, head) is done with every tile
         // Line 4: Qi^T; line 7's first Kj^T with it. Line 5: Oi = 0, mi = -inf, li = 0 (this thread's rows).
-        copy_transposed<BR, D, NT>(Qt, Q + b * q_sb + h * q_sh + (sq.q0 + row0) * q_sn, q_sn, rows, d);
-        if (j0 < j1) copy_transposed<BC, D, NT>(Kt, Kbh + (long long)j0 * BC * k_sn, k_sn, nk - j0 * BC, d);
+        copy_tile<true, BR, D, NT>(Qt, Q + b * q_sb + h * q_sh + (sq.q0 + row0) * q_sn, q_sn, rows, d);
+        if (j0 < j1) copy_tile<true, BC, D, NT>(Kt, Kbh + (long long)j0 * BC * k_sn, k_sn, nk - j0 * BC, d);
         cp_async_commit();
         float o[RM][DN] = {}, m[RM], l[RM] = {};
 #pragma unroll
@@ -140,7 +130,7 @@ flash_fwd_fma(const float* __restrict__ Q, const float* __restrict__ K, const fl
             cp_async_wait_all();
             __syncthreads();   // Kj^T (and Qi^T) landed; the previous Pij Vj is done with Vj and Pij^T
             // Line 7's Vj, under line 8.
-            copy_rows<BC, D, NT>(Vs, Vbh + (long long)col0 * v_sn, v_sn, nk - col0, d);
+            copy_tile<false, BC, D, NT>(Vs, Vbh + (long long)col0 * v_sn, v_sn, nk - col0, d);
             cp_async_commit();
 
             // Line 8: Sij = Qi Kj^T, an RM x CN tile a thread: per k a rank-1 update.
@@ -204,21 +194,30 @@ flash_fwd_fma(const float* __restrict__ Q, const float* __restrict__ K, const fl
             cp_async_wait_all();
             __syncthreads();   // Pij^T and Vj landed; Sij is done with Kj^T
             // Line 7's next Kj^T, under line 10.
-            if (j + 1 < j1) copy_transposed<BC, D, NT>(Kt, Kbh + (long long)(col0 + BC) * k_sn, k_sn, nk - col0 - BC, d);
+            if (j + 1 < j1) copy_tile<true, BC, D, NT>(Kt, Kbh + (long long)(col0 + BC) * k_sn, k_sn, nk - col0 - BC, d);
             cp_async_commit();
 
-            // Line 10: Oi += Pij Vj, an RM x DN tile a thread: per key a rank-1 update.
-#pragma unroll 4
-            for (int k = 0; k < BC; ++k) {
-                float a[RM], c[DN];
+            // Line 10: Oi += Pij Vj, an RM x DN tile a thread: per key a rank-1 update, the keys in
+            // groups of CN (those one tx wrote: one swizzle a group).
+#pragma unroll 1
+            for (int kg = 0; kg < 16; ++kg) {
+                const float* Pg = Pt + kg * CN * BR;
+                int slot[RM / 4];
 #pragma unroll
-                for (int q = 0; q < RM / 4; ++q) lds<4>(a + 4 * q, Pt + k * BR + 4 * p_slot<CN>(k, RM / 4 * ty + q));
+                for (int q = 0; q < RM / 4; ++q) slot[q] = 4 * p_slot<CN>(kg * CN, RM / 4 * ty + q);
 #pragma unroll
-                for (int v = 0; v < DN / CV; ++v) lds<CV>(c + CV * v, Vs + k * D + 16 * CV * v + CV * tx);
+                for (int n = 0; n < CN; ++n) {
+                    float a[RM], c[DN];
 #pragma unroll
-                for (int i = 0; i < RM; ++i)
+                    for (int q = 0; q < RM / 4; ++q) lds<4>(a + 4 * q, Pg + n * BR + slot[q]);
 #pragma unroll
-                    for (int n = 0; n < DN; ++n) o[i][n] = fmaf(a[i], c[n], o[i][n]);
+                    for (int v = 0; v < DN / CV; ++v)
+                        lds<CV>(c + CV * v, Vs + (kg * CN + n) * (D + 4) + 16 * CV * v + CV * tx);
+#pragma unroll
+                    for (int i = 0; i < RM; ++i)
+#pragma unroll
+                        for (int m2 = 0; m2 < DN; ++m2) o[i][m2] = fmaf(a[i], c[m2], o[i][m2]);
+                }
             }
         }
         cp_async_wait_all();   // nothing in flight into the tiles the next (batch, head) copies
