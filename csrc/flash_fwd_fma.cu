@@ -157,8 +157,9 @@ flash_fwd_fma(const float* __restrict__ Q, const float* __restrict__ K, const fl
                     if (edge && (key >= nk || (MASK && !win.sees(row, key)))) s[i][n] = neg_inf;
                 }
 
-            // Line 9 per row, across the row's 16 threads: mi_new = max(mi, rowmax), Pij =
-            // exp2(Sij - mi_new), li = exp2(mi - mi_new) li + rowsum; line 10's diag(alpha) Oi.
+            // Line 9 per row, the max across the row's 16 threads: mi_new = max(mi, rowmax), Pij =
+            // exp2(Sij - mi_new), li = exp2(mi - mi_new) li + rowsum, each thread's li over its own
+            // keys (summed across the 16 at the end: alpha is the row's); line 10's diag(alpha) Oi.
 #pragma unroll
             for (int i = 0; i < RM; ++i) {
                 float mx = s[i][0];
@@ -174,8 +175,6 @@ flash_fwd_fma(const float* __restrict__ Q, const float* __restrict__ K, const fl
                     s[i][n] = exp2f(s[i][n] - base);
                     sum += s[i][n];
                 }
-#pragma unroll
-                for (int x = 1; x < 16; x *= 2) sum += __shfl_xor_sync(0xffffffffu, sum, x);
                 const float alpha = exp2f(m[i] - base);
                 l[i] = alpha * l[i] + sum;
                 m[i] = m_new;
@@ -224,6 +223,10 @@ flash_fwd_fma(const float* __restrict__ Q, const float* __restrict__ K, const fl
 
         // Lines 12-15: Oi / li, and Li = mi ln 2 + ln li; a row with every key masked has li = 0:
         // O = 0 and L = -inf (chosen, not 0 * NaN).
+#pragma unroll
+        for (int i = 0; i < RM; ++i)
+#pragma unroll
+            for (int x = 1; x < 16; x *= 2) l[i] += __shfl_xor_sync(0xffffffffu, l[i], x);
         float* Obh = O + b * o_sb + h * o_sh + (sq.q0 + row0) * o_sn;
         float* Lbh = L + b * l_sb + h * l_sh + sq.q0 + row0;
 #pragma unroll
