@@ -30,6 +30,7 @@ _ffi = FFI()
 _ffi.cdef("int fa_emu_launch(unsigned gx, unsigned gy, unsigned gz, unsigned threads, size_t smem, void** args);")
 _built = {}   # name expression -> loaded library
 _dir = []
+launched = []   # the name expression of every emulated launch, in order
 
 
 def unavailable_reason():
@@ -70,6 +71,7 @@ def kernel(plan):
 
     def launch(grid, block, args, shared_mem=0):
         assert shared_mem == plan.smem_bytes and block == (plan.threads,)
+        launched.append(plan.kernel)
         # each argument's bytes, as cuLaunchKernel reads them: a pointer for an array, else the scalar
         slots = [np.array([_address(a)], np.uint64) if isinstance(a, np.ndarray)
                  else np.array([kernel_model._number(a)]) for a in args]

@@ -7,6 +7,7 @@ with empty sequences and sequences without keys, GQA, windows, softcap and ALiBi
 import numpy as np
 import pytest
 
+import emulated
 import kernel_model
 from backends import BACKEND_DTYPES, FP32_OPTIONS, np_dtype
 from flashattn_cupy import (_c_backend, _cuda_backend, _device, flash_attention, flash_attention_varlen,
@@ -158,6 +159,35 @@ def test_the_cuda_path_launches_once_over_every_sequence(rng, monkeypatch):
         if q_s.shape[1] and k_s.shape[1]:
             assert_attention_close(O[rows].swapaxes(0, 1), L[:, rows], q_s, k_s, v_s, compute="float64",
                                    **{**kw, "alibi_slopes": slopes[s]})
+        elif q_s.shape[1]:
+            assert (O[rows] == 0).all() and np.isneginf(L[:, rows]).all()
+
+
+@pytest.mark.skipif(emulated.unavailable_reason() is not None, reason=str(emulated.unavailable_reason()))
+@pytest.mark.parametrize("arch, limit, family", [(75, 64 * 1024, "flash_fwd_simt"), (80, 163 * 1024, "flash_fwd_fma")])
+@pytest.mark.parametrize("options", [dict(), dict(causal=True, window=(50, -1), softcap=2.0, alibi="batch")],
+                         ids=["plain", "mods"])
+def test_the_cuda_core_kernels_run_varlen_on_the_cpu(rng, monkeypatch, arch, limit, family, options):
+    """That launch run by the CUDA-core kernels' own code (emulated.py, no GPU): each sequence its
+    attention within the float32 bounds, one without rows and one without keys among them, the
+    longest over several Q and key tiles (the others' tiles past their end return at once)."""
+    emulated.use(monkeypatch)
+    monkeypatch.setattr(_device, "smem_limit", lambda device_id=None: limit)
+    monkeypatch.setattr(_device, "compute_capability", lambda device_id=None: arch)
+    from flashattn_cupy import varlen
+    lengths_q, lengths_k = [70, 0, 17, 1, 150], [65, 4, 0, 1, 130]
+    q, k, v, cu_q, cu_k = _packed(rng, lengths_q, lengths_k, H=4, Hk=2, d=40)
+    kw = {"causal": False, "window": None, "softcap": 0.0, **_options(rng, options, len(lengths_q), 4)}
+    problem = varlen._validate(q, k, v, cu_q, cu_k, 150, 130, softmax_scale=None, return_lse=True, backend="cuda",
+                               num_threads=1, allow_tf32=False, fp32_kernel="simt", **kw)
+    del emulated.launched[:]
+    O, L = _cuda_backend.run_varlen(problem, 0)
+    [name] = emulated.launched
+    assert name.startswith(family + "<") and name.endswith(f", {2 if options else 0}>")
+    for s, (rows, q_s, k_s, v_s) in enumerate(_sequences(q, k, v, cu_q, cu_k)):
+        if q_s.shape[1] and k_s.shape[1]:
+            assert_attention_close(O[rows].swapaxes(0, 1), L[:, rows], q_s, k_s, v_s,
+                                   **{**kw, "alibi_slopes": _slopes_of(kw["alibi_slopes"], s)})
         elif q_s.shape[1]:
             assert (O[rows] == 0).all() and np.isneginf(L[:, rows]).all()
 
