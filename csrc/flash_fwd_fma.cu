@@ -20,9 +20,9 @@
 //
 // Compile-time: the head-dim bound D (a multiple of 32; d <= D zero-padded), BR (32 to 128), BC
 // (32 or 64), RM (4 or 8), MASK. Shared memory, mirrored by planner.fma_smem_bytes, in floats:
-// Qi^T [D][BR + 4], Kj^T [D][BC + 4], Vj [BC][D + 4] (rows 4 banks apart: the copies' 4 rows x 8
-// columns a warp land in 32 banks), Pij^T [BC][BR] (16-byte slots swizzled by the writer's tx:
-// its stores hit 32 banks).
+// Qi^T [D][BR + 4], Kj^T [D][BC + 4], Vj [BC][D + 8] (padded so that the copies' 4 rows x 8
+// columns a warp land in 32 banks: 4 rows of one column 1 bank apart, 4 columns apart in Vj,
+// 8), Pij^T [BC][BR] (16-byte slots swizzled by the writer's tx: its stores hit 32 banks).
 #include "fa_async.cuh"
 #include "fa_mask.cuh"
 
@@ -40,10 +40,10 @@ __device__ __forceinline__ void lds(float* x, const float* p) {
 }
 
 // Rows [0, rows) and columns [0, d) of a strided ROWS x D tile into shared memory (zeros past
-// rows and d): transposed into t[D][ROWS + 4], or as it is into t[ROWS][D + 4]. A warp copies 4
-// rows x 8 columns an instruction: 32-byte pieces of 4 rows in global memory, and in shared
-// memory 32 banks (padded rows: the 4 rows' pieces start 4 banks apart). A thread keeps one row
-// of global memory, the 8-column steps are immediate offsets.
+// rows and d): transposed into t[D][ROWS + 4], or as it is into t[ROWS][D + 8]. A warp copies 4
+// rows x 8 columns an instruction: 32-byte pieces of 4 rows in global memory, 32 banks in shared
+// memory (the paddings). A thread keeps one row of global memory, the 8-column steps are
+// immediate offsets.
 template <bool TRANSPOSE, int ROWS, int D, int NT>
 __device__ __forceinline__ void copy_tile(float* t, const float* src, long long stride, int rows, int d) {
     static_assert(ROWS % 4 == 0 && D % 8 == 0, "whole patches");
@@ -52,7 +52,7 @@ __device__ __forceinline__ void copy_tile(float* t, const float* src, long long 
     for (int p = warp; p < ROWS / 4; p += NT / 32) {
         const int r = 4 * p + lane / 8;
         const float* row = src + (r < rows ? r : 0) * stride + lane % 8;
-        unsigned dst = smem_addr(TRANSPOSE ? t + (lane % 8) * (ROWS + 4) + r : t + r * (D + 4) + lane % 8);
+        unsigned dst = smem_addr(TRANSPOSE ? t + (lane % 8) * (ROWS + 4) + r : t + r * (D + 8) + lane % 8);
         fa_opaque(dst);
 #pragma unroll
         for (int c = 0; c < D; c += 8)
@@ -69,7 +69,7 @@ __device__ __forceinline__ int p_slot(int key, int slot) { return slot ^ ((key /
 // it each block's), but at most as many as leave 128 registers a thread.
 template <int D, int BR, int BC, int NT>
 __host__ __device__ constexpr int fma_blocks() {
-    constexpr int fit = 228 * 1024 / (4 * (D * (BR + 4) + D * (BC + 4) + BC * (D + 4) + BC * BR) + 1024);
+    constexpr int fit = 228 * 1024 / (4 * (D * (BR + 4) + D * (BC + 4) + BC * (D + 8) + BC * BR) + 1024);
     constexpr int regs = 65536 / (NT * 128);
     return fit < 1 ? 1 : fit < regs ? fit : regs;
 }
@@ -96,8 +96,8 @@ flash_fwd_fma(const float* __restrict__ Q, const float* __restrict__ K, const fl
     extern __shared__ __align__(16) float smem[];
     float* Qt = smem;             // [D][BRP]
     float* Kt = Qt + D * BRP;     // [D][BCP]
-    float* Vs = Kt + D * BCP;     // [BC][D + 4]
-    float* Pt = Vs + BC * (D + 4);   // [BC][BR], swizzled
+    float* Vs = Kt + D * BCP;     // [BC][D + 8]
+    float* Pt = Vs + BC * (D + 8);   // [BC][BR], swizzled
 
     const float neg_inf = __int_as_float(0xff800000);
     const float sscale = MASK == FA_MODS ? 1.f : scale * LOG2E;   // score_mod applies scale itself
@@ -211,7 +211,7 @@ flash_fwd_fma(const float* __restrict__ Q, const float* __restrict__ K, const fl
                     for (int q = 0; q < RM / 4; ++q) lds<4>(a + 4 * q, Pg + n * BR + slot[q]);
 #pragma unroll
                     for (int v = 0; v < DN / CV; ++v)
-                        lds<CV>(c + CV * v, Vs + (kg * CN + n) * (D + 4) + 16 * CV * v + CV * tx);
+                        lds<CV>(c + CV * v, Vs + (kg * CN + n) * (D + 8) + 16 * CV * v + CV * tx);
 #pragma unroll
                     for (int i = 0; i < RM; ++i)
 #pragma unroll

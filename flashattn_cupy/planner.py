@@ -24,10 +24,10 @@ MMA_HEAD_DIM_STEP = 16     # ... or of this for the mma kernel, whose MMAs are 1
 TILE_CANDIDATES = (64, 32, 16, 8)   # Br = Bc, largest first
 # The register-tiled CUDA-core kernel (csrc/flash_fwd_fma.cu): (largest D, (Br, Bc, RM) candidates,
 # best first); (Br / RM) x 16 threads, each RM rows of Sij and Oi. RM = 8: 8 x 4 scores and 8 x
-# D/16 outputs a thread; at d <= 64 (64, 64, 8), 67 KB and 167-168 registers (0-28 bytes of
-# spill), three blocks an H100 SM ((128, 64, 8), 99 KB, would take two at 128 registers); at
-# d <= 128 (128, 64, 8), 165 KB and 207-239 registers, one block of 8 warps. (64, 32, 4), the
-# kernel's first shape (4 x 2 scores a thread, 42.5 / 76.5 KB, 100-128 registers), where those
+# D/16 outputs a thread; at d <= 64 (64, 64, 8), 68 KB and 167-168 registers (0-8 bytes of
+# spill), three blocks an H100 SM ((128, 64, 8), 100 KB, would take two at 128 registers); at
+# d <= 128 (128, 64, 8), 166 KB and 213-239 registers, one block of 8 warps. (64, 32, 4), the
+# kernel's first shape (4 x 2 scores a thread, 43 / 77 KB, 100-128 registers), where those
 # do not fit, and (32, 32, 4) past d = 128. Not yet measured (no GPU since it was written,
 # 2026-12-05): the 4-row kernel it replaces ran at 0.36-0.60x SDPA-efficient on an H200
 # (BENCHMARKS.md). It serves sm_80 and later (float32 with fp32="simt": it copies with
@@ -235,8 +235,8 @@ def simt_smem_bytes(Br: int, Bc: int, D: int) -> int:
 
 def fma_smem_bytes(Br: int, Bc: int, D: int) -> int:
     """Exact dynamic shared memory of csrc/flash_fwd_fma.cu (fp32 everywhere): Qi^T [D][Br+4],
-    Kj^T [D][Bc+4], Vj [Bc][D+4], Pij^T [Bc][Br]."""
-    return 4 * (D * (Br + 4) + D * (Bc + 4) + Bc * (D + 4) + Bc * Br)
+    Kj^T [D][Bc+4], Vj [Bc][D+8], Pij^T [Bc][Br]."""
+    return 4 * (D * (Br + 4) + D * (Bc + 4) + Bc * (D + 8) + Bc * Br)
 
 
 def mma_smem_bytes(Br: int, Bc: int, D: int, itemsize: int = 2) -> int:
