@@ -79,7 +79,10 @@ def kernel(plan):
             assert s.dtype in (np.uint64, np.int64, np.int32, np.float32), (a, s.dtype)
         pointers = _ffi.new("void*[]", [_ffi.cast("void*", _address(s)) for s in slots])
         gx, gy, gz = (*grid, 1, 1)[:3]
-        assert lib.fa_emu_launch(gx, gy, gz, block[0], shared_mem, pointers) == 0, "threads or shared memory out of range"
+        status = lib.fa_emu_launch(gx, gy, gz, block[0], shared_mem, pointers)
+        assert status != -1, f"{plan.kernel}: {block[0]} threads or {shared_mem} bytes of shared memory out of range"
+        assert status != -2, f"{plan.kernel} deadlocked: its threads wait at barriers the others never reach"
+        assert status == 0
     return launch
 
 

@@ -69,6 +69,7 @@ struct Block {
     std::vector<char> stacks;
     ucontext_t scheduler;
     int current = 0, live = 0;
+    long long progress = 0;   // arrivals, releases and returns: a round of the scheduler without any is a deadlock
     // a barrier: how many have arrived, and its generation (bumped at each release)
     long long arrived = 0, generation = 0;
     std::vector<long long> warp_arrived, warp_generation, warp_live;
@@ -82,6 +83,7 @@ inline void yield() { swapcontext(&block->fibers[block->current].ctx, &block->sc
 // Wait until every live thread of the group (the block, or one warp) has arrived.
 inline void barrier(long long& arrived, long long& generation, const long long& live) {
     const long long mine = generation;
+    ++block->progress;
     if (++arrived == live) {
         arrived = 0;
         ++generation;
@@ -147,6 +149,7 @@ void fiber_main() {
     (*Entry<F>::body)();
     Fiber& f = block->fibers[block->current];
     f.done = true;
+    ++block->progress;
     --block->live;   // a thread that returns stops counting at barriers (as on Volta and later)
     const int w = block->current / 32;
     --block->warp_live[w];
@@ -160,7 +163,8 @@ void fiber_main() {
 
 // Run `body` (the kernel call) as a grid of blocks of `threads` threads with `smem_bytes` of
 // dynamic shared memory, which starts each block as NaN bytes (a read before a write shows).
-// Returns 0, or -1 when the block could not be run (the caller's plan asked for too much).
+// Returns 0; -1 when the block could not be run (the caller's plan asked for too much); -2 when
+// its threads deadlocked (each waits at a barrier the others never reach, as a hang on a GPU).
 template <typename F>
 int launch(dim3 grid, unsigned threads, size_t smem_bytes, F body) {
     if (smem_bytes > FA_EMU_SMEM || threads == 0 || threads % 32) return -1;
@@ -194,6 +198,7 @@ int launch(dim3 grid, unsigned threads, size_t smem_bytes, F body) {
             makecontext(&f.ctx, fiber_main<F>, 0);
         }
         for (unsigned left = threads; left > 0;) {   // round robin until every thread has returned
+            const long long before = b.progress;
             left = 0;
             for (unsigned t = 0; t < threads; ++t) {
                 if (b.fibers[t].done) continue;
@@ -201,6 +206,10 @@ int launch(dim3 grid, unsigned threads, size_t smem_bytes, F body) {
                 threadIdx = uint3{t, 0, 0};
                 swapcontext(&b.scheduler, &b.fibers[t].ctx);
                 left += !b.fibers[t].done;
+            }
+            if (left > 0 && b.progress == before) {
+                block = nullptr;
+                return -2;
             }
         }
     }
