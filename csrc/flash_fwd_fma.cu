@@ -20,9 +20,10 @@
 //
 // Compile-time: the head-dim bound D (a multiple of 32; d <= D zero-padded), BR (32 to 128), BC
 // (32 or 64), RM (4 or 8), MASK. Shared memory, mirrored by planner.fma_smem_bytes, in floats:
-// Qi^T [D][BR + 4], Kj^T [D][BC + 4], Vj [BC][D + 8] (padded so that the copies' 4 rows x 8
-// columns a warp land in 32 banks: 4 rows of one column 1 bank apart, 4 columns apart in Vj,
-// 8), Pij^T [BC][BR] (16-byte slots swizzled by the writer's tx: its stores hit 32 banks).
+// Qi^T [D][BR + 4] and Kj^T [D][BC + 4] (a copy's 8 columns 4 banks apart, its 4 rows 1 apart),
+// Vj [BC][D + 8] (its 4 rows 8 banks apart, its 8 columns 1 apart): either way a warp's 4 x 8
+// copy lands in 32 banks; Pij^T [BC][BR] (16-byte slots swizzled by the writer's tx: its stores
+// hit 32 banks too).
 #include "fa_async.cuh"
 #include "fa_mask.cuh"
 
