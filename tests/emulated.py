@@ -23,7 +23,9 @@ from flashattn_cupy import _cuda_backend, _device, kernels, planner
 from flashattn_cupy._validate import validate
 
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "emulator")
-FAMILIES = ("flash_fwd_simt", "flash_fwd_fma")   # the kernels without inline PTX beyond fa_dtypes' cvt
+# the kernels without tensor-core PTX (fa_async.cuh's copies have an emulated branch; fa_dtypes'
+# fp16 cvt is never reached: fp16 runs on the tensor cores)
+FAMILIES = ("flash_fwd_simt", "flash_fwd_fma")
 CXX = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
 
 _ffi = FFI()
