@@ -3,9 +3,9 @@
 //
 // Each thread of a block is a fiber (ucontext) on one OS thread; a fiber runs until it reaches
 // a barrier (__syncthreads, __syncwarp, a shuffle), then the next one runs. So a block executes
-// as the hardware is allowed to (any interleaving between barriers), shared memory is one
-// buffer the block's fibers share, and threadIdx / blockIdx are globals the scheduler sets
-// before it switches to a fiber. Blocks run one after another. Inline PTX (tensor cores,
+// in one of the orders the hardware allows (each thread's code between two barriers in one go,
+// thread after thread), shared memory is one buffer the block's fibers share, and threadIdx /
+// blockIdx are globals the scheduler sets before it switches to a fiber. Blocks run one after another. Inline PTX (tensor cores,
 // cp.async) is out of reach: kernels using it cannot be built here.
 #pragma once
 #include <ucontext.h>
