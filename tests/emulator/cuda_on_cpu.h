@@ -3,12 +3,12 @@
 //
 // Each thread of a block is a fiber (ucontext) on one OS thread; a fiber runs until it reaches
 // a barrier (__syncthreads, __syncwarp, a shuffle), then the next one runs. So a block executes
-// as the hardware is allowed to (any interleaving between barriers), shared memory is one
-// buffer the block's fibers share, and threadIdx / blockIdx are globals the scheduler sets
-// before it switches to a fiber. Blocks run one after another. Asynchronous copies (cp.async,
-// csrc/fa_async.cuh's FA_CPU_EMULATION branch) read their source when issued and land when their
-// thread waits for them. Other inline PTX (tensor cores) is out of reach: kernels using it
-// cannot be built here.
+// in one of the orders the hardware allows (each thread's code between two barriers in one go,
+// thread after thread), shared memory is one buffer the block's fibers share, and threadIdx /
+// blockIdx are globals the scheduler sets before it switches to a fiber. Blocks run one after
+// another. Asynchronous copies (cp.async, csrc/fa_async.cuh's FA_CPU_EMULATION branch) read their
+// source when issued and land when their thread waits for them. Other inline PTX (tensor cores)
+// is out of reach: kernels using it cannot be built here.
 #pragma once
 #define FA_CPU_EMULATION
 #include <ucontext.h>
