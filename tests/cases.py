@@ -1,4 +1,5 @@
-"""Shapes the backends are tested on, shared by the C and CUDA tests: awkward on purpose."""
+"""Shapes the backends are tested on (awkward on purpose), and the devices the planner must
+serve: shared by the C, CUDA, compile and emulator tests."""
 import itertools
 
 import numpy as np
