@@ -112,6 +112,8 @@ __device__ __forceinline__ void wgmma_rs(float (&x)[N / 8][4], const unsigned (&
 // is 8 floats, 32 bytes: the same bytes into a 128-byte panel row as a 16-bit k-step of 16.
 #define FA_ACC_OPS16(x) FA_F4(x, 0), FA_F4(x, 1), FA_F4(x, 2), FA_F4(x, 3)
 #define FA_ACC16 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}"
+#define FA_ACC_OPS20(x) FA_ACC_OPS16(x), FA_F4(x, 4)
+#define FA_ACC20 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19}"
 #define FA_ACC_OPS24(x) FA_ACC_OPS16(x), FA_F4(x, 4), FA_F4(x, 5)
 #define FA_ACC24 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23}"
 #define FA_ACC_OPS48(x) FA_ACC_OPS32(x), FA_F4(x, 8), FA_F4(x, 9), FA_F4(x, 10), FA_F4(x, 11)
@@ -158,8 +160,11 @@ __device__ __forceinline__ void wgmma_tf32_ss2(float (&x)[NH / 8][4], float (&y)
 template <int N>
 __device__ __forceinline__ void wgmma_tf32_rs(float (&x)[N / 8][4], const unsigned (&a)[4], unsigned long long b,
                                               int accumulate) {
-    static_assert(N == 48 || N == 64 || N == 96 || N == 128, "the kernels' head-dim bounds: 48, 64, 96 or 128");
-    if constexpr (N == 48)
+    static_assert(N == 40 || N == 48 || N == 64 || N == 96 || N == 128,
+                  "the kernels' head-dim bounds: 40, 48, 64, 96 or 128");
+    if constexpr (N == 40)
+        FA_WGMMA_TF32_RS("m64n40k8", FA_ACC20, "{%20, %21, %22, %23}", "24", "25", FA_ACC_OPS20(x));
+    else if constexpr (N == 48)
         FA_WGMMA_TF32_RS("m64n48k8", FA_ACC24, "{%24, %25, %26, %27}", "28", "29", FA_ACC_OPS24(x));
     else if constexpr (N == 64)
         FA_WGMMA_TF32_RS("m64n64k8", FA_ACC32, "{%32, %33, %34, %35}", "36", "37", FA_ACC_OPS32(x));

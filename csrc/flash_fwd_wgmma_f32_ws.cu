@@ -25,12 +25,12 @@
 // Row work, masks, scale handling, the causal order and the argument list are those of the other
 // kernels: the planner swaps one for another.
 //
-// Compile-time: the head-dim bound D (48, 64, 96 or 128; d <= D zero-padded), key tile BC (32 or
-// 64), ring sizes KST and VST, MASK (fa_mask.cuh). Shared memory, mirrored by
+// Compile-time: the head-dim bound D (40, 48, 64, 96 or 128; d <= D zero-padded), key tile BC (32
+// or 64), ring sizes KST and VST, MASK (fa_mask.cuh). Shared memory, mirrored by
 // planner.wgmma_f32_ws_smem_bytes: 1 KB of alignment slack, Qi's hi [DP][BR][128 B] and its lo,
 // KST stacked Kj [DP][2 BC][128 B], VST x Vj^T's hi and lo [BC/32][D][128 B], all 128-byte
-// swizzled (fa_mma.cuh's swz; DP = D / 32 panels rounded up: at D = 48 Qi and Kj take 64
-// columns' room, their MMAs read 48), then 2 + 2 KST + 2 VST mbarriers.
+// swizzled (fa_mma.cuh's swz; DP = D / 32 panels rounded up: at D = 40 and 48 Qi and Kj take 64
+// columns' room, their MMAs read D), then 2 + 2 KST + 2 VST mbarriers.
 #include "fa_softmax.cuh"
 #include "fa_wgmma.cuh"
 
@@ -63,9 +63,10 @@ __device__ __forceinline__ void load4(unsigned (&x)[4], const float* src, long l
     }
 }
 
-// N chunks of a row-major tile (D / 4 chunks a row) a producer thread: chunk (it0 + i) PT + tid,
-// chunks in a row to consecutive threads (a warp reads whole rows).
-template <int D, int N>
+// N chunks of a row-major tile of TOTAL chunks (D / 4 a row) a producer thread: chunk
+// (it0 + i) PT + tid, chunks in a row to consecutive threads (a warp reads whole rows). Where
+// TOTAL is not a multiple of PT (D = 40, BC = 32) the last step's high threads have none: zeros.
+template <int D, int N, int TOTAL>
 __device__ __forceinline__ void load_chunks(unsigned (&x)[N][4], const float* src, long long stride, int rows, int d,
                                             bool vec, int it0) {
     constexpr int CH = D / 4;
@@ -73,27 +74,30 @@ __device__ __forceinline__ void load_chunks(unsigned (&x)[N][4], const float* sr
 #pragma unroll
         for (int i = 0; i < N; ++i) {
             const int k = (it0 + i) * FA_PT + producer_lane();
-            load4<true>(x[i], src, stride, k / CH, k % CH * 4, rows, d);
+            const bool none = TOTAL % FA_PT != 0 && k >= TOTAL;
+            load4<true>(x[i], src, stride, k / CH, k % CH * 4, none ? 0 : rows, d);
         }
     } else {
 #pragma unroll
         for (int i = 0; i < N; ++i) {
             const int k = (it0 + i) * FA_PT + producer_lane();
-            load4<false>(x[i], src, stride, k / CH, k % CH * 4, rows, d);
+            const bool none = TOTAL % FA_PT != 0 && k >= TOTAL;
+            load4<false>(x[i], src, stride, k / CH, k % CH * 4, none ? 0 : rows, d);
         }
     }
 }
 
-// Those chunks split into hi (at hi, swizzled panels of PANEL rows) and lo (lo_off bytes past
+// Those chunks (of TOTAL) split into hi (at hi, swizzled panels of PANEL rows) and lo (lo_off bytes past
 // each hi chunk), signs flipped by `sign` (0x80000000 negates). A phase's 8 lanes store one
 // 128-byte row: 8 distinct bank groups.
-template <int PANEL, int D, int N>
+template <int PANEL, int D, int N, int TOTAL>
 __device__ __forceinline__ void store_split(const unsigned (&x)[N][4], unsigned char* hi, int lo_off, int it0,
                                             unsigned sign) {
     constexpr int CH = D / 4;
 #pragma unroll
     for (int i = 0; i < N; ++i) {
         const int k = (it0 + i) * FA_PT + producer_lane();
+        if (TOTAL % FA_PT != 0 && k >= TOTAL) continue;   // past the tile (load_chunks' zeros)
         operand<4> y;
 #pragma unroll
         for (int e = 0; e < 4; ++e) y.hi[e] = x[i][e] ^ sign;
@@ -184,10 +188,12 @@ flash_fwd_wgmma_f32_ws(const float* __restrict__ Q, const float* __restrict__ K,
     // KG k-steps of Sij a fresh accumulator, whose sums the tensor core truncates. H200, the 3xTF32
     // accuracy test's inputs: KG = 4 (D = 48: 2) is 1-4% faster than 2 and its error on L at most
     // 1.05x the CUDA-core kernel's (KG = 2: 0.86x); 8 was 3-8% faster than 2, but 1.97x (2x allowed).
-    constexpr int NS = BC / 8, ND = D / 8, KS = D / 8, KG = KS % 4 == 0 ? 4 : 2;
-    constexpr int DP = (D + 31) / 32;   // 128-byte panels a row of Qi or Kj (D = 48: two, the second half used)
+    // D = 40 has 5 k-steps: one group of 5.
+    constexpr int NS = BC / 8, ND = D / 8, KS = D / 8, KG = KS % 4 == 0 ? 4 : KS % 5 == 0 ? 5 : 2;
+    constexpr int DP = (D + 31) / 32;   // 128-byte panels a row of Qi or Kj (D = 40, 48: two, the second part used)
     constexpr int QB = DP * BR * 128, KB = DP * 2 * BC * 128, VB = 2 * BC * D * 4;   // Qi's hi; a K, a V buffer
-    static_assert((D == 48 || D == 64 || D == 96 || D == 128) && (BC == 32 || BC == 64) && KS % KG == 0, "tiles");
+    static_assert((D == 40 || D == 48 || D == 64 || D == 96 || D == 128) && (BC == 32 || BC == 64) && KS % KG == 0,
+                  "tiles");
     static_assert(KST >= 1 && VST >= 1, "rings of at least one buffer");
     constexpr float LOG2E = 1.4426950408889634f;
     // mbarriers: Qi stored / free again, and per buffer Kj stored, Kj free, Vj stored, Vj free.
@@ -231,29 +237,29 @@ flash_fwd_wgmma_f32_ws(const float* __restrict__ Q, const float* __restrict__ K,
             const float* Qbh = Q + b * q_sb + h * q_sh + (tq.sq.q0 + row0) * q_sn;
             const float* Kbh = K + b * k_sb + (h / group) * k_sh + tq.sq.k0 * k_sn;
             const float* Vbh = V + b * v_sb + (h / group) * v_sh + tq.sq.k0 * v_sn;
-            constexpr int QN = BR * D / 4 / FA_PT, QSTEP = QN % 8 == 0 ? 8 : 4;   // Qi's chunks a thread, a step at a time
-            static_assert(QN % QSTEP == 0, "Qi in steps of 4 or 8 chunks");
+            // Qi's chunks a thread (BR D / 4 / PT: D / 4 at BR = PT), a step of 8, 4 or 5 at a time
+            constexpr int QN = BR * D / 4 / FA_PT, QSTEP = QN % 8 == 0 ? 8 : QN % 4 == 0 ? 4 : 5;
+            static_assert(BR == FA_PT && QN % QSTEP == 0, "Qi in steps of 4, 5 or 8 chunks");
             mbar_wait(bar(Q_FREE), (heads & 1) ^ 1);   // the previous pair's MMAs are done with Qi
 #pragma unroll 1
             for (int it = 0; it < QN; it += QSTEP) {   // line 4
                 unsigned x[QSTEP][4];
-                load_chunks<D, QSTEP>(x, Qbh, q_sn, tq.rows, d, q_vec, it);
-                store_split<BR, D, QSTEP>(x, Qs, QB, it, q_sign);
+                load_chunks<D, QSTEP, BR * D / 4>(x, Qbh, q_sn, tq.rows, d, q_vec, it);
+                store_split<BR, D, QSTEP, BR * D / 4>(x, Qs, QB, it, q_sign);
             }
             fence_proxy_async();
             mbar_arrive(bar(Q_FULL));
-            constexpr int KN = BC * D / 4 / FA_PT;
-            static_assert(BC * D / 4 % FA_PT == 0, "Kj's chunks divide among the producer's threads");
+            constexpr int KT = BC * D / 4, KN = (KT + FA_PT - 1) / FA_PT;   // Kj's chunks, a thread's
             for (int j = tq.j0; j < tq.j1; ++j) {   // line 7, KST / VST tiles ahead
                 const long long c0 = (long long)j * BC;
                 unsigned kx[KN][4], vx[v_items<D, BC>::N][4][4];   // both tiles' loads in flight at once
-                load_chunks<D, KN>(kx, Kbh + c0 * k_sn, k_sn, nk - (int)c0, d, k_vec, 0);
+                load_chunks<D, KN, KT>(kx, Kbh + c0 * k_sn, k_sn, nk - (int)c0, d, k_vec, 0);
                 if (v_vec)
                     load_v<D, BC, true>(vx, Vbh + c0 * v_sn, v_sn, nk - (int)c0, d);
                 else
                     load_v<D, BC, false>(vx, Vbh + c0 * v_sn, v_sn, nk - (int)c0, d);
                 mbar_wait(bar(K_FREE + ka.s), ka.ph ^ 1);   // the buffer's previous tile is done with
-                store_split<2 * BC, D, KN>(kx, Ks + ka.s * KB, BC * 128, 0, 0u);   // lo rows BC below hi
+                store_split<2 * BC, D, KN, KT>(kx, Ks + ka.s * KB, BC * 128, 0, 0u);   // lo rows BC below hi
                 fence_proxy_async();
                 mbar_arrive(bar(K_FULL + ka.s));
                 ka.next();

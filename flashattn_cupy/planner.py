@@ -126,10 +126,12 @@ WGMMA_WS_THREADS = 384
 # mma kernel 51.6 and 55.9; flash_fwd_wgmma_f32.cu, the kernel it replaced, 67.3 and 70.3: one
 # block of two warpgroups an SM splitting and transposing the tiles between the MMAs, in git
 # history); before the score groups of 4 k-steps d96 78.5, d40 at 48: 51.9 (44.0 at 64).
-# Its bounds go in steps of 16 where that pays: d in 33..48 computes 48 columns, not 64 (issue 4:
-# d = 40 ran at 0.63x d = 64's rate at the bound 64).
+# Its bounds go in steps of 16 where that pays: d in 41..48 computes 48 columns, not 64 (issue 4:
+# d = 40 ran at 0.63x d = 64's rate at the bound 64, 0.69x at 48), and d in 33..40 computes 40
+# (m64n40k8: its Kj tile is 2.5 chunks a producer thread, its Sij one score group of 5 k-steps).
 # (48, 64): 64-key tiles made ptxas spill and (at 48) serialize the MMAs for want of registers.
-WGMMA_F32_WS_TILES = ((48, (32, 3, 3)), (64, (32, 3, 3)), (96, (32, 2, 2)), (128, (32, 2, 1)))
+WGMMA_F32_WS_TILES = ((40, (32, 3, 3)), (48, (32, 3, 3)), (64, (32, 3, 3)), (96, (32, 2, 2)),
+                      (128, (32, 2, 1)))
 WGMMA_SM_SMEM = 228 * 1024   # shared memory of one sm_90 SM, 1 KB of it reserved per resident block
 # Whether plan(wgmma=None) picks the wgmma kernels where they can run (on since their gpu tests
 # passed on an H200: fp16/bf16 2026-12-02, float32 2026-12-04); wgmma_default(on) sets it for a block of calls (the benchmark's comparison with the
@@ -553,7 +555,7 @@ cached_plan = functools.lru_cache(maxsize=4096)(plan)
 def cuda_variants(smem_limit: int, arch: int) -> list[str]:
     """Every kernel name expression the planner can emit for this shared-memory limit and arch."""
     names = set()
-    for d in range(MMA_HEAD_DIM_STEP, MAX_HEAD_DIM + 1, MMA_HEAD_DIM_STEP):   # every bound of every kernel
+    for d in range(8, MAX_HEAD_DIM + 1, 8):   # every bound of every kernel (the fp32 wgmma one's 40 too)
         for dtype in CUDA_TYPES:
             for mask in MASKS:
                 for fp32 in (FP32_MODES if dtype == "float32" else ("auto",)):

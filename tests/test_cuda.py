@@ -55,11 +55,12 @@ def test_sizes(cp, rng, Nq, Nk, d, causal, fp32):
 def test_3xtf32_is_as_accurate_as_fp32_on_hard_inputs(cp, rng, family):
     """Large scores and long rows: 3xTF32's error stays within 2x the CUDA-core fp32 kernel's
     (plus 2^-24 of the output's scale, for errors at the rounding floor), on the mma kernel and
-    (sm_90) the wgmma one."""
+    (sm_90) the wgmma one, at each of its score-group sizes (4 k-steps at d = 64, 80 and 128, one
+    group of 5 at d = 40)."""
     wgmma = family != "flash_fwd_mma"
     if wgmma and cp.cuda.Device().compute_capability != "90":
         pytest.skip("the wgmma kernels run on sm_90 only")
-    for d, N, magnitude in [(64, 4096, 3.0), (128, 2048, 6.0), (80, 1500, 10.0)]:
+    for d, N, magnitude in [(64, 4096, 3.0), (128, 2048, 6.0), (80, 1500, 10.0), (40, 3000, 6.0)]:
         q, k, v = inputs(rng, (2,), N, N, d, magnitude=magnitude)
         v = v / np.float32(magnitude)
         O64, L64 = reference.attention(q, k, v, causal=True)

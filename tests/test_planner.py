@@ -203,12 +203,12 @@ def test_wgmma_only_where_it_runs(wgmma_on):
 
 def test_wgmma_f32_only_as_3xtf32_at_its_bounds(wgmma_on):
     """float32 on sm_90: 3xTF32 ("auto", "3xtf32") runs on the warp-specialized fp32 wgmma kernel
-    at head-dim bounds 48, 64, 96 and 128 (its shared memory, one block an SM, fits an H100's limit);
+    at head-dim bounds 40, 48, 64, 96 and 128 (its shared memory, one block an SM, fits an H100's limit);
     below that limit on the mma kernel. TF32, the CUDA-core kernel, other bounds, other GPUs and
     wgmma=False keep the kernels they had."""
     H100 = dict(smem_limit=227 * KB, batch=2, heads=4)
     for fp32 in ("auto", "3xtf32"):
-        for d in (33, 64, 65, 80, 96, 97, 128):
+        for d in (33, 40, 41, 64, 65, 80, 96, 97, 128):
             p = plan(1000, 1000, d, arch=90, fp32=fp32, causal=True, **H100)
             D = p.head_dim_bound
             Bc, k_stages, v_stages = dict(planner.WGMMA_F32_WS_TILES)[D]
@@ -217,7 +217,7 @@ def test_wgmma_f32_only_as_3xtf32_at_its_bounds(wgmma_on):
             ws = planner.wgmma_f32_ws_smem_bytes(Bc, k_stages, v_stages, D)
             assert planner.WGMMA_SM_SMEM < 2 * (ws + 1024) and ws + 1024 <= planner.WGMMA_SM_SMEM   # one block an SM
             assert plan(1000, 1000, d, arch=90, fp32=fp32, wgmma=False, **H100).kernel.startswith("flash_fwd_mma<")
-            assert D == min(b for b in (48, 64, 96, 128) if b >= d)   # bounds in steps of 16 up to 64
+            assert D == min(b for b in (40, 48, 64, 96, 128) if b >= d)   # bounds 40, 48, then steps of 32
             below = plan(1000, 1000, d, arch=90, fp32=fp32, causal=True, **dict(H100, smem_limit=ws - 1))
             assert below.kernel.startswith("flash_fwd_mma<")
             with pytest.raises(ValueError, match="wgmma"):
