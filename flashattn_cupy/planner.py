@@ -24,15 +24,16 @@ MMA_HEAD_DIM_STEP = 16     # ... or of this for the mma kernel, whose MMAs are 1
 TILE_CANDIDATES = (64, 32, 16, 8)   # Br = Bc, largest first
 # The register-tiled CUDA-core kernel (csrc/flash_fwd_fma.cu): (largest D, (Br, Bc, RM) candidates,
 # best first); (Br / RM) x 16 threads, each RM rows of Sij and Oi. RM = 8: 8 x 4 scores and 8 x
-# D/16 outputs a thread; at d <= 64 (64, 64, 8), 68 KB and 167-168 registers (0-8 bytes of
-# spill), three blocks an H100 SM ((128, 64, 8), 100 KB, would take two at 128 registers); at
-# d <= 128 (128, 64, 8), 166 KB and 213-239 registers, one block of 8 warps. (64, 32, 4), the
-# kernel's first shape (4 x 2 scores a thread, 43 / 77 KB, 100-128 registers), where those
-# do not fit, and (32, 32, 4) past d = 128. Not yet measured (no GPU since it was written,
-# 2026-12-05): the 4-row kernel it replaces ran at 0.36-0.60x SDPA-efficient on an H200
-# (BENCHMARKS.md). It serves sm_80 and later (float32 with fp32="simt": it copies with
-# cp.async); Turing keeps flash_fwd_simt.cu (the seed's configuration) until it has run on one.
-FMA_TILES = ((64, ((64, 64, 8), (64, 32, 4))), (128, ((128, 64, 8), (64, 32, 4))), (256, ((32, 32, 4),)))
+# D/16 outputs a thread. Measured on an H200 (2026-12-05, fp32, B*H*N = 16k*16..16k*16, every
+# tile in one run): d <= 64 (128, 64, 8), 100 KB, two blocks an SM at 128 registers, 35.5-36.1
+# TFLOP/s, 4-5% over (64, 64, 8) (68 KB, three blocks, the 99 KB devices' tile) and 1.8x the
+# 4-row kernel it replaced; d <= 128 (128, 64, 8), 166 KB, one block of 8 warps, 37-39 TFLOP/s,
+# 1.1-1.3x every other tile tried and 2.1x the old kernel. (64, 32, 4), the first shape (4 x 2
+# scores a thread, 43 / 77 KB), where those do not fit, and (32, 32, 4) past d = 128. It serves
+# sm_80 and later (float32 with fp32="simt": it copies with cp.async); Turing keeps
+# flash_fwd_simt.cu (the seed's configuration) until it has run on one.
+FMA_TILES = ((64, ((128, 64, 8), (64, 64, 8), (64, 32, 4))), (128, ((128, 64, 8), (64, 32, 4))),
+             (256, ((32, 32, 4),)))
 FMA_MIN_ARCH = 80
 # The C twin's tiles (Br, Bc) by head dim. Measured with one thread, float32, on the 2-core
 # AVX-512 (Zen 4) machine, nine shapes from 32x32 to 256x64 at N = 1024, 2048, 4096, causal and

@@ -92,7 +92,7 @@ def test_grid_never_empty_and_capped():
 
 
 def test_larger_devices_get_larger_tiles():
-    assert plan(4096, 4096, 64, smem_limit=227 * KB, arch=90, fp32="simt").Br == 64
+    assert plan(4096, 4096, 64, smem_limit=227 * KB, arch=90, fp32="simt").Br == 128
     assert plan(4096, 4096, 256, smem_limit=48 * KB, arch=90, fp32="simt").Br == 8
     half = dict(dtype="float16", arch=90)
     assert plan(4096, 4096, 128, smem_limit=227 * KB, wgmma=True, **half).Bc == 64   # two blocks an SM
@@ -269,7 +269,8 @@ def test_cuda_cores_run_the_register_tiled_kernel_where_it_fits(arch):
     reached = {(p.head_dim_bound, p.Br, p.Bc, p.Br * 16 // p.threads) for limit in LIMITS for d in range(8, 257, 8)
                if (p := plan(9, 9, d, smem_limit=limit, arch=arch, fp32="simt")).kernel.startswith("flash_fwd_fma<")}
     assert {(D, *t) for D, c in planner.FMA_TILES for t in c} <= reached   # (at each candidate's largest D)
-    assert planner.fma_tiles(64, 227 * KB) == (64, 64, 8) and planner.fma_tiles(128, 227 * KB) == (128, 64, 8)
+    assert planner.fma_tiles(64, 227 * KB) == (128, 64, 8) and planner.fma_tiles(64, 99 * KB) == (64, 64, 8)
+    assert planner.fma_tiles(128, 227 * KB) == (128, 64, 8)
     assert planner.fma_tiles(64, 48 * KB) == (64, 32, 4) and planner.fma_tiles(128, 163 * KB) == (64, 32, 4)
     assert planner.fma_tiles(128, 64 * KB) is None
     assert planner.fma_tiles(256, 227 * KB) == (32, 32, 4) and planner.fma_tiles(256, 99 * KB) is None
