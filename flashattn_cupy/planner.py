@@ -24,11 +24,11 @@ MMA_HEAD_DIM_STEP = 16     # ... or of this for the mma kernel, whose MMAs are 1
 TILE_CANDIDATES = (64, 32, 16, 8)   # Br = Bc, largest first
 # The register-tiled CUDA-core kernel (csrc/flash_fwd_fma.cu): (largest D, (Br, Bc, RM) candidates,
 # best first); (Br / RM) x 16 threads, each RM rows of Sij and Oi. RM = 8: 8 x 4 scores and 8 x
-# D/16 outputs a thread. Measured on an H200 (2026-12-05, fp32, B*H*N = 16k*16..16k*16, every
-# tile in one run): d <= 64 (128, 64, 8), 100 KB, two blocks an SM at 128 registers, 35.5-36.1
-# TFLOP/s, 4-5% over (64, 64, 8) (68 KB, three blocks, the 99 KB devices' tile) and 1.8x the
-# 4-row kernel it replaced; d <= 128 (128, 64, 8), 166 KB, one block of 8 warps, 37-39 TFLOP/s,
-# 1.1-1.3x every other tile tried and 2.1x the old kernel. (64, 32, 4), the first shape (4 x 2
+# D/16 outputs a thread. Measured on an H200 (2026-12-05, fp32, N = 1k/4k/16k with B*H*N = 256k,
+# causal or not, every tile in one run, BENCHMARKS.md "Session 22"): d <= 64 (128, 64, 8), 100 KB,
+# two blocks an SM at 128 registers, 30.5-36.1 TFLOP/s, 2-7% over (64, 64, 8) (68 KB, three
+# blocks, the 99 KB devices' tile) and 1.8x the 4-row kernel it replaced; d <= 128 (128, 64, 8),
+# 166 KB, one block of 8 warps, 32-39 TFLOP/s, 1.1-1.3x every other tile tried, 2.1-2.2x the old. (64, 32, 4), the first shape (4 x 2
 # scores a thread, 43 / 77 KB), where those do not fit, and (32, 32, 4) past d = 128. It serves
 # sm_80 and later (float32 with fp32="simt": it copies with cp.async); Turing keeps
 # flash_fwd_simt.cu (the seed's configuration) until it has run on one.
