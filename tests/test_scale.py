@@ -12,7 +12,10 @@ for fp16 on the tensor cores at Nk = 2**20, and below 150 for every kernel at Nk
 Problems with few keys per row use plain random data: their bound is tight. Each kernel family
 runs: fp16 on the tensor cores, and float32 by default, on CUDA cores and as TF32.
 """
+import fcntl
 import math
+import os
+import tempfile
 
 import numpy as np
 import pytest
@@ -23,6 +26,22 @@ from tolerances import assert_attention_close, kernel_rounding
 
 pytestmark = pytest.mark.gpu
 GRID_LIMIT = 65535   # CUDA's gridDim.y/z: heads or batch beyond it take the kernels' grid-stride loop
+
+
+@pytest.fixture(autouse=True)
+def one_at_a_time(cp):
+    """These tests hold up to 17 GB each. Under pytest-xdist (`-n 8`) several ran at once on an
+    80 GB H100, and each worker's CuPy pool kept its blocks afterwards: 7 of them failed with
+    OutOfMemoryError there (2026-12-05; alone they pass). So one runs at a time on a machine, by an
+    exclusive lock on a file every worker opens, and each gives its memory back before letting go."""
+    path = os.path.join(tempfile.gettempdir(), f"flashattn_cupy-scale-tests-{os.getuid()}.lock")
+    with open(path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            cp.get_default_memory_pool().free_all_blocks()
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _random(cp, shape, dtype, scale=1.0, seed=0):
