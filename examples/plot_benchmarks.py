@@ -20,11 +20,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 PANELS = {"float16": "float16", "bfloat16": "bfloat16", "float32": "float32 (3xTF32, the default)",
-          "tf32": "float32, allow_tf32=True"}
+          "float32-simt": "float32 on the CUDA cores", "tf32": "float32, allow_tf32=True"}
 BARS = ("ours", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn")
 
 
-def plot(rows: list[dict[str, str]], shape: str, out: Path, gpu: str = "H200") -> None:
+def plot(rows: list[dict[str, str]], shape: str, out: Path, gpu: str = "H100") -> None:
     rows = [r for r in rows if r["B×H×N"] == shape and r["dtype"] in PANELS]
     if not rows:
         raise SystemExit(f"no rows of {sorted(PANELS)} at B×H×N = {shape} in the CSV")
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--csv", type=Path, default=HERE / "bench_gpu.csv", help="the benchmark's CSV")
     parser.add_argument("--out", type=Path, default=HERE / "bench_gpu.png", help="the PNG to write")
     parser.add_argument("--shape", default="4×16×4096", help="the B×H×N column to plot (default 4×16×4096)")
-    parser.add_argument("--gpu", default="H200", help="the GPU the CSV was measured on, for the title")
+    parser.add_argument("--gpu", default="H100", help="the GPU the CSV was measured on, for the title")
     args = parser.parse_args(argv)
     with args.csv.open(encoding="utf-8", newline="") as f:
         plot(list(csv.DictReader(f)), args.shape, args.out, args.gpu)
